@@ -1,0 +1,2 @@
+def generate_all(graph, target, cache_dir):
+    return {}

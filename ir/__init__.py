@@ -1,0 +1,7 @@
+"""kiln.ir: the graph IR (types, nodes, graphs, op registry, capture, text/JSON forms, verifier)."""
+from .graph import Graph, Node, Value, iter_values, map_values
+from .ops import OpKind, op_kind, resolve, infer
+from .types import TensorType, contiguous_strides, dtype_name, parse_dtype
+
+__all__ = ["Graph", "Node", "Value", "iter_values", "map_values", "OpKind", "op_kind", "resolve",
+           "infer", "TensorType", "contiguous_strides", "dtype_name", "parse_dtype"]

@@ -1,0 +1,123 @@
+"""Capture from PyTorch: an ATen-level FX graph (from AOTAutograd or torch.export, decomposed
+with kiln's table) becomes a kiln Graph with full shape/dtype/stride metadata."""
+from __future__ import annotations
+
+import operator
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+
+from .decompose import decomposition_table
+from .graph import Graph, Node, Value
+from .ops import op_name
+from .types import TensorType
+
+
+def _type_of(val) -> TensorType | None:
+    return TensorType.of(val) if isinstance(val, torch.Tensor) else None
+
+
+def _has_symbolic(val) -> bool:
+    if isinstance(val, torch.SymInt | torch.SymFloat | torch.SymBool):
+        return True
+    if isinstance(val, torch.Tensor):
+        return any(isinstance(s, torch.SymInt) for s in (*val.shape, *val.stride()))
+    return False
+
+
+def from_fx(gm: fx.GraphModule, constants: dict[str, torch.Tensor] | None = None) -> Graph:
+    """Convert an ATen FX graph. ``constants`` maps placeholder names to tensors that become
+    compile-time constants (weights); other placeholders become runtime inputs."""
+    constants = constants or {}
+    g = Graph()
+    env: dict[fx.Node, Any] = {}
+
+    def arg(a):
+        return fx.node.map_arg(a, lambda n: env[n])
+
+    for n in gm.graph.nodes:
+        val = n.meta.get("val")
+        if n.op == "placeholder":
+            v = Value(n.name, _type_of(val))
+            if n.name in constants:
+                g.constant_values.append(v)
+                g.constants[n.name] = constants[n.name]
+            else:
+                g.inputs.append(v)
+            env[n] = v
+        elif n.op == "get_attr":
+            t = getattr(gm, n.target)
+            v = Value(n.name, TensorType.of(t) if isinstance(t, torch.Tensor) else None)
+            g.constant_values.append(v)
+            g.constants[n.name] = t
+            env[n] = v
+        elif n.op == "call_function" and n.target is operator.getitem and isinstance(env[n.args[0]], list):
+            env[n] = env[n.args[0]][n.args[1]]
+        elif n.op == "call_function":
+            multi = isinstance(val, (tuple, list))
+            vals = list(val) if multi else [val]
+            outs = [Value(f"{n.name}_{i}" if multi else n.name, _type_of(x)) for i, x in enumerate(vals)]
+            attrs = {}
+            try:
+                name = op_name(n.target)
+            except TypeError:       # higher-order ops, python callables: opaque, run as-is
+                name = f"py.{getattr(n.target, '__name__', type(n.target).__name__)}"
+                attrs["callable"] = n.target
+            g.nodes.append(Node(name, tuple(arg(n.args)), dict(arg(n.kwargs)), outs, attrs))
+            env[n] = outs if multi else outs[0]
+        elif n.op == "output":
+            res = n.args[0]
+            g.outputs = list(arg(res)) if isinstance(res, (tuple, list)) else [arg(res)]
+        else:
+            raise NotImplementedError(f"FX node kind {n.op!r} ({n.format_node()})")
+    return g
+
+
+def is_symbolic(gm: fx.GraphModule) -> bool:
+    return any(_has_symbolic(n.meta.get("val")) for n in gm.graph.nodes if n.op == "placeholder")
+
+
+def retrace(gm: fx.GraphModule, args: list) -> fx.GraphModule:
+    """Specialise a (possibly symbolic) ATen graph to concrete inputs."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fake = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+        return make_fx(gm, decomposition_table=decomposition_table(), tracing_mode="real")(*fake)
+
+
+def dynamo_backend(compile_graph: Callable[[fx.GraphModule, list, str], Callable]):
+    """A torch.compile backend: Dynamo graph -> AOTAutograd (forward and backward, decomposed)
+    -> ``compile_graph(aten_gm, example_inputs, 'forward'|'backward'|'inference')``."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    def wrap(kind):
+        def compiler(gm, example_inputs):
+            if kind == "forward" and not torch.is_grad_enabled():
+                kind_ = "inference"
+            else:
+                kind_ = kind
+            return make_boxed_func(compile_graph(gm, example_inputs, kind_))
+        return compiler
+
+    return aot_autograd(fw_compiler=wrap("forward"), bw_compiler=wrap("backward"),
+                        inference_compiler=wrap("inference"),
+                        decompositions=decomposition_table())
+
+
+def capture_export(model: torch.nn.Module, example_inputs: tuple) -> Graph:
+    """Ahead-of-time capture through torch.export: weights become constants of the graph."""
+    from torch.export import export
+    from torch.export.graph_signature import InputKind
+    ep = export(model, tuple(example_inputs), strict=False).run_decompositions(decomposition_table())
+    consts: dict[str, torch.Tensor] = {}
+    state = {**ep.state_dict, **ep.constants}
+    for spec in ep.graph_signature.input_specs:
+        if spec.kind in (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR):
+            consts[spec.arg.name] = state[spec.target].detach()
+    g = from_fx(ep.graph_module, consts)
+    n_user = len(ep.graph_signature.user_outputs)
+    g.outputs = g.outputs[len(g.outputs) - n_user:]      # drop buffer mutations (eval mode has none)
+    return g

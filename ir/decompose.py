@@ -1,0 +1,83 @@
+"""The decomposition table used at capture: core ATen, plus composite ops (softmax, norms,
+activations, their backwards) broken into pointwise ops and simple reductions that fusion can
+see through. Where PyTorch's own decomposition would lower to ``prims``, kiln's version below
+stays in ATen, with fp32 accumulation for 16-bit inputs."""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+from torch._decomp import core_aten_decompositions, get_decompositions
+
+aten = torch.ops.aten
+
+_COMPOSITES = [
+    aten._softmax, aten._log_softmax, aten.native_layer_norm, aten.gelu, aten.hardswish,
+    aten.logsumexp, aten._softmax_backward_data, aten._log_softmax_backward_data,
+    aten.native_layer_norm_backward, aten.gelu_backward, aten.silu_backward, aten.tanh_backward,
+    aten.sigmoid_backward, aten.threshold_backward, aten.rsub, aten.addcmul, aten.leaky_relu,
+    aten.elu, aten.softplus, aten.hardtanh, aten.clamp_min, aten.clamp_max, aten.mish,
+    aten.native_group_norm, aten._native_batch_norm_legit_functional,
+    aten._native_batch_norm_legit_no_training, aten.native_batch_norm, aten.mse_loss, aten.glu,
+    aten.addmm, aten.lerp, aten.frac, aten.masked_fill, aten.logit, aten.hardsigmoid,
+    aten.relu6, aten.xlogy, aten.erfc, aten.native_dropout,
+]
+
+
+def _low(x: torch.Tensor) -> bool:
+    return x.dtype in (torch.float16, torch.bfloat16)
+
+
+def _dims(x, dim):
+    if dim is None or (isinstance(dim, (list, tuple)) and len(dim) == 0):
+        return list(range(x.dim()))
+    return [d % max(x.dim(), 1) for d in ([dim] if isinstance(dim, int) else dim)]
+
+
+def var_mean(x, dim=None, *, correction=None, keepdim=False):
+    dims = _dims(x, dim)
+    xf = x.float() if _low(x) else x
+    n = math.prod(x.shape[d] for d in dims) if x.dim() else 1
+    corr = 1 if correction is None else correction
+    mean = aten.mean.dim(xf, dims, True)
+    d = xf - mean
+    var = aten.sum.dim_IntList(d * d, dims, keepdim) / max(n - corr, 0)
+    if not keepdim:
+        mean = aten.squeeze.dims(mean, dims)
+    return (var.to(x.dtype), mean.to(x.dtype)) if _low(x) else (var, mean)
+
+
+def var(x, dim=None, *, correction=None, keepdim=False):
+    return var_mean(x, dim, correction=correction, keepdim=keepdim)[0]
+
+
+def std(x, dim=None, *, correction=None, keepdim=False):
+    return torch.sqrt(var(x, dim, correction=correction, keepdim=keepdim))
+
+
+def silu(x):
+    return x * torch.sigmoid(x)
+
+
+def _kiln_table():
+    t = {}
+    for op in (aten.var_mean.correction,):
+        t[op] = var_mean
+    t[aten.var.correction] = var
+    t[aten.std.correction] = std
+    t[aten.silu.default] = silu
+    return t
+
+
+@functools.lru_cache(maxsize=1)
+def decomposition_table() -> dict:
+    table = dict(core_aten_decompositions())
+    table.update(get_decompositions(_COMPOSITES))
+    # drop PyTorch's prims-based variants of these; kiln's replacements follow
+    for op in list(table):
+        if op in (aten.var_mean.default, aten.var_mean.dim, aten.var.default, aten.var.dim,
+                  aten.std.default, aten.std.dim, aten.silu.default):
+            del table[op]
+    table.update(_kiln_table())
+    return table

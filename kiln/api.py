@@ -1,0 +1,97 @@
+"""The front door: compile a captured graph, kiln.compile, and the torch.compile backend."""
+from __future__ import annotations
+
+import functools
+import time
+
+import torch
+
+from kiln.codegen import generate
+from kiln.ir import Graph
+from kiln.ir.capture import dynamo_backend, from_fx, is_symbolic, retrace
+from kiln.passes import run_pipeline
+from kiln.runtime import CompiledGraph
+from .options import Options
+from .report import CompileReport, publish
+
+
+def compile_graph(graph: Graph, options: Options, kind: str = "inference",
+                  verify: bool = False) -> tuple[CompiledGraph, CompileReport]:
+    """Passes, codegen and runtime for one captured graph; publishes its report."""
+    t0 = time.perf_counter()
+    n_nodes = len(graph.nodes)
+    target = options.resolved_target()
+    g, timings = run_pipeline(graph, options, verify=verify)
+    t1 = time.perf_counter()
+    kernels = generate(g, target, options.cache_dir)
+    timings.append({"name": "codegen", "ms": (time.perf_counter() - t1) * 1e3})
+    compiled = CompiledGraph(g, kernels)
+    report = make_report(g, kernels, n_nodes, timings, kind, target)
+    report.compile_s = time.perf_counter() - t0
+    publish(report, options.report)
+    return compiled, report
+
+
+def make_report(g: Graph, kernels: dict, n_nodes: int, timings, kind: str, target: str) -> CompileReport:
+    from kiln.ir import OpKind, op_kind
+    entries, fallbacks = [], []
+    for n in g.nodes:
+        if n.op == "kiln.fused":
+            k = kernels[n.outputs[0].name]
+            entries.append({"name": k.name, "kind": k.kind, "target": k.target, "ops": list(k.ops)})
+            continue
+        kind_ = op_kind(n.op)
+        if kind_ == OpKind.VIEW:
+            continue                        # metadata only: no kernel runs
+        ek = "matmul" if kind_ == OpKind.MATMUL else "extern"
+        entries.append({"name": n.outputs[0].name if n.outputs else n.op, "kind": ek, "target": "aten",
+                        "ops": [n.op]})
+        if kind_ != OpKind.MATMUL and n.op not in fallbacks:
+            fallbacks.append(n.op)
+    plan = g.meta.get("memory_plan")
+    mem = {"peak_bytes": plan.peak_bytes if plan else 0, "arena_bytes": plan.arena_bytes if plan else 0,
+           "per_tier": {"device": plan.arena_bytes if plan else 0}, "transfers_bytes": 0}
+    return CompileReport(graph_nodes=n_nodes, kernels=entries, fallback_ops=fallbacks, memory=mem,
+                         passes=timings, graph_kind=kind, target=target)
+
+
+class _ShapeSpecialized:
+    """For graphs Dynamo hands over with symbolic shapes: compile once per concrete signature."""
+    def __init__(self, gm, options, kind):
+        self.gm, self.options, self.kind = gm, options, kind
+        self.cache: dict = {}
+
+    def __call__(self, *args):
+        key = tuple((tuple(a.shape), a.dtype, a.device) if isinstance(a, torch.Tensor) else a for a in args)
+        fn = self.cache.get(key)
+        if fn is None:
+            gm = retrace(self.gm, list(args))
+            tensor_args = [a for a in args]
+            fn, _ = compile_graph(from_fx(gm), self.options, self.kind)
+            self.cache[key] = fn
+            del tensor_args
+        return fn(*args)
+
+
+def _compile_fx(gm, example_inputs, kind, options: Options):
+    if is_symbolic(gm):
+        return _ShapeSpecialized(gm, options, kind)
+    compiled, _ = compile_graph(from_fx(gm), options, kind)
+    return compiled
+
+
+def kiln_backend(gm, example_inputs, options=None, **kw):
+    """The ``torch.compile(model, backend="kiln", options={...})`` entry point."""
+    opts = Options.make(options, **kw)
+    inner = dynamo_backend(lambda g, ex, kind: _compile_fx(g, ex, kind, opts))
+    return inner(gm, example_inputs)
+
+
+def compile(model_or_fn, example_inputs=None, **options):
+    """Compile a module or function with kiln; returns a callable with eager's outputs.
+    With ``example_inputs`` the compile happens now rather than on the first call."""
+    opts = Options.make(None, **options)
+    compiled = torch.compile(model_or_fn, backend=functools.partial(kiln_backend, options=opts), dynamic=False)
+    if example_inputs is not None:
+        compiled(*example_inputs)
+    return compiled

@@ -1,0 +1,126 @@
+"""kiln.Options: the one options registry. Every option has a default, a description and a
+validator; bad names or values raise ValueError naming the valid choices."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+TARGETS = ("auto", "triton", "cuda", "cpu")
+QUANTIZE = (None, "int8", "int4", "bfp8", "auto")
+PLANNERS = ("greedy", "ilp", "rl")
+TIER_NAMES = ("device", "host", "disk")
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12,
+          "tb": 1e12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(value: Any, what: str = "memory_budget") -> int:
+    """'6GiB', '512MB', 1<<30 -> bytes. Rejects negative or unparsable values."""
+    if isinstance(value, bool):
+        raise ValueError(f"{what}: expected bytes (int) or a string like '6GiB', got {value!r}")
+    if isinstance(value, (int, float)):
+        n = value
+    elif isinstance(value, str):
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", value)
+        if not m or m.group(2).lower() not in _UNITS:
+            raise ValueError(f"{what}: cannot parse {value!r}; use bytes or a string like '6GiB', "
+                             f"'512MB' (units: {', '.join(u for u in _UNITS if u)})")
+        n = float(m.group(1)) * _UNITS[m.group(2).lower()]
+    else:
+        raise ValueError(f"{what}: expected bytes (int) or a string like '6GiB', got {type(value).__name__}")
+    if n <= 0:
+        raise ValueError(f"{what}: must be positive, got {value!r}")
+    return int(n)
+
+
+@dataclass(frozen=True)
+class TierSpec:
+    name: str
+    capacity: int | None = None          # bytes; None = unlimited
+    bandwidth: float | None = None       # bytes/s to/from the device tier
+
+    @staticmethod
+    def parse(spec: Any) -> "TierSpec":
+        if isinstance(spec, TierSpec):
+            t = spec
+        elif isinstance(spec, str):
+            t = TierSpec(spec)
+        elif isinstance(spec, dict):
+            unknown = set(spec) - {"name", "capacity", "bandwidth"}
+            if unknown or "name" not in spec:
+                raise ValueError(f"tiers: a tier spec is a dict with keys name, capacity, bandwidth; got {spec!r}")
+            cap = spec.get("capacity")
+            bw = spec.get("bandwidth")
+            t = TierSpec(spec["name"], None if cap is None else parse_bytes(cap, f"tiers[{spec['name']}].capacity"),
+                         None if bw is None else float(parse_bytes(bw, f"tiers[{spec['name']}].bandwidth")))
+        else:
+            raise ValueError(f"tiers: expected a tier name or dict, got {spec!r}")
+        if t.name not in TIER_NAMES:
+            raise ValueError(f"tiers: unknown tier {t.name!r}; valid: {', '.join(TIER_NAMES)}")
+        return t
+
+
+def _default_cache_dir() -> str:
+    return os.environ.get("KILN_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "kiln")
+
+
+@dataclass(frozen=True)
+class Options:
+    target: str = "auto"
+    memory_budget: int | None = None
+    tiers: tuple = ("device", "host")
+    quantize: str | None = None
+    planner: str = "greedy"
+    autotune: Any = False
+    cache_dir: str = field(default_factory=_default_cache_dir)
+    report: str | None = None
+    fusion: bool = True
+    debug: int = int(os.environ.get("KILN_DEBUG", "0") or 0)
+
+    def __post_init__(self):
+        if self.target not in TARGETS:
+            raise ValueError(f"target: {self.target!r} is not valid; choose one of {', '.join(TARGETS)}")
+        if self.memory_budget is not None:
+            object.__setattr__(self, "memory_budget", parse_bytes(self.memory_budget))
+        if isinstance(self.tiers, (str, dict)) or not hasattr(self.tiers, "__iter__"):
+            raise ValueError("tiers: expected a list of tier specs, e.g. ['device', {'name': 'host', 'capacity': '64GiB'}]")
+        tiers = tuple(TierSpec.parse(t) for t in self.tiers)
+        if len({t.name for t in tiers}) != len(tiers):
+            raise ValueError("tiers: each tier may be given once")
+        object.__setattr__(self, "tiers", tiers)
+        if self.quantize not in QUANTIZE:
+            raise ValueError(f"quantize: {self.quantize!r} is not valid; choose one of "
+                             f"{', '.join(map(str, QUANTIZE))}")
+        if self.planner not in PLANNERS:
+            raise ValueError(f"planner: {self.planner!r} is not valid; choose one of {', '.join(PLANNERS)}")
+        if not (isinstance(self.autotune, bool) or (isinstance(self.autotune, str) and
+                                                     self.autotune.startswith(("http://", "https://")))):
+            raise ValueError(f"autotune: expected False, True or a service URL (http://host:port), got {self.autotune!r}")
+        if not isinstance(self.cache_dir, (str, os.PathLike)):
+            raise ValueError(f"cache_dir: expected a path, got {self.cache_dir!r}")
+        if self.report is not None and not isinstance(self.report, (str, os.PathLike)):
+            raise ValueError(f"report: expected a path to a JSON-lines file, got {self.report!r}")
+
+    @classmethod
+    def make(cls, options: "Options | dict | None" = None, **kw) -> "Options":
+        """Build from a dict and/or keywords; unknown names raise ValueError listing the valid ones."""
+        merged: dict = {}
+        if isinstance(options, Options):
+            merged = {f.name: getattr(options, f.name) for f in dataclasses.fields(cls)}
+        elif options:
+            merged = dict(options)
+        merged.update(kw)
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(merged) - names)
+        if unknown:
+            raise ValueError(f"unknown option(s) {', '.join(map(repr, unknown))}; valid options: {', '.join(sorted(names))}")
+        return cls(**merged)
+
+    def resolved_target(self) -> str:
+        if self.target != "auto":
+            return self.target
+        import torch
+        return "triton" if torch.cuda.is_available() else "cpu"

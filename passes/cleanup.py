@@ -1,0 +1,111 @@
+"""Cleanup passes: dead-code elimination, common-subexpression elimination, constant folding
+and view canonicalisation. Each is a plain Graph -> Graph function."""
+from __future__ import annotations
+
+import torch
+
+from kiln.ir import Graph, Node, Value, map_values, op_kind, OpKind, resolve
+from kiln.ir.ops import is_random
+
+
+def _side_effect(n: Node) -> bool:
+    if n.op.startswith("py."):
+        return True
+    try:
+        return resolve(n.op)._schema.is_mutable
+    except KeyError:
+        return True
+
+
+def dce(g: Graph) -> Graph:
+    live = {v.name for v in g.output_values()}
+    keep = []
+    for n in reversed(g.nodes):
+        if _side_effect(n) or any(v.name in live for v in n.outputs):
+            keep.append(n)
+            live.update(v.name for v in n.inputs())
+    return g.copy(list(reversed(keep)))
+
+
+def _key(obj):
+    if isinstance(obj, Value):
+        return ("%", obj.name)
+    if isinstance(obj, (list, tuple)):
+        return (type(obj).__name__, tuple(_key(o) for o in obj))
+    if isinstance(obj, dict):
+        return ("dict", tuple(sorted((k, _key(v)) for k, v in obj.items())))
+    if isinstance(obj, float):
+        return ("f", repr(obj))
+    return (type(obj).__name__, repr(obj))
+
+
+def cse(g: Graph) -> Graph:
+    seen: dict = {}
+    rename: dict[str, Value] = {}
+    out = []
+    sub = lambda v: rename.get(v.name, v)  # noqa: E731
+    for n in g.nodes:
+        n = Node(n.op, map_values(n.args, sub), map_values(n.kwargs, sub), n.outputs, n.attrs)
+        if _side_effect(n) or is_random(n.op) or n.attrs:
+            out.append(n)
+            continue
+        k = (n.op, _key(n.args), _key(n.kwargs))
+        if k in seen:
+            for a, b in zip(n.outputs, seen[k].outputs):
+                rename[a.name] = b
+            continue
+        seen[k] = n
+        out.append(n)
+    g2 = g.copy(out)
+    g2.outputs = map_values(g.outputs, sub)
+    return g2
+
+
+def constant_fold(g: Graph, max_bytes: int = 1 << 16) -> Graph:
+    """Evaluate nodes whose inputs are all compile-time constants (and small) once, now."""
+    consts = dict(g.constants)
+    cvals = list(g.constant_values)
+    out = []
+    for n in g.nodes:
+        ins = n.inputs()
+        foldable = (ins and all(v.name in consts for v in ins) and not _side_effect(n)
+                    and not is_random(n.op) and not n.attrs and op_kind(n.op) != OpKind.OPAQUE
+                    and all(v.type is not None and v.type.nbytes <= max_bytes for v in n.outputs))
+        if not foldable:
+            out.append(n)
+            continue
+        res = resolve(n.op)(*map_values(n.args, lambda v: consts[v.name]),
+                            **map_values(n.kwargs, lambda v: consts[v.name]))
+        res = res if isinstance(res, (tuple, list)) else (res,)
+        for v, t in zip(n.outputs, res):
+            consts[v.name] = t
+            cvals.append(v)
+    g2 = g.copy(out)
+    used = {v.name for n in out for v in n.inputs()} | {v.name for v in g.output_values()}
+    g2.constant_values = [v for v in cvals if v.name in used]
+    g2.constants = {v.name: consts[v.name] for v in g2.constant_values}
+    return g2
+
+
+_IDENTITY_VIEWS = {"aten.alias.default", "aten.detach.default"}
+
+
+def canonicalize_views(g: Graph) -> Graph:
+    """Drop identity views (alias, detach, reshapes/expands to the same shape) and merge
+    view-of-view chains into one view where the result is the same."""
+    rename: dict[str, Value] = {}
+    sub = lambda v: rename.get(v.name, v)  # noqa: E731
+    out = []
+    for n in g.nodes:
+        n = Node(n.op, map_values(n.args, sub), map_values(n.kwargs, sub), n.outputs, n.attrs)
+        if op_kind(n.op) == OpKind.VIEW and n.args and isinstance(n.args[0], Value):
+            src, dst = n.args[0].type, n.out.type
+            same = (src is not None and dst is not None and src.shape == dst.shape
+                    and src.strides == dst.strides and src.offset == dst.offset and src.dtype == dst.dtype)
+            if n.op in _IDENTITY_VIEWS or same:
+                rename[n.out.name] = n.args[0]
+                continue
+        out.append(n)
+    g2 = g.copy(out)
+    g2.outputs = map_values(g.outputs, sub)
+    return g2

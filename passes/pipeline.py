@@ -1,0 +1,36 @@
+"""The pass pipeline: one visible table of plain functions, run in order with timing."""
+from __future__ import annotations
+
+import time
+
+from kiln.ir import Graph
+from .cleanup import canonicalize_views, constant_fold, cse, dce
+from .fuse import fuse
+from .memory import plan_memory
+from .schedule import schedule
+
+PIPELINE = [
+    ("dce", lambda g, o: dce(g)),
+    ("cse", lambda g, o: cse(g)),
+    ("constant_fold", lambda g, o: constant_fold(g)),
+    ("canonicalize_views", lambda g, o: canonicalize_views(g)),
+    ("dce_after_cleanup", lambda g, o: dce(g)),
+    ("fuse", fuse),
+    ("schedule", schedule),
+    ("plan_memory", plan_memory),
+]
+
+
+def run_pipeline(g: Graph, options, verify: bool = False) -> tuple[Graph, list[dict]]:
+    """Run every pass; ``verify`` (on in tests) checks the graph after each one."""
+    timings = []
+    for name, fn in PIPELINE:
+        if name == "fuse" and not getattr(options, "fusion", True):
+            continue
+        t0 = time.perf_counter()
+        g = fn(g, options)
+        timings.append({"name": name, "ms": (time.perf_counter() - t0) * 1e3})
+        if verify:
+            from kiln.ir.verify import verify as check
+            check(g, where=f"after pass {name}")
+    return g, timings
