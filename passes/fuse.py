@@ -1,4 +1,160 @@
-from kiln.ir import Graph
+"""Fusion: vertical (producer into consumer: pointwise chains, pointwise into a reduction's
+prologue and epilogue) and horizontal (independent groups over one iteration space that read a
+common input). Legal when the merged group has a loop plan (passes.loops.analyze) and no path
+leaves the group and comes back (no cycle through it). Each group becomes one ``kiln.fused``
+node whose body is the group's subgraph and whose attrs hold the loop plan."""
+from __future__ import annotations
+
+import networkx as nx
+
+from kiln.ir import Graph, Node, OpKind, op_kind
+from kiln.ir.scalar import is_lowerable
+from .loops import NotFusible, analyze
+
+MAX_GROUP = 64          # nodes per kernel: beyond this, register pressure outweighs saved traffic
+
+
+def _fusible(n: Node) -> bool:
+    k = op_kind(n.op)
+    if k not in (OpKind.POINTWISE, OpKind.REDUCTION, OpKind.VIEW) or len(n.outputs) != 1:
+        return False
+    if n.out.type is None or any(v.type is None for v in n.inputs()):
+        return False
+    if n.out.type.device not in ("cpu", "cuda"):
+        return False
+    return k == OpKind.VIEW or is_lowerable(n)
+
+
+class _Groups:
+    def __init__(self, g: Graph):
+        self.g = g
+        self.nodes = g.nodes
+        self.pos = {id(n): i for i, n in enumerate(g.nodes)}
+        self.prod = g.producers()
+        self.users = g.users()
+        self.out_names = {v.name for v in g.output_values()}
+        self.gid = {i: i for i in range(len(g.nodes))}          # node index -> group id
+        self.members = {i: [i] for i in range(len(g.nodes))}   # group id -> node indices
+        self.plans: dict[int, dict] = {}
+
+    def body(self, idxs: list[int]) -> Graph:
+        idxs = sorted(idxs)
+        inside = {v.name for i in idxs for v in self.nodes[i].outputs}
+        ins, seen = [], set()
+        for i in idxs:
+            for v in self.nodes[i].inputs():
+                if v.name not in inside and v.name not in seen:
+                    seen.add(v.name)
+                    ins.append(v)
+        outs = []
+        for i in idxs:
+            for v in self.nodes[i].outputs:
+                ext = [u for u in self.users.get(v.name, []) if self.pos[id(u)] not in idxs]
+                if ext or v.name in self.out_names:
+                    outs.append(v)
+        return Graph(inputs=ins, nodes=[self.nodes[i] for i in idxs], outputs=outs)
+
+    def plan(self, idxs) -> dict | None:
+        if len(idxs) > MAX_GROUP:
+            return None
+        b = self.body(idxs)
+        if not b.outputs or all(op_kind(n.op) == OpKind.VIEW for n in b.nodes):
+            return None
+        try:
+            return analyze(b)
+        except NotFusible:
+            return None
+
+    def _reaches(self, src: set[int], dst: set[int]) -> bool:
+        """Is there a path from group ``src`` to group ``dst`` through a node in neither?
+        Nodes are in topological order, so the search stops past the last node of ``dst``."""
+        limit = max(dst)
+        outside = lambda k: k not in src and k not in dst  # noqa: E731
+        stack = [k for i in src for v in self.nodes[i].outputs for u in self.users.get(v.name, [])
+                 if outside(k := self.pos[id(u)])]
+        seen: set[int] = set()
+        while stack:
+            j = stack.pop()
+            if j in seen or j > limit:
+                continue
+            seen.add(j)
+            for v in self.nodes[j].outputs:
+                for u in self.users.get(v.name, []):
+                    k = self.pos[id(u)]
+                    if k in dst:
+                        return True
+                    if outside(k):
+                        stack.append(k)
+        return False
+
+    def try_merge(self, a: int, b: int) -> bool:
+        ga, gb = self.gid[a], self.gid[b]
+        if ga == gb:
+            return False
+        ma, mb = set(self.members[ga]), set(self.members[gb])
+        first, second = (ma, mb) if min(ma) < min(mb) else (mb, ma)
+        if self._reaches(first, second) or self._reaches(second, first):
+            return False
+        plan = self.plan(sorted(ma | mb))
+        if plan is None:
+            return False
+        keep, drop = (ga, gb) if ga < gb else (gb, ga)
+        self.members[keep] = sorted(ma | mb)
+        for i in self.members.pop(drop):
+            self.gid[i] = keep
+        self.plans[keep] = plan
+        self.plans.pop(drop, None)
+        return True
+
 
 def fuse(g: Graph, options=None) -> Graph:
-    return g
+    G = _Groups(g)
+    fusible = [_fusible(n) for n in g.nodes]
+    # vertical: pull each fusible producer into its consumer's group, in program order
+    for i, n in enumerate(g.nodes):
+        if not fusible[i]:
+            continue
+        for v in n.inputs():
+            p = G.prod.get(v.name)
+            if p is not None and fusible[G.pos[id(p)]]:
+                G.try_merge(G.pos[id(p)], i)
+    # horizontal: groups that read a common input and share an iteration space
+    readers: dict[str, list[int]] = {}
+    for i, n in enumerate(g.nodes):
+        if fusible[i]:
+            for v in n.inputs():
+                readers.setdefault(v.name, []).append(i)
+    for name, idxs in readers.items():
+        for a, b in zip(idxs, idxs[1:]):
+            pa, pb = G.plans.get(G.gid[a]), G.plans.get(G.gid[b])
+            if pa and pb and (pa["domain"], pa["reduce_dims"]) == (pb["domain"], pb["reduce_dims"]):
+                G.try_merge(a, b)
+    return _rebuild(g, G, fusible)
+
+
+def _rebuild(g: Graph, G: _Groups, fusible) -> Graph:
+    units: dict[int, Node] = {}
+    for gid, idxs in G.members.items():
+        if len(idxs) == 1 and (not fusible[idxs[0]] or op_kind(g.nodes[idxs[0]].op) == OpKind.VIEW):
+            units[gid] = g.nodes[idxs[0]]
+            continue
+        plan = G.plans.get(gid) or G.plan(idxs)
+        if plan is None:            # a lone node with no plan (e.g. output is an input): keep it
+            for i in idxs:
+                units[i] = g.nodes[i]
+            continue
+        body = G.body(idxs)
+        names = [n.op.split(".")[1] for n in body.nodes if op_kind(n.op) != OpKind.VIEW]
+        attrs = {"body": body, "kind": plan["kind"], "plan": plan,
+                 "name": f"k{len(units)}_{plan['kind']}_" + "_".join(dict.fromkeys(names))[:48]}
+        units[gid] = Node("kiln.fused", tuple(body.inputs), {}, list(body.outputs), attrs)
+    # order the units topologically, earliest original position first
+    prod = {v.name: gid for gid, u in units.items() for v in u.outputs}
+    dag = nx.DiGraph()
+    dag.add_nodes_from(units)
+    for gid, u in units.items():
+        for v in u.inputs():
+            if v.name in prod and prod[v.name] != gid:
+                dag.add_edge(prod[v.name], gid)
+    order = list(nx.lexicographical_topological_sort(dag))
+    return g.copy([units[k] for k in order])
