@@ -1,2 +1,200 @@
-def generate_all(graph, target, cache_dir):
-    return {}
+"""Lower a fused node to a loop description that every renderer shares: the collapsed x (kept)
+and r (reduced) loop dims, each access's strides over them, and an ordered list of scalar
+statements tagged with the space they live in ('x': once per row, 'xr': per element)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from kiln.ir import Graph, Node, OpKind, op_kind
+from kiln.ir.scalar import E, Ref, lower_pointwise, neutral, reduction_spec
+
+COMPUTE = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
+
+
+def compute_dtype(dt: torch.dtype) -> torch.dtype:
+    return COMPUTE.get(dt, dt)
+
+
+@dataclass
+class Access:
+    arg: int                    # index into kernel inputs (loads) or outputs (stores)
+    xstrides: list[int]         # per collapsed x dim
+    rstrides: list[int]         # per collapsed r dim
+    dtype: torch.dtype
+    var: str                    # loaded variable / stored value
+
+    @property
+    def space(self) -> str:
+        return "xr" if any(self.rstrides) else "x"
+
+
+@dataclass
+class Stmt:
+    var: str
+    expr: object                # E tree with Ref leaves naming earlier vars, or a Reduce
+    dtype: torch.dtype
+    space: str
+
+
+@dataclass
+class Reduce:
+    kind: str                   # sum | mean | max | min | prod | any | all
+    src: str                    # variable reduced
+    count: int                  # elements per row (for mean)
+    acc_dtype: torch.dtype
+
+
+@dataclass
+class LoopKernel:
+    name: str
+    kind: str
+    xsizes: list[int]
+    rsizes: list[int]
+    loads: list[Access] = field(default_factory=list)
+    stores: list[Access] = field(default_factory=list)
+    stmts: list[Stmt] = field(default_factory=list)
+    ops: list[str] = field(default_factory=list)
+    n_inputs: int = 0
+    n_outputs: int = 0
+    in_strides: list = field(default_factory=list)    # expected runtime strides per input
+    out_strides: list = field(default_factory=list)
+
+    @property
+    def xnumel(self) -> int:
+        return _prod(self.xsizes)
+
+    @property
+    def rnumel(self) -> int:
+        return _prod(self.rsizes)
+
+
+def _prod(xs) -> int:
+    p = 1
+    for x in xs:
+        p *= x
+    return p
+
+
+def _full_strides(shape, strides, dmap, ndim) -> list[int]:
+    st = [0] * ndim
+    for s, t, d in zip(shape, strides, dmap):
+        if d is not None and s != 1:
+            st[d] = t
+    return st
+
+
+def _collapse(domain, rdims, accesses) -> tuple[list[int], list[int], list[list[int]]]:
+    """Merge adjacent loop dims that every access walks contiguously; returns (xsizes, rsizes,
+    per access [x strides..., r strides...])."""
+    def merge(dims):
+        groups: list[list[int]] = []
+        for d in dims:
+            if groups:
+                prev = groups[-1][-1]
+                if all(a[prev] == a[d] * domain[d] for a in accesses):
+                    groups[-1].append(d)
+                    continue
+            groups.append([d])
+        return groups
+    xd = merge([d for d in range(len(domain)) if d not in rdims and domain[d] != 1])
+    rd = merge([d for d in rdims if domain[d] != 1])
+    sizes = lambda gs: [_prod(domain[d] for d in g) for g in gs]  # noqa: E731
+    strides = [[a[g[-1]] for g in xd] + [a[g[-1]] for g in rd] for a in accesses]
+    return sizes(xd), sizes(rd), strides
+
+
+def lower(node: Node) -> LoopKernel:
+    body: Graph = node.body
+    plan = node.attrs["plan"]
+    domain, rdims, maps = plan["domain"], set(plan["reduce_dims"]), plan["maps"]
+    nd = len(domain)
+    leaves = {v.name: i for i, v in enumerate(body.inputs)}
+    loads: dict[tuple, Access] = {}
+    raw_load_strides: list[list[int]] = []
+    stmts: list[Stmt] = []
+    var_of: dict[str, str] = {}       # IR value name -> kernel variable
+    space_of: dict[str, str] = {}
+    counter = iter(range(1 << 30))
+
+    def space(full):
+        return "xr" if any(full[d] for d in rdims) or any(
+            full[d] for d in range(nd) if d in rdims) else "x"
+
+    def load(v, dmap):
+        full = _full_strides(v.type.shape, v.type.strides, dmap, nd)
+        key = (v.name, tuple(full))
+        if key not in loads:
+            loads[key] = Access(leaves[v.name], [], [], v.type.dtype, f"in{leaves[v.name]}_{len(loads)}")
+            raw_load_strides.append(full)
+            space_of[loads[key].var] = "xr" if any(full[d] for d in rdims) else "x"
+        return loads[key].var
+
+    def operand_map(v, out_map, out_shape):
+        off = len(out_shape) - v.type.rank
+        return [out_map[off + i] if v.type.shape[i] == out_shape[off + i] and v.type.shape[i] != 1 else None
+                for i in range(v.type.rank)]
+
+    def rewrite(e, out_map, out_shape, node_args):
+        """Replace Refs to IR values with kernel variables (loading group inputs as needed)."""
+        if isinstance(e, Ref):
+            if e.name in leaves:
+                v = next(a for a in node_args if getattr(a, "name", None) == e.name)
+                return Ref(load(v, operand_map(v, out_map, out_shape)), e.dtype)
+            return Ref(var_of[e.name], e.dtype)
+        if isinstance(e, E):
+            return E(e.op, tuple(rewrite(a, out_map, out_shape, node_args) for a in e.args), e.dtype)
+        return e
+
+    def sp(e) -> str:
+        if isinstance(e, Ref):
+            return space_of[e.name]
+        if isinstance(e, E):
+            return "xr" if any(sp(a) == "xr" for a in e.args) else "x"
+        return "x"
+
+    ops = []
+    for n in body.nodes:
+        v = n.out
+        kind = op_kind(n.op)
+        ops.append(n.op)
+        if kind == OpKind.VIEW:
+            var_of[v.name] = var_of[n.args[0].name]
+            continue
+        out_map = maps[v.name]
+        name = f"t{next(counter)}"
+        if kind == OpKind.REDUCTION:
+            rk, x, _, _ = reduction_spec(n)
+            src = var_of[x.name] if x.name not in leaves else load(x, list(range(nd)) if True else None)
+            acc = compute_dtype(v.type.dtype) if rk not in ("any", "all") else torch.bool
+            if rk in ("sum", "mean", "prod") and acc == torch.bool:
+                acc = torch.int64
+            stmts.append(Stmt(name, Reduce(rk, src, _prod(domain[d] for d in rdims), acc), v.type.dtype, "x"))
+            space_of[name] = "x"
+        else:
+            e = rewrite(lower_pointwise(n), out_map, v.type.shape, n.inputs())
+            s = sp(e)
+            stmts.append(Stmt(name, e, v.type.dtype, s))
+            space_of[name] = s
+        var_of[v.name] = name
+    store_full = [_full_strides(v.type.shape, v.type.strides, maps[v.name], nd) for v in body.outputs]
+    xs, rs, strides = _collapse(domain, sorted(rdims), raw_load_strides + store_full)
+    nx_ = len(xs)
+    load_list = list(loads.values())
+    for a, st in zip(load_list, strides):
+        a.xstrides, a.rstrides = st[:nx_], st[nx_:]
+    stores = [Access(i, st[:nx_], st[nx_:], v.type.dtype, var_of[v.name])
+              for i, (v, st) in enumerate(zip(body.outputs, strides[len(load_list):]))]
+    return LoopKernel(node.attrs["name"], plan["kind"], xs, rs, load_list, stores, stmts, ops,
+                      len(body.inputs), len(body.outputs),
+                      [list(v.type.strides) for v in body.inputs], [list(v.type.strides) for v in body.outputs])
+
+
+def neutral_of(r: Reduce):
+    return neutral(r.kind, r.acc_dtype)
+
+
+def generate_all(graph: Graph, target: str, cache_dir: str) -> dict:
+    from .cache import build
+    return {n.outputs[0].name: build(n, target, cache_dir) for n in graph.nodes if n.op == "kiln.fused"}

@@ -1,5 +1,15 @@
 """kiln: a compiler toolchain for PyTorch programs (front door only: compile, backend, options,
 reports, CLI). The layers live in kiln.ir, kiln.passes, kiln.codegen, kiln.runtime, kiln.autotune."""
+import os as _os
+import sys as _sys
+
+import torch as _torch
+
+# Without a GPU, Triton kernels run in Triton's interpreter, which must be chosen before triton
+# is first imported (its standard library is decorated at import time).
+if "triton" not in _sys.modules and not _torch.cuda.is_available():
+    _os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from .api import compile, compile_graph, kiln_backend
 from .options import Options
 from .report import CompileReport, last_report

@@ -1,0 +1,63 @@
+"""Load a Kernel's source as a module (from the on-disk cache) and make its launcher."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+
+import torch
+
+from .cache import source_path
+from .kernel import Kernel
+
+
+def _import(path: str):
+    name = "kiln_gen_" + os.path.basename(path)[:-3]
+    mod = sys.modules.get(name)
+    if mod is None:
+        spec = importlib.util.spec_from_file_location(name, path)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+    return mod
+
+
+def _conform(t: torch.Tensor, strides) -> torch.Tensor:
+    """The kernel was specialised for these strides; copy the rare input that differs."""
+    if all(s == e for s, e, n in zip(t.stride(), strides, t.shape) if n > 1):
+        return t
+    return torch.empty_strided(t.shape, strides, dtype=t.dtype, device=t.device).copy_(t)
+
+
+def _flat(t: torch.Tensor):
+    span = 1 + sum((s - 1) * st for s, st in zip(t.shape, t.stride())) if t.numel() else 0
+    return torch.as_strided(t, (span,), (1,), t.storage_offset()).numpy()
+
+
+def load(k: Kernel) -> None:
+    cache_dir = k.meta.get("cache_dir") or os.path.join(os.path.expanduser("~"), ".cache", "kiln")
+    in_strides = [tuple(s) for s in k.meta["in_strides"]]
+    if k.target == "cpu":
+        fn = getattr(_import(source_path(cache_dir, k.source, "cpu")), k.entry)
+
+        def launch(inputs, outputs):
+            ins = [_flat(_conform(t, s)) for t, s in zip(inputs, in_strides)]
+            fn(*ins, *[_flat(o) for o in outputs])
+        k.launcher = launch
+        return
+    interpret = not torch.cuda.is_available()
+    if interpret:
+        os.environ["TRITON_INTERPRET"] = "1"
+    fn = getattr(_import(source_path(cache_dir, k.source, "triton")), k.entry)
+    from kiln.autotune.heuristics import triton_config
+    cfg = k.meta.get("config") or triton_config(k.kind, k.meta["xnumel"], k.meta["rnumel"],
+                                                k.meta.get("one_pass", True), interpret)
+    k.meta["config"] = cfg
+    xn, rn = k.meta["xnumel"], k.meta["rnumel"]
+    grid = (-(-xn // cfg["XBLOCK"]),)
+
+    def launch(inputs, outputs):
+        ins = [_conform(t, s) for t, s in zip(inputs, in_strides)]
+        fn[grid](*ins, *outputs, xn, rn, XBLOCK=cfg["XBLOCK"], RBLOCK=cfg["RBLOCK"],
+                 num_warps=cfg["num_warps"])
+    k.launcher = launch

@@ -1,0 +1,230 @@
+"""Render scalar expression trees (kiln.ir.scalar) as Triton or numba source text. Values are
+computed in their compute dtype (fp32 for 16-bit floats); explicit conversions round exactly as
+eager does. Integer division and remainder use sign-explicit formulas so Triton (C semantics),
+its interpreter (numpy semantics) and numba (Python semantics) all agree with PyTorch."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from kiln.ir.scalar import Const, E, Ref
+from .lower import compute_dtype
+
+TL = {torch.float32: "tl.float32", torch.float16: "tl.float16", torch.bfloat16: "tl.bfloat16",
+      torch.float64: "tl.float64", torch.int64: "tl.int64", torch.int32: "tl.int32", torch.int16: "tl.int16",
+      torch.int8: "tl.int8", torch.uint8: "tl.uint8", torch.bool: "tl.int1"}
+NP = {torch.float32: "np.float32", torch.float64: "np.float64", torch.int64: "np.int64",
+      torch.int32: "np.int32", torch.int16: "np.int16", torch.int8: "np.int8", torch.uint8: "np.uint8",
+      torch.bool: "np.bool_"}
+
+
+class Renderer:
+    lang = ""
+
+    def __init__(self):
+        self.helpers: set[str] = set()
+
+    def literal(self, c: Const) -> str:
+        v = c.value
+        if isinstance(v, bool) or c.dtype == torch.bool:
+            return "True" if v else "False"
+        if c.dtype.is_floating_point:
+            v = float(v)
+            if math.isnan(v):
+                return self.nan()
+            if math.isinf(v):
+                return self.inf() if v > 0 else f"(-{self.inf()})"
+            return repr(v)
+        return str(int(v))
+
+    def render(self, e) -> str:
+        if isinstance(e, Ref):
+            return e.name
+        if isinstance(e, Const):
+            return self.literal(e)
+        args = [self.render(a) for a in e.args]
+        fp = compute_dtype(e.dtype).is_floating_point
+        if e.op == "cast":
+            return self.cast(args[0], e.args[0], e.dtype)
+        if e.op == "convert":
+            return self.convert(args[0], e.args[0], e.dtype)
+        fn = getattr(self, "op_" + e.op.rstrip("_"))
+        return fn(*args, fp=fp, dt=e.dtype, e=e)
+
+    # shared formulas --------------------------------------------------------------------
+    def op_add(self, a, b, **k): return f"({a} + {b})"
+    def op_sub(self, a, b, **k): return f"({a} - {b})"
+    def op_mul(self, a, b, **k): return f"({a} * {b})"
+    def op_neg(self, a, **k): return f"(-{a})"
+    def op_eq(self, a, b, **k): return f"({a} == {b})"
+    def op_ne(self, a, b, **k): return f"({a} != {b})"
+    def op_lt(self, a, b, **k): return f"({a} < {b})"
+    def op_le(self, a, b, **k): return f"({a} <= {b})"
+    def op_gt(self, a, b, **k): return f"({a} > {b})"
+    def op_ge(self, a, b, **k): return f"({a} >= {b})"
+    def op_isnan(self, a, **k): return f"({a} != {a})"
+    def op_reciprocal(self, a, **k): return f"(1.0 / {a})"
+    def op_gelu(self, a, **k): return f"(0.5 * {a} * (1.0 + {self.fn('erf', f'({a} * 0.7071067811865476)')}))"
+    def op_gelu_tanh(self, a, **k):
+        inner = f"(0.7978845608028654 * ({a} + 0.044715 * {a} * {a} * {a}))"
+        return f"(0.5 * {a} * (1.0 + {self.op_tanh(inner, fp=True)}))"
+    def op_rsqrt(self, a, **k): return f"(1.0 / {self.fn('sqrt', a)})"
+    def op_sigmoid(self, a, **k): return f"(1.0 / (1.0 + {self.fn('exp', f'(-{a})')}))"
+    def op_tanh(self, a, **k): return f"(1.0 - 2.0 / ({self.fn('exp', f'(2.0 * {a})')} + 1.0))"
+    def op_tan(self, a, **k): return f"({self.fn('sin', a)} / {self.fn('cos', a)})"
+    def op_sinh(self, a, **k): return f"(0.5 * ({self.fn('exp', a)} - {self.fn('exp', f'(-{a})')}))"
+    def op_cosh(self, a, **k): return f"(0.5 * ({self.fn('exp', a)} + {self.fn('exp', f'(-{a})')}))"
+    def op_log10(self, a, **k): return f"({self.fn('log', a)} * 0.4342944819032518)"
+    def op_exp2(self, a, **k): return f"{self.fn('exp', f'({a} * 0.6931471805599453)')}"
+    def op_log2(self, a, **k): return f"({self.fn('log', a)} * 1.4426950408889634)"
+    def op_truediv(self, a, b, **k): return f"({a} / {b})"
+
+
+class TritonRenderer(Renderer):
+    lang = "triton"
+
+    def nan(self): return "float('nan')"
+    def inf(self): return "float('inf')"
+    def fn(self, name, a): return f"tl.{name}({a})"
+
+    def cast(self, s, src, dt):
+        src_dt = src.dtype if not isinstance(src, Const) else None
+        if src_dt is not None and compute_dtype(src_dt) == compute_dtype(dt):
+            return s
+        if isinstance(src, Const):
+            return self.literal(Const(src.value, dt))
+        if dt == torch.bool:
+            return f"({s} != 0)"
+        return f"{s}.to({TL[compute_dtype(dt)]})"
+
+    def convert(self, s, src, dt):
+        if isinstance(src, Const):
+            return self.literal(Const(src.value, dt))
+        if dt == torch.bool:
+            return f"({s} != 0)"
+        if dt in (torch.float16, torch.bfloat16):
+            return f"{s}.to({TL[dt]}).to(tl.float32)"
+        return f"{s}.to({TL[dt]})"
+
+    def op_exp(self, a, **k): return f"tl.exp({a})"
+    def op_log(self, a, **k): return f"tl.log({a})"
+    def op_sqrt(self, a, **k): return f"tl.sqrt({a})"
+    def op_rsqrt(self, a, **k): return f"tl.rsqrt({a})"
+    def op_sin(self, a, **k): return f"tl.sin({a})"
+    def op_cos(self, a, **k): return f"tl.cos({a})"
+    def op_erf(self, a, **k): return f"tl.erf({a})"
+    def op_exp2(self, a, **k): return f"tl.exp2({a})"
+    def op_log2(self, a, **k): return f"tl.log2({a})"
+    def op_sigmoid(self, a, **k): return f"tl.sigmoid({a})"
+    def op_floor(self, a, **k): return f"tl.floor({a})"
+    def op_ceil(self, a, **k): return f"tl.ceil({a})"
+    def op_trunc(self, a, **k): return f"tl.where({a} < 0, tl.ceil({a}), tl.floor({a}))"
+    def op_abs(self, a, **k): return f"tl.abs({a})"
+    def op_isinf(self, a, **k): return f"(tl.abs({a}) == float('inf'))"
+    def op_expm1(self, a, **k): return f"tl.where(tl.abs({a}) < 1e-5, {a} + 0.5 * {a} * {a}, tl.exp({a}) - 1.0)"
+    def op_log1p(self, a, **k): return f"tl.where(tl.abs({a}) < 1e-4, {a} - 0.5 * {a} * {a}, tl.log(1.0 + {a}))"
+    def op_where(self, c, a, b, **k): return f"tl.where({c}, {a}, {b})"
+    def op_relu(self, a, **k): return f"tl.where({a} < 0, 0, {a})"
+    def op_sign(self, a, fp=True, **k):
+        s = f"(tl.where({a} > 0, 1, 0) - tl.where({a} < 0, 1, 0))"
+        return f"tl.where({a} != {a}, {a}, {s}.to({a}.dtype))" if fp else s
+    def op_maximum(self, a, b, **k): return f"tl.where(({a} > {b}) | ({a} != {a}), {a}, {b})"
+    def op_minimum(self, a, b, **k): return f"tl.where(({a} < {b}) | ({a} != {a}), {a}, {b})"
+    def op_land(self, a, b, **k): return f"({a} & {b})"
+    def op_lor(self, a, b, **k): return f"({a} | {b})"
+    def op_lxor(self, a, b, **k): return f"({a} ^ {b})"
+    def op_lnot(self, a, **k): return f"({a} == 0)"
+    def op_and(self, a, b, **k): return f"({a} & {b})"
+    def op_or(self, a, b, **k): return f"({a} | {b})"
+    def op_xor(self, a, b, **k): return f"({a} ^ {b})"
+    def op_not(self, a, dt=None, **k): return f"({a} == 0)" if dt == torch.bool else f"(~{a})"
+    def op_round(self, a, **k):
+        self.helpers.add("rint")
+        return f"_rint({a})"
+    def op_pow(self, a, b, fp=True, e=None, **k):
+        rhs = e.args[1]
+        if isinstance(rhs, Const) and float(rhs.value) in (1.0, 2.0, 3.0, 0.5, -1.0, -0.5, 0.0):
+            v = float(rhs.value)
+            return {1.0: a, 2.0: f"({a} * {a})", 3.0: f"({a} * {a} * {a})", 0.5: f"tl.sqrt({a})",
+                    -1.0: f"(1.0 / {a})", -0.5: f"tl.rsqrt({a})", 0.0: f"({a} * 0 + 1)"}[v]
+        if not fp:
+            self.helpers.add("ipow")
+            return f"_ipow({a}, {b})"
+        self.helpers.add("pow")
+        return f"_pow({a}, {b})"
+    def _idiv(self, a, b, mode):
+        self.helpers.add("idiv")
+        return f"_idiv_{mode}({a}, {b})"
+    def op_floordiv(self, a, b, fp=True, **k):
+        return f"tl.floor({a} / {b})" if fp else self._idiv(a, b, "floor")
+    def op_truncdiv(self, a, b, fp=True, **k):
+        return self.op_trunc(f"({a} / {b})") if fp else self._idiv(a, b, "trunc")
+    def op_mod(self, a, b, fp=True, **k):
+        return f"({a} - tl.floor({a} / {b}) * {b})" if fp else self._idiv(a, b, "mod")
+    def op_fmod(self, a, b, fp=True, **k):
+        return f"({a} - {self.op_trunc(f'({a} / {b})')} * {b})" if fp else self._idiv(a, b, "fmod")
+
+
+class NumbaRenderer(Renderer):
+    lang = "numba"
+
+    def nan(self): return "math.nan"
+    def inf(self): return "math.inf"
+    def fn(self, name, a): return f"math.{name}({a})"
+
+    def render(self, e) -> str:
+        s = super().render(e)
+        if isinstance(e, E) and e.op not in ("cast", "convert") and compute_dtype(e.dtype) in NP:
+            return f"{NP[compute_dtype(e.dtype)]}({s})"       # keep every value in its compute dtype
+        return s
+
+    def cast(self, s, src, dt):
+        if isinstance(src, Const):
+            return self.literal(Const(src.value, dt))
+        return f"{NP[compute_dtype(dt)]}({s})" if dt != torch.bool else f"({s} != 0)"
+
+    def convert(self, s, src, dt):
+        return self.cast(s, src, dt)
+
+    def op_exp(self, a, **k): return f"math.exp({a})"
+    def op_log(self, a, **k): return f"math.log({a})"
+    def op_sqrt(self, a, **k): return f"math.sqrt({a})"
+    def op_sin(self, a, **k): return f"math.sin({a})"
+    def op_cos(self, a, **k): return f"math.cos({a})"
+    def op_erf(self, a, **k): return f"math.erf({a})"
+    def op_tanh(self, a, **k): return f"math.tanh({a})"
+    def op_expm1(self, a, **k): return f"math.expm1({a})"
+    def op_log1p(self, a, **k): return f"math.log1p({a})"
+    def op_floor(self, a, **k): return f"np.floor({a})"
+    def op_ceil(self, a, **k): return f"np.ceil({a})"
+    def op_trunc(self, a, **k): return f"np.trunc({a})"
+    def op_round(self, a, **k): return f"np.rint({a})"
+    def op_abs(self, a, **k): return f"abs({a})"
+    def op_isinf(self, a, **k): return f"math.isinf({a})"
+    def op_where(self, c, a, b, **k): return f"({a} if {c} else {b})"
+    def op_relu(self, a, **k): return f"(0 if {a} < 0 else {a})"
+    def op_sign(self, a, **k): return f"({a} if {a} != {a} else (1 if {a} > 0 else (-1 if {a} < 0 else 0)))"
+    def op_maximum(self, a, b, **k): return f"({a} if ({a} > {b} or {a} != {a}) else {b})"
+    def op_minimum(self, a, b, **k): return f"({a} if ({a} < {b} or {a} != {a}) else {b})"
+    def op_land(self, a, b, **k): return f"({a} and {b})"
+    def op_lor(self, a, b, **k): return f"({a} or {b})"
+    def op_lxor(self, a, b, **k): return f"({a} != {b})"
+    def op_lnot(self, a, **k): return f"(not {a})"
+    def op_and(self, a, b, **k): return f"({a} & {b})"
+    def op_or(self, a, b, **k): return f"({a} | {b})"
+    def op_xor(self, a, b, **k): return f"({a} ^ {b})"
+    def op_not(self, a, dt=None, **k): return f"(not {a})" if dt == torch.bool else f"(~{a})"
+    def op_pow(self, a, b, fp=True, e=None, **k):
+        rhs = e.args[1]
+        if isinstance(rhs, Const) and float(rhs.value) == 2.0:
+            return f"({a} * {a})"
+        return f"({a} ** {b})"
+    def op_floordiv(self, a, b, fp=True, **k):
+        return f"np.floor({a} / {b})" if fp else f"_idiv_floor({a}, {b})"
+    def op_truncdiv(self, a, b, fp=True, **k):
+        return f"np.trunc({a} / {b})" if fp else f"_idiv_trunc({a}, {b})"
+    def op_mod(self, a, b, fp=True, **k):
+        return f"({a} - np.floor({a} / {b}) * {b})" if fp else f"_idiv_mod({a}, {b})"
+    def op_fmod(self, a, b, fp=True, **k):
+        return f"math.fmod({a}, {b})" if fp else f"_idiv_fmod({a}, {b})"

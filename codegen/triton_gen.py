@@ -1,0 +1,210 @@
+"""Render a LoopKernel as a Triton kernel (jinja2 template): 1-D blocks for pointwise groups,
+[XBLOCK, RBLOCK] tiles for reductions: one pass when a row fits in RBLOCK, otherwise loops over
+the reduced dim with the prologue recomputed per loop. fp32 accumulation for 16-bit inputs."""
+from __future__ import annotations
+
+import jinja2
+
+from kiln.ir.scalar import neutral
+from .lower import LoopKernel, Reduce, compute_dtype
+from .scalar_render import TL, TritonRenderer
+from .schedule_stmts import plan_stages
+
+_ENV = jinja2.Environment(loader=jinja2.PackageLoader("kiln.codegen", "templates"),
+                          keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True)
+
+HELPERS = {
+    "rint": """@triton.jit
+def _rint(x):
+    f = tl.floor(x)
+    d = x - f
+    odd = (f - 2.0 * tl.floor(f * 0.5)) == 1.0
+    return tl.where(d > 0.5, f + 1.0, tl.where(d < 0.5, f, tl.where(odd, f + 1.0, f)))""",
+    "pow": """@triton.jit
+def _pow(a, b):
+    r = tl.exp2(b * tl.log2(tl.abs(a)))
+    bi = tl.floor(b)
+    isint = bi == b
+    odd = isint & ((bi - 2.0 * tl.floor(bi * 0.5)) == 1.0)
+    r = tl.where((a < 0) & odd, -r, r)
+    r = tl.where((a < 0) & (~isint), float('nan'), r)
+    return tl.where(b == 0, 1.0, r)""",
+    "ipow": """@triton.jit
+def _ipow(a, b):
+    r = a * 0 + 1
+    for _ in range(63):
+        r = tl.where(b > 0, tl.where((b & 1) == 1, r * a, r), r)
+        a = a * a
+        b = b >> 1
+    return r""",
+    "idiv": """@triton.jit
+def _idiv_trunc(a, b):
+    q = tl.abs(a) // tl.abs(b)
+    return tl.where((a < 0) != (b < 0), -q, q)
+
+
+@triton.jit
+def _idiv_floor(a, b):
+    q = _idiv_trunc(a, b)
+    return tl.where((q * b != a) & ((a < 0) != (b < 0)), q - 1, q)
+
+
+@triton.jit
+def _idiv_mod(a, b):
+    return a - _idiv_floor(a, b) * b
+
+
+@triton.jit
+def _idiv_fmod(a, b):
+    return a - _idiv_trunc(a, b) * b""",
+    "maxnan": """@triton.jit
+def _max_nan(a, b):
+    return tl.where((a > b) | (a != a), a, b)
+
+
+@triton.jit
+def _min_nan(a, b):
+    return tl.where((a < b) | (a != a), a, b)""",
+}
+
+RBLOCK_MAX = 8192
+
+
+def _decompose(var: str, sizes: list[int], prefix: str) -> list[str]:
+    lines = []
+    for i, s in enumerate(sizes):
+        inner = 1
+        for t in sizes[i + 1:]:
+            inner *= t
+        e = var if inner == 1 else f"({var} // {inner})"
+        if i > 0:
+            e = f"({e} % {s})"
+        lines.append(f"{prefix}{i} = {e}")
+    return lines
+
+
+def _addr(a, nx) -> str:
+    terms = [f"x{i} * {s}" if s != 1 else f"x{i}" for i, s in enumerate(a.xstrides) if s] + \
+            [f"r{i} * {s}" if s != 1 else f"r{i}" for i, s in enumerate(a.rstrides) if s]
+    return " + ".join(terms) if terms else "0"
+
+
+class _Emitter:
+    def __init__(self, lk: LoopKernel):
+        self.lk = lk
+        self.r = TritonRenderer()
+        self.lines: list[str] = []
+
+    def load(self, a, mask: str) -> str:
+        cdt = TL[compute_dtype(a.dtype)]
+        zero = "0"
+        ptr = f"in_ptr{a.arg} + ({_addr(a, len(self.lk.xsizes))})"
+        v = f"tl.load({ptr}, mask={mask}, other={zero})"
+        return f"{a.var} = {v}" + (f".to({cdt})" if compute_dtype(a.dtype) != a.dtype else "")
+
+    def stmt(self, s) -> str:
+        return f"{s.var} = {self.r.render(s.expr)}"
+
+    def reduce_expr(self, red: Reduce, src: str, mask: str, axis_keep=True) -> str:
+        acc = TL[red.acc_dtype]
+        n = self.neutral_lit(red)
+        v = f"tl.where({mask}, {src}.to({acc}), {n})"
+        if red.kind in ("sum", "mean"):
+            e = f"tl.sum({v}, 1)"
+        elif red.kind == "prod":
+            e = f"tl.reduce({v}, 1, _mul_combine)"
+        elif red.kind in ("max", "any"):
+            self.r.helpers.add("maxnan")
+            e = f"tl.reduce({v}, 1, _max_nan)"
+        else:
+            self.r.helpers.add("maxnan")
+            e = f"tl.reduce({v}, 1, _min_nan)"
+        e = f"{e}[:, None]"
+        if red.kind == "mean":
+            e = f"({e} / {float(red.count)})"
+        return e
+
+    def neutral_lit(self, red: Reduce) -> str:
+        from kiln.ir.scalar import Const
+        return self.r.literal(Const(neutral(red.kind, red.acc_dtype), red.acc_dtype))
+
+    def store(self, a, mask: str) -> str:
+        return f"tl.store(out_ptr{a.arg} + ({_addr(a, len(self.lk.xsizes))}), " \
+               f"{a.var}.to({TL[a.dtype]}), mask={mask})"
+
+
+def render(lk: LoopKernel) -> tuple[str, dict]:
+    em = _Emitter(lk)
+    L = em.lines
+    red = lk.kind == "reduction"
+    L += _decompose("x", lk.xsizes, "x")
+    one_pass = red and lk.rnumel <= RBLOCK_MAX
+    if not red:
+        for a in lk.loads:
+            L.append(em.load(a, "xmask"))
+        for s in lk.stmts:
+            L.append(em.stmt(s))
+        for a in lk.stores:
+            L.append(em.store(a, "xmask"))
+    elif one_pass:
+        L.append("r = tl.arange(0, RBLOCK)[None, :]")
+        L.append("rmask = r < RN")
+        L += _decompose("r", lk.rsizes, "r")
+        for a in lk.loads:
+            L.append(em.load(a, "xmask & rmask" if a.space == "xr" else "xmask"))
+        for s in lk.stmts:
+            if isinstance(s.expr, Reduce):
+                L.append(f"{s.var} = " + em.reduce_expr(s.expr, s.expr.src, "xmask & rmask"))
+            else:
+                L.append(em.stmt(s))
+        for a in lk.stores:
+            L.append(em.store(a, "xmask & rmask" if a.space == "xr" else "xmask"))
+    else:
+        pre, stages, final = plan_stages(lk)
+        for a in lk.loads:
+            if a.space == "x":
+                L.append(em.load(a, "xmask"))
+        L += [em.stmt(s) for s in pre]
+
+        def loop(stage, body_end: list[str]):
+            L.append("for r_start in range(0, RN, RBLOCK):")
+            inner = ["r = r_start + tl.arange(0, RBLOCK)[None, :]", "rmask = r < RN"]
+            inner += _decompose("r", lk.rsizes, "r")
+            inner += [em.load(a, "xmask & rmask") for a in stage.loop_loads]
+            inner += [em.stmt(s) for s in stage.loop_stmts]
+            inner += body_end
+            L.extend("    " + line for line in inner)
+
+        for st in stages:
+            rd: Reduce = st.reduce.expr
+            acc = TL[rd.acc_dtype]
+            n = em.neutral_lit(rd)
+            L.append(f"{st.reduce.var}_acc = tl.full([XBLOCK, RBLOCK], {n}, {acc})")
+            v = f"tl.where(xmask & rmask, {rd.src}.to({acc}), {n})"
+            if rd.kind in ("sum", "mean"):
+                upd = f"{st.reduce.var}_acc = {st.reduce.var}_acc + {v}"
+            elif rd.kind == "prod":
+                upd = f"{st.reduce.var}_acc = {st.reduce.var}_acc * {v}"
+            else:
+                em.r.helpers.add("maxnan")
+                fn = "_max_nan" if rd.kind in ("max", "any") else "_min_nan"
+                upd = f"{st.reduce.var}_acc = {fn}({st.reduce.var}_acc, {v})"
+            loop(st, [upd])
+            full_mask = "xmask & (tl.arange(0, RBLOCK)[None, :] < RBLOCK)"
+            L.append(f"{st.reduce.var} = " + em.reduce_expr(rd, f"{st.reduce.var}_acc", full_mask))
+            L += [em.stmt(s) for s in st.after]
+        if final is not None:
+            loop(final, [em.store(a, "xmask & rmask") for a in lk.stores if a.space == "xr"])
+        for a in lk.stores:
+            if a.space == "x":
+                L.append(em.store(a, "xmask"))
+    helpers = [HELPERS[h] for h in sorted(em.r.helpers)]
+    if "_mul_combine" in "\n".join(L):
+        helpers.append("@triton.jit\ndef _mul_combine(a, b):\n    return a * b")
+    params = [f"in_ptr{i}" for i in range(lk.n_inputs)] + [f"out_ptr{i}" for i in range(lk.n_outputs)]
+    span = max([1] + [sum((s - 1) * abs(t) for s, t in zip(lk.xsizes + lk.rsizes, a.xstrides + a.rstrides)) + 1
+                      for a in lk.loads + lk.stores])
+    wide = span >= 2**31 - 1 or lk.xnumel * max(lk.rnumel, 1) >= 2**31 - 1
+    src = _ENV.get_template("triton_kernel.py.j2").render(
+        name=lk.name, kind=lk.kind, ops=lk.ops, helpers=helpers, params=params, body=L, wide=wide)
+    return src, {"one_pass": one_pass}
