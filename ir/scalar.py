@@ -107,7 +107,7 @@ def _cmp(sop):
 
 
 for _n, _s in [("add", "add"), ("sub", "sub"), ("mul", "mul"), ("maximum", "maximum"), ("minimum", "minimum"),
-               ("pow", "pow"), ("atan2", "atan2"), ("fmod", "fmod"), ("remainder", "mod"),
+               ("pow", "pow"), ("fmod", "fmod"), ("remainder", "mod"),
                ("bitwise_and", "and_"), ("bitwise_or", "or_"), ("bitwise_xor", "xor")]:
     for _ov in ("Tensor", "Scalar", "default", "Tensor_Tensor", "Tensor_Scalar", "Scalar_Tensor", "Scalar_Tensor"):
         _TABLE[f"aten.{_n}.{_ov}"] = _binary(_s)
@@ -115,7 +115,7 @@ for _n, _s in [("eq", "eq"), ("ne", "ne"), ("lt", "lt"), ("le", "le"), ("gt", "g
     for _ov in ("Tensor", "Scalar"):
         _TABLE[f"aten.{_n}.{_ov}"] = _cmp(_s)
 for _n in ["exp", "exp2", "expm1", "log", "log2", "log10", "log1p", "sqrt", "rsqrt", "sin", "cos", "tan",
-           "asin", "acos", "atan", "sinh", "cosh", "tanh", "sigmoid", "erf", "floor", "ceil", "trunc",
+           "sinh", "cosh", "tanh", "sigmoid", "erf", "floor", "ceil", "trunc",
            "round", "reciprocal"]:
     _TABLE[f"aten.{_n}.default"] = _unary(_n, float_only=True)
 for _n in ["neg", "abs", "sign", "relu"]:
