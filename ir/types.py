@@ -92,7 +92,7 @@ class TensorType:
 
     def __str__(self) -> str:
         s = f"{dtype_name(self.dtype)}[{','.join(map(str, self.shape))}]"
-        if not self.is_contiguous or self.offset:
+        if tuple(self.strides) != contiguous_strides(self.shape) or self.offset:   # exact: parse_type reads it back
             s += f"{{{','.join(map(str, self.strides))}" + (f"+{self.offset}" if self.offset else "") + "}"
         if self.device != "cpu":
             s += f"@{self.device}"
