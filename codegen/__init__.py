@@ -2,10 +2,11 @@
 from .kernel import Kernel
 
 
-def generate(graph, target: str, cache_dir: str) -> dict:
-    """One Kernel per kiln.fused node, keyed by the node's first output name."""
+def generate(graph, target: str, cache_dir: str, autotune: bool = False) -> dict:
+    """One Kernel per kiln.fused node, keyed by the node's first output name. With ``autotune``
+    a GPU kernel times its candidate launch configs on first launch (and remembers the winner)."""
     from .lower import generate_all
-    return generate_all(graph, target, cache_dir)
+    return generate_all(graph, target, cache_dir, autotune)
 
 
 def load_kernel(kernel: Kernel) -> None:

@@ -25,7 +25,7 @@ def source_path(cache_dir: str, source: str, target: str) -> str:
     return path
 
 
-def build(node: Node, target: str, cache_dir: str) -> Kernel:
+def build(node: Node, target: str, cache_dir: str, autotune: bool = False) -> Kernel:
     lk = lower(node)
     if target in ("triton", "cuda"):      # CUDA C groups arrive with issue 3; Triton serves both
         from .triton_gen import render
@@ -35,6 +35,6 @@ def build(node: Node, target: str, cache_dir: str) -> Kernel:
         target_used = "cpu"
     src, extra = render(lk)
     meta = {"xnumel": lk.xnumel, "rnumel": lk.rnumel, "in_strides": lk.in_strides,
-            "out_strides": lk.out_strides, "cache_dir": cache_dir, **extra}
+            "out_strides": lk.out_strides, "cache_dir": cache_dir, "autotune": bool(autotune), **extra}
     k = Kernel(lk.name, lk.kind, target_used, list(dict.fromkeys(lk.ops)), src, lk.name, meta)
     return k

@@ -50,14 +50,33 @@ def load(k: Kernel) -> None:
         os.environ["TRITON_INTERPRET"] = "1"
     fn = getattr(_import(source_path(cache_dir, k.source, "triton")), k.entry)
     from kiln.autotune.heuristics import triton_config
-    cfg = k.meta.get("config") or triton_config(k.kind, k.meta["xnumel"], k.meta["rnumel"],
-                                                k.meta.get("one_pass", True), interpret)
-    k.meta["config"] = cfg
     xn, rn = k.meta["xnumel"], k.meta["rnumel"]
-    grid = (-(-xn // cfg["XBLOCK"]),)
+    one_pass = k.meta.get("one_pass", True)
+    state = {"cfg": k.meta.get("config") or triton_config(k.kind, xn, rn, one_pass, interpret)}
+    tuned = {"done": interpret or not k.meta.get("autotune")}
+
+    def run(cfg, ins, outs):
+        fn[(-(-xn // cfg["XBLOCK"]),)](*ins, *outs, xn, rn, XBLOCK=cfg["XBLOCK"], RBLOCK=cfg["RBLOCK"],
+                                       num_warps=cfg["num_warps"])
 
     def launch(inputs, outputs):
         ins = [_conform(t, s) for t, s in zip(inputs, in_strides)]
-        fn[grid](*ins, *outputs, xn, rn, XBLOCK=cfg["XBLOCK"], RBLOCK=cfg["RBLOCK"],
-                 num_warps=cfg["num_warps"])
+        if not tuned["done"]:
+            _tune(k, cache_dir, state, lambda cfg: run(cfg, ins, outputs), inputs[0].device if inputs else None)
+            tuned["done"] = True
+        run(state["cfg"], ins, outputs)
     k.launcher = launch
+
+
+def _tune(k: Kernel, cache_dir: str, state: dict, run, device) -> None:
+    from kiln.autotune import tuner
+    name = torch.cuda.get_device_name(device)
+    key = tuner._key(k.source, k.meta["xnumel"], k.meta["rnumel"], name)
+    cfg = tuner.lookup(cache_dir, key)
+    if cfg is None:
+        space = tuner.config_space(k.kind, k.meta["xnumel"], k.meta["rnumel"], k.meta.get("one_pass", True))
+        cfg, secs = tuner.tune(run, space)
+        k.meta["tuning_s"] = secs
+        tuner.remember(cache_dir, key, cfg)
+    state["cfg"] = cfg
+    k.meta["config"] = cfg

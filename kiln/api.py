@@ -23,7 +23,7 @@ def compile_graph(graph: Graph, options: Options, kind: str = "inference",
     target = options.resolved_target()
     g, timings = run_pipeline(graph, options, verify=verify)
     t1 = time.perf_counter()
-    kernels = generate(g, target, options.cache_dir)
+    kernels = generate(g, target, options.cache_dir, bool(options.autotune))
     timings.append({"name": "codegen", "ms": (time.perf_counter() - t1) * 1e3})
     compiled = CompiledGraph(g, kernels)
     report = make_report(g, kernels, n_nodes, timings, kind, target)
