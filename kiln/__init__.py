@@ -5,6 +5,12 @@ import sys as _sys
 
 import torch as _torch
 
+# Running from a source checkout without installing: the layer folders (ir/, passes/, ...) sit
+# beside kiln/, so let the package find its subpackages there too.
+_root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+if _os.path.isfile(_os.path.join(_root, "ir", "graph.py")) and _root not in __path__:
+    __path__.append(_root)
+
 # Without a GPU, Triton kernels run in Triton's interpreter, which must be chosen before triton
 # is first imported (its standard library is decorated at import time).
 if "triton" not in _sys.modules and not _torch.cuda.is_available():
