@@ -36,7 +36,7 @@ def test_norms_softmax(dtype, shape):
 def test_pointwise_broadcast_and_big_rows():
     x = torch.randn(1024, 4096, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(4096, device="cuda", dtype=torch.bfloat16)
-    _check(lambda x, b: F.gelu(x + b) + x.t().contiguous().t(), x, b)
+    _check(lambda x, b: F.gelu(x + b) + x.t().contiguous().t(), x, b, rtol=2e-2, atol=2e-2)  # bf16: 1-2 ulp
 
 
 @needs_cuda
