@@ -23,6 +23,9 @@ class CompiledGraph:
         self.check_inputs = check_inputs
         self._arena: dict[torch.device, torch.Tensor] = {}
         self._free_after = self._frees()
+        self._views: dict[torch.device, dict[str, torch.Tensor]] = {}
+        self._consts = {v.name: graph.constants[v.name] for v in graph.constant_values}
+        self._steps = self._prepare()
 
     def _frees(self) -> list[list[str]]:
         last: dict[str, int] = {}
@@ -58,36 +61,56 @@ class CompiledGraph:
         if a is None or a.numel() < self.plan.arena_bytes:
             a = torch.empty(self.plan.arena_bytes, dtype=torch.uint8, device=device)
             self._arena[device] = a
+            self._views.pop(device, None)
         return a
 
-    def _alloc(self, v: Value, device: torch.device) -> torch.Tensor:
-        t = v.type
-        buf = self.plan.buffers.get(v.name)
-        if buf is None or buf.offset < 0:
-            return torch.empty_strided(t.shape, t.strides, dtype=t.dtype, device=device)
-        raw = self._arena_for(device)[buf.offset: buf.offset + buf.nbytes]
-        return raw.view(t.dtype).as_strided(t.shape, t.strides)
+    def _arena_views(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """Typed views of the arena for every planned buffer, made once per device."""
+        views = self._views.get(device)
+        if views is None:
+            arena = self._arena_for(device)
+            views = {}
+            for n in self.graph.nodes:
+                for v in n.outputs:
+                    b = self.plan.buffers.get(v.name)
+                    if b is not None and b.offset >= 0:
+                        t = v.type
+                        views[v.name] = arena[b.offset: b.offset + b.nbytes].view(t.dtype).as_strided(t.shape, t.strides)
+            self._views[device] = views
+        return views
+
+    def _prepare(self) -> list:
+        """Per node: what to call and where its arguments come from, resolved once."""
+        steps = []
+        for node, frees in zip(self.graph.nodes, self._free_after):
+            outs = [(v.name, v.type) for v in node.outputs]
+            if node.op == "kiln.fused":
+                steps.append((True, self.kernels[node.outputs[0].name], [v.name for v in node.args],
+                              None, outs, frees))
+            else:
+                steps.append((False, node, node.args, node.kwargs, outs, frees))
+        return steps
 
     def __call__(self, *inputs) -> list[Any]:
         if self.check_inputs:
             self._check(inputs)
-        env: dict[str, Any] = {v.name: x for v, x in zip(self.graph.inputs, inputs)}
-        for v in self.graph.constant_values:
-            env[v.name] = self.graph.constants[v.name]
+        env: dict[str, Any] = dict(self._consts)
+        for v, x in zip(self.graph.inputs, inputs):
+            env[v.name] = x
         device = next((x.device for x in inputs if isinstance(x, torch.Tensor)), torch.device("cpu"))
+        views = self._arena_views(device) if self.plan.arena_bytes else {}
         get = lambda v: env[v.name]  # noqa: E731
-        for node, frees in zip(self.graph.nodes, self._free_after):
-            if node.op == "kiln.fused":
-                ins = [env[v.name] for v in node.args]
-                outs = [self._alloc(v, device) for v in node.outputs]
-                if outs and outs[0].numel() > 0:
-                    self.kernels[node.outputs[0].name].launch(ins, outs)
-                res = outs
+        for fused, what, args, kwargs, outs, frees in self._steps:
+            if fused:
+                res = [views.get(name) if name in views else
+                       torch.empty_strided(t.shape, t.strides, dtype=t.dtype, device=device) for name, t in outs]
+                if res and res[0].numel() > 0:
+                    what.launch([env[a] for a in args], res)
             else:
-                res = run_aten(node, map_values(node.args, get), map_values(node.kwargs, get))
-                res = list(res) if isinstance(res, (tuple, list)) and len(node.outputs) != 1 else [res]
-            for v, r in zip(node.outputs, res):
-                env[v.name] = r
+                r = run_aten(what, map_values(args, get), map_values(kwargs, get))
+                res = list(r) if isinstance(r, (tuple, list)) and len(outs) != 1 else [r]
+            for (name, _), r in zip(outs, res):
+                env[name] = r
             for name in frees:
                 env.pop(name, None)
         return [map_values(o, get) for o in self.graph.outputs]
