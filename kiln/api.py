@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import time
 
 import torch
@@ -16,8 +17,12 @@ from .report import CompileReport, publish
 
 
 def compile_graph(graph: Graph, options: Options, kind: str = "inference",
-                  verify: bool = False) -> tuple[CompiledGraph, CompileReport]:
-    """Passes, codegen and runtime for one captured graph; publishes its report."""
+                  verify: bool | None = None) -> tuple[CompiledGraph, CompileReport]:
+    """Passes, codegen and runtime for one captured graph; publishes its report. ``verify``
+    (default: the KILN_VERIFY environment variable, set by the test suite) runs the IR verifier
+    after every pass."""
+    if verify is None:
+        verify = os.environ.get("KILN_VERIFY", "0") not in ("", "0")
     t0 = time.perf_counter()
     n_nodes = len(graph.nodes)
     target = options.resolved_target()

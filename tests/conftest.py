@@ -10,6 +10,7 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("KILN_VERIFY", "1")      # the IR verifier runs after every pass in tests
 if "KILN_CACHE_DIR" not in os.environ:
     _cache = tempfile.mkdtemp(prefix="kiln-test-cache-")
     os.environ["KILN_CACHE_DIR"] = _cache
