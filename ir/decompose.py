@@ -20,6 +20,9 @@ _COMPOSITES = [
     aten.elu, aten.softplus, aten.hardtanh, aten.clamp_min, aten.clamp_max, aten.mish,
     aten.native_group_norm, aten._native_batch_norm_legit_functional,
     aten._native_batch_norm_legit_no_training, aten.native_batch_norm, aten.mse_loss, aten.glu,
+    # no_training decomposes into the (mutable-schema) _native_batch_norm_legit with training=False,
+    # which must decompose further or the captured graph is not functional
+    aten._native_batch_norm_legit,
     aten.addmm, aten.lerp, aten.frac, aten.masked_fill, aten.logit, aten.hardsigmoid,
     aten.relu6, aten.xlogy, aten.erfc, aten.native_dropout,
 ]
