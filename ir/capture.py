@@ -94,12 +94,10 @@ def dynamo_backend(compile_graph: Callable[[fx.GraphModule, list, str], Callable
     from torch._dynamo.backends.common import aot_autograd
 
     def wrap(kind):
+        # AOTAutograd calls the forward compiler under no_grad, so grad mode says nothing here:
+        # inference graphs arrive through inference_compiler
         def compiler(gm, example_inputs):
-            if kind == "forward" and not torch.is_grad_enabled():
-                kind_ = "inference"
-            else:
-                kind_ = kind
-            return make_boxed_func(compile_graph(gm, example_inputs, kind_))
+            return make_boxed_func(compile_graph(gm, example_inputs, kind))
         return compiler
 
     return aot_autograd(fw_compiler=wrap("forward"), bw_compiler=wrap("backward"),
