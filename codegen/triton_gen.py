@@ -86,7 +86,9 @@ def _decompose(var: str, sizes: list[int], prefix: str) -> list[str]:
 def _addr(a, nx) -> str:
     terms = [f"x{i} * {s}" if s != 1 else f"x{i}" for i, s in enumerate(a.xstrides) if s] + \
             [f"r{i} * {s}" if s != 1 else f"r{i}" for i, s in enumerate(a.rstrides) if s]
-    return " + ".join(terms) if terms else "0"
+    # an access that walks no dim (a 0-d or all-broadcast tensor) still needs a block of
+    # pointers: tl.load / tl.store refuse a block mask or value with a scalar pointer
+    return " + ".join(terms) if terms else "x * 0"
 
 
 class _Emitter:
