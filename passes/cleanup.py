@@ -3,6 +3,7 @@ and view canonicalisation. Each is a plain Graph -> Graph function."""
 from __future__ import annotations
 
 import torch
+from torch.utils._python_dispatch import _disable_current_modes
 
 from kiln.ir import Graph, Node, Value, map_values, op_kind, OpKind, resolve
 from kiln.ir.ops import is_random
@@ -74,8 +75,11 @@ def constant_fold(g: Graph, max_bytes: int = 1 << 16) -> Graph:
         if not foldable:
             out.append(n)
             continue
-        res = resolve(n.op)(*map_values(n.args, lambda v: consts[v.name]),
-                            **map_values(n.kwargs, lambda v: consts[v.name]))
+        # the compile may run under a tracing mode (AOTAutograd calls its compilers inside
+        # FakeTensorMode): fold on real tensors, or a fake constant reaches the runtime
+        with _disable_current_modes():
+            res = resolve(n.op)(*map_values(n.args, lambda v: consts[v.name]),
+                                **map_values(n.kwargs, lambda v: consts[v.name]))
         res = res if isinstance(res, (tuple, list)) else (res,)
         for v, t in zip(n.outputs, res):
             consts[v.name] = t
