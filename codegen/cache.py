@@ -27,7 +27,10 @@ def source_path(cache_dir: str, source: str, target: str) -> str:
 
 def build(node: Node, target: str, cache_dir: str, autotune: bool = False) -> Kernel:
     lk = lower(node)
-    if target in ("triton", "cuda"):      # CUDA C groups arrive with issue 3; Triton serves both
+    if target == "cuda":
+        from .cuda_gen import render
+        target_used = "cuda"
+    elif target == "triton":
         from .triton_gen import render
         target_used = "triton"
     else:
@@ -36,5 +39,6 @@ def build(node: Node, target: str, cache_dir: str, autotune: bool = False) -> Ke
     src, extra = render(lk)
     meta = {"xnumel": lk.xnumel, "rnumel": lk.rnumel, "in_strides": lk.in_strides,
             "out_strides": lk.out_strides, "cache_dir": cache_dir, "autotune": bool(autotune), **extra}
-    k = Kernel(lk.name, lk.kind, target_used, list(dict.fromkeys(lk.ops)), src, lk.name, meta)
+    entry = meta.pop("entry", lk.name)      # numba sources name no kernel, so equal groups share one
+    k = Kernel(lk.name, lk.kind, target_used, list(dict.fromkeys(lk.ops)), src, entry, meta)
     return k

@@ -49,6 +49,9 @@ def load(k: Kernel) -> None:
             fn(*ins, *[_flat(o) for o in outputs])
         k.launcher = launch
         return
+    if k.target == "cuda":
+        _load_cuda(k, in_strides)
+        return
     interpret = not torch.cuda.is_available()
     if interpret:
         os.environ["TRITON_INTERPRET"] = "1"
@@ -98,3 +101,27 @@ def _tune(k: Kernel, cache_dir: str, state: dict, run, device) -> None:
         tuner.remember(cache_dir, key, cfg)
     state["cfg"] = cfg
     k.meta["config"] = cfg
+
+
+def _load_cuda(k: Kernel, in_strides) -> None:
+    """CUDA C through NVRTC (CuPy), launched on PyTorch's current stream."""
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"kernel {k.name} targets cuda but no CUDA GPU is available; "
+                           "compile with target='cpu' or 'triton' (the Triton interpreter) instead")
+    try:
+        import cupy
+        import numpy as np
+    except ImportError as e:
+        raise RuntimeError("target='cuda' needs CuPy: pip install 'kiln[cuda12]' or 'kiln[cuda13]'") from e
+    fn = cupy.RawModule(code=k.source, options=("-std=c++17",), backend="nvrtc").get_function(k.entry)
+    xn, block = max(k.meta["xnumel"], 1), k.meta.get("block", 256)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    grid = min(-(-xn // block), sms * 32) if k.kind == "pointwise" else min(xn, sms * 64)
+
+    def launch(inputs, outputs):
+        ins = [_conform(t, s) for t, s in zip(inputs, in_strides)]
+        dev = (outputs or ins)[0].device
+        args = tuple(np.uint64(t.data_ptr()) for t in (*ins, *outputs))
+        with cupy.cuda.Device(dev.index), cupy.cuda.ExternalStream(torch.cuda.current_stream(dev).cuda_stream):
+            fn((grid,), (block,), args)
+    k.launcher = launch

@@ -228,3 +228,108 @@ class NumbaRenderer(Renderer):
         return f"({a} - np.floor({a} / {b}) * {b})" if fp else f"_idiv_mod({a}, {b})"
     def op_fmod(self, a, b, fp=True, **k):
         return f"math.fmod({a}, {b})" if fp else f"_idiv_fmod({a}, {b})"
+
+
+CU = {torch.float32: "float", torch.float64: "double", torch.float16: "__half", torch.bfloat16: "__nv_bfloat16",
+      torch.int64: "long long", torch.int32: "int", torch.int16: "short", torch.int8: "signed char",
+      torch.uint8: "unsigned char", torch.bool: "bool"}
+
+
+class CudaRenderer(Renderer):
+    """CUDA C++: float math through the single-precision intrinsics' names (expf ...) for fp32
+    and the double ones for fp64; 16-bit floats are widened on load and narrowed on store."""
+    lang = "cuda"
+
+    def nan(self): return "__int_as_float(0x7fc00000)"
+    def inf(self): return "__int_as_float(0x7f800000)"
+
+    def fn(self, name, a, dt=None):
+        return f"{name}f({a})" if compute_dtype(dt or torch.float32) != torch.float64 else f"{name}({a})"
+
+    def render(self, e) -> str:
+        s = super().render(e)
+        if isinstance(e, E) and e.op not in ("cast", "convert"):
+            return f"(({CU[compute_dtype(e.dtype)]})({s}))"
+        return s
+
+    def literal(self, c: Const) -> str:
+        if isinstance(c.value, bool) or c.dtype == torch.bool:
+            return "true" if c.value else "false"
+        s = super().literal(c)
+        if c.dtype == torch.float32 and s[-1].isdigit() and "__int_as_float" not in s:
+            return f"{s}f" if ("." in s or "e" in s) else f"{s}.0f"
+        if c.dtype in (torch.int64,) and s.lstrip("-").isdigit():
+            return f"{s}LL"
+        return s
+
+    def cast(self, s, src, dt):
+        if isinstance(src, Const):
+            return self.literal(Const(src.value, dt))
+        return f"(({s}) != 0)" if dt == torch.bool else f"(({CU[compute_dtype(dt)]})({s}))"
+
+    def convert(self, s, src, dt):
+        if isinstance(src, Const):
+            return self.literal(Const(src.value, dt))
+        if dt == torch.bool:
+            return f"(({s}) != 0)"
+        if dt == torch.bfloat16:
+            return f"__bfloat162float(__float2bfloat16((float)({s})))"
+        if dt == torch.float16:
+            return f"__half2float(__float2half((float)({s})))"
+        return f"(({CU[dt]})({s}))"
+
+    def _f(self, name, a, e):
+        return self.fn(name, a, e.dtype if e is not None else None)
+
+    def op_exp(self, a, e=None, **k): return self._f("exp", a, e)
+    def op_log(self, a, e=None, **k): return self._f("log", a, e)
+    def op_sqrt(self, a, e=None, **k): return self._f("sqrt", a, e)
+    def op_rsqrt(self, a, e=None, **k): return self._f("rsqrt", a, e)
+    def op_sin(self, a, e=None, **k): return self._f("sin", a, e)
+    def op_cos(self, a, e=None, **k): return self._f("cos", a, e)
+    def op_tan(self, a, e=None, **k): return self._f("tan", a, e)
+    def op_erf(self, a, e=None, **k): return self._f("erf", a, e)
+    def op_tanh(self, a, e=None, **k): return self._f("tanh", a, e)
+    def op_sinh(self, a, e=None, **k): return self._f("sinh", a, e)
+    def op_cosh(self, a, e=None, **k): return self._f("cosh", a, e)
+    def op_exp2(self, a, e=None, **k): return self._f("exp2", a, e)
+    def op_log2(self, a, e=None, **k): return self._f("log2", a, e)
+    def op_log10(self, a, e=None, **k): return self._f("log10", a, e)
+    def op_expm1(self, a, e=None, **k): return self._f("expm1", a, e)
+    def op_log1p(self, a, e=None, **k): return self._f("log1p", a, e)
+    def op_floor(self, a, e=None, **k): return self._f("floor", a, e)
+    def op_ceil(self, a, e=None, **k): return self._f("ceil", a, e)
+    def op_trunc(self, a, e=None, **k): return self._f("trunc", a, e)
+    def op_round(self, a, e=None, **k): return self._f("rint", a, e)
+    def op_sigmoid(self, a, e=None, **k): return f"(1.0f / (1.0f + {self._f('exp', f'(-{a})', e)}))"
+    def op_abs(self, a, fp=True, e=None, **k): return self._f("fabs", a, e) if fp else f"(({a}) < 0 ? -({a}) : ({a}))"
+    def op_isinf(self, a, **k): return f"isinf({a})"
+    def op_isnan(self, a, **k): return f"isnan({a})"
+    def op_where(self, c, a, b, **k): return f"(({c}) ? ({a}) : ({b}))"
+    def op_relu(self, a, **k): return f"(({a}) < 0 ? 0 : ({a}))"
+    def op_sign(self, a, fp=True, **k):
+        s = f"((({a}) > 0) - (({a}) < 0))"
+        return f"(({a}) != ({a}) ? ({a}) : {s})" if fp else s
+    def op_maximum(self, a, b, **k): return f"((({a}) > ({b}) || ({a}) != ({a})) ? ({a}) : ({b}))"
+    def op_minimum(self, a, b, **k): return f"((({a}) < ({b}) || ({a}) != ({a})) ? ({a}) : ({b}))"
+    def op_land(self, a, b, **k): return f"(({a}) && ({b}))"
+    def op_lor(self, a, b, **k): return f"(({a}) || ({b}))"
+    def op_lxor(self, a, b, **k): return f"(({a}) != ({b}))"
+    def op_lnot(self, a, **k): return f"(!({a}))"
+    def op_and(self, a, b, **k): return f"(({a}) & ({b}))"
+    def op_or(self, a, b, **k): return f"(({a}) | ({b}))"
+    def op_xor(self, a, b, **k): return f"(({a}) ^ ({b}))"
+    def op_not(self, a, dt=None, **k): return f"(!({a}))" if dt == torch.bool else f"(~({a}))"
+    def op_pow(self, a, b, fp=True, e=None, **k):
+        rhs = e.args[1]
+        if isinstance(rhs, Const) and float(rhs.value) == 2.0:
+            return f"(({a}) * ({a}))"
+        return f"{self.fn('pow', f'{a}, {b}', e.dtype)}" if fp else f"kiln_ipow({a}, {b})"
+    def op_floordiv(self, a, b, fp=True, e=None, **k):
+        return self._f("floor", f"({a}) / ({b})", e) if fp else f"kiln_idiv_floor({a}, {b})"
+    def op_truncdiv(self, a, b, fp=True, e=None, **k):
+        return self._f("trunc", f"({a}) / ({b})", e) if fp else f"(({a}) / ({b}))"
+    def op_mod(self, a, b, fp=True, e=None, **k):
+        return f"(({a}) - {self._f('floor', f'({a}) / ({b})', e)} * ({b}))" if fp else f"kiln_imod({a}, {b})"
+    def op_fmod(self, a, b, fp=True, e=None, **k):
+        return self.fn("fmod", f"{a}, {b}", e.dtype) if fp else f"(({a}) % ({b}))"

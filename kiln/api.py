@@ -31,6 +31,9 @@ def compile_graph(graph: Graph, options: Options, kind: str = "inference",
     kernels = generate(g, target, options.cache_dir, bool(options.autotune))
     timings.append({"name": "codegen", "ms": (time.perf_counter() - t1) * 1e3})
     compiled = CompiledGraph(g, kernels)
+    if options.cudagraphs and kind == "inference" and target in ("triton", "cuda") and torch.cuda.is_available():
+        from kiln.runtime.cudagraphs import CudaGraphRunner
+        compiled = CudaGraphRunner(compiled)
     report = make_report(g, kernels, n_nodes, timings, kind, target)
     report.compile_s = time.perf_counter() - t0
     publish(report, options.report)

@@ -78,6 +78,7 @@ class Options:
     cache_dir: str = field(default_factory=_default_cache_dir)
     report: str | None = None
     fusion: bool = True
+    cudagraphs: bool = False        # replay inference graphs on the GPU as CUDA graphs (launch-bound models)
     debug: int = int(os.environ.get("KILN_DEBUG", "0") or 0)
 
     def __post_init__(self):
@@ -99,6 +100,9 @@ class Options:
         if not (isinstance(self.autotune, bool) or (isinstance(self.autotune, str) and
                                                      self.autotune.startswith(("http://", "https://")))):
             raise ValueError(f"autotune: expected False, True or a service URL (http://host:port), got {self.autotune!r}")
+        for flag in ("fusion", "cudagraphs"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"{flag}: expected True or False, got {getattr(self, flag)!r}")
         if not isinstance(self.cache_dir, (str, os.PathLike)):
             raise ValueError(f"cache_dir: expected a path, got {self.cache_dir!r}")
         if self.report is not None and not isinstance(self.report, (str, os.PathLike)):

@@ -9,34 +9,36 @@ F = torch.nn.functional
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def _check(fn, *args, rtol=1e-2, atol=1e-2):
+def _check(fn, *args, rtol=1e-2, atol=1e-2, target="triton"):
     torch._dynamo.reset()
-    got = kiln.compile(fn, target="triton")(*args)
+    got = kiln.compile(fn, target=target)(*args)
     ref = fn(*args)
     got = got if isinstance(got, tuple) else (got,)
     ref = ref if isinstance(ref, tuple) else (ref,)
     for g, r in zip(got, ref):
         torch.testing.assert_close(g, r, rtol=rtol, atol=atol)
     rep = kiln.last_report()
-    assert any(k["target"] == "triton" for k in rep.kernels)
+    assert any(k["target"] == target for k in rep.kernels)
 
 
 @needs_cuda
+@pytest.mark.parametrize("target", ["triton", "cuda"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [(7, 33), (64, 4096), (8, 20000)])
-def test_norms_softmax(dtype, shape):
+def test_norms_softmax(dtype, shape, target):
     x = torch.randn(shape, device="cuda", dtype=dtype)
     w = torch.randn(shape[-1], device="cuda", dtype=dtype)
     _check(lambda x, w: (torch.softmax(x, -1), F.layer_norm(x, (shape[-1],), w, w),
                          x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6).to(dtype) * w,
-                         torch.log_softmax(x.float(), -1), x.sum(0), x.amax(-1)), x, w)
+                         torch.log_softmax(x.float(), -1), x.sum(0), x.amax(-1)), x, w, target=target)
 
 
 @needs_cuda
-def test_pointwise_broadcast_and_big_rows():
+@pytest.mark.parametrize("target", ["triton", "cuda"])
+def test_pointwise_broadcast_and_big_rows(target):
     x = torch.randn(1024, 4096, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(4096, device="cuda", dtype=torch.bfloat16)
-    _check(lambda x, b: F.gelu(x + b) + x.t().contiguous().t(), x, b, rtol=2e-2, atol=2e-2)  # bf16: 1-2 ulp
+    _check(lambda x, b: F.gelu(x + b) + x.t().contiguous().t(), x, b, rtol=2e-2, atol=2e-2, target=target)  # bf16: 1-2 ulp
 
 
 @needs_cuda
@@ -52,3 +54,13 @@ def test_training_step_matches_eager():
     m(x).logsumexp(-1).sum().backward()
     for a, b in zip(g1, [p.grad for p in m.parameters()]):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+
+
+@needs_cuda
+@pytest.mark.parametrize("target", ["triton", "cuda"])
+def test_integer_bool_nan_ops(target):
+    i = torch.randint(-50, 50, (33, 65), device="cuda")
+    x = torch.randn(33, 65, device="cuda")
+    x[0, 0] = float("nan")
+    _check(lambda i, x: ((i // 7) % 5 + (i > 2), (i > 0).all(-1), x.amax(-1), x.sum(0),
+                         torch.where(x > 0, x, -x).pow(2.5), torch.isnan(x) | (x > 1)), i, x, target=target)
