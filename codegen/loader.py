@@ -38,7 +38,8 @@ def _flat(t: torch.Tensor):
     return torch.as_strided(t, (span,), (1,), t.storage_offset()).numpy()
 
 
-def load(k: Kernel) -> None:
+def load_loop(k: Kernel) -> None:
+    """Launchers for loop kernels (kiln.fused groups) on every target."""
     cache_dir = k.meta.get("cache_dir") or os.path.join(os.path.expanduser("~"), ".cache", "kiln")
     in_strides = [tuple(s) for s in k.meta["in_strides"]]
     if k.target == "cpu":

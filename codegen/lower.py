@@ -194,7 +194,3 @@ def lower(node: Node) -> LoopKernel:
 def neutral_of(r: Reduce):
     return neutral(r.kind, r.acc_dtype)
 
-
-def generate_all(graph: Graph, target: str, cache_dir: str, autotune: bool = False) -> dict:
-    from .cache import build
-    return {n.outputs[0].name: build(n, target, cache_dir, autotune) for n in graph.nodes if n.op == "kiln.fused"}

@@ -109,6 +109,12 @@ def run(node: Node, args: tuple, kwargs: dict) -> Any:
     return fn(*args, **kwargs)
 
 
+def is_kernel_op(name: str) -> bool:
+    """kiln's own ops (kiln.fused, kiln.attention, kiln.matmul ...) each run as one generated
+    kernel, launched by the runtime with the kernel codegen made for the node."""
+    return name.startswith("kiln.")
+
+
 def is_random(name: str) -> bool:
     try:
         return bool(resolve(name)._schema.is_mutable) or torch.Tag.nondeterministic_seeded in resolve(name).tags

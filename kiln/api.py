@@ -42,9 +42,10 @@ def compile_graph(graph: Graph, options: Options, kind: str = "inference",
 
 def make_report(g: Graph, kernels: dict, n_nodes: int, timings, kind: str, target: str) -> CompileReport:
     from kiln.ir import OpKind, op_kind
+    from kiln.ir.ops import is_kernel_op
     entries, fallbacks = [], []
     for n in g.nodes:
-        if n.op == "kiln.fused":
+        if is_kernel_op(n.op):
             k = kernels[n.outputs[0].name]
             entries.append({"name": k.name, "kind": k.kind, "target": k.target, "ops": list(k.ops)})
             continue

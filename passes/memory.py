@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from kiln.ir import Graph, OpKind, op_kind
+from kiln.ir.ops import is_kernel_op
 
 ALIGN = 64
 
@@ -34,14 +35,14 @@ class MemoryPlan:
 
 def _fresh(op: str) -> bool:
     """Ops whose outputs never alias their inputs."""
-    return op == "kiln.fused" or op_kind(op) in (OpKind.POINTWISE, OpKind.REDUCTION, OpKind.MATMUL)
+    return is_kernel_op(op) or op_kind(op) in (OpKind.POINTWISE, OpKind.REDUCTION, OpKind.MATMUL)
 
 
 def storage_roots(g: Graph) -> dict[str, set[str]]:
     """value name -> names of planned buffers whose storage the value may alias."""
     roots: dict[str, set[str]] = {}
     for n in g.nodes:
-        if n.op == "kiln.fused":
+        if is_kernel_op(n.op):
             for v in n.outputs:
                 roots[v.name] = {v.name}
         elif not _fresh(n.op):
@@ -55,7 +56,7 @@ def liveness(g: Graph) -> dict[str, Buffer]:
     roots = storage_roots(g)
     bufs: dict[str, Buffer] = {}
     for i, n in enumerate(g.nodes):
-        if n.op == "kiln.fused":
+        if is_kernel_op(n.op):
             for v in n.outputs:
                 bufs[v.name] = Buffer(v.name, v.type.storage_bytes, i, i)
         for v in n.inputs():

@@ -122,7 +122,7 @@ def _write_payload(compiled: CompiledGraph, tmp: str) -> None:
     g = compiled.graph
     gj = graph_to_json(g)
     for i, nd in enumerate(gj["graph"]["nodes"]):
-        if nd["op"] == "kiln.fused":
+        if nd["op"].startswith("kiln."):
             continue        # runs through its stored kernel; its body is documentation only
         if nd["op"].startswith("py.") or _has_opaque(nd.get("args")) or _has_opaque(nd.get("kwargs")):
             raise ArtifactError(f"cannot save: node {i} ({nd['op']}) holds a Python object with no "
@@ -378,7 +378,7 @@ def load(directory) -> CompiledGraph:
     except (KeyError, TypeError, AttributeError) as e:
         raise ArtifactError(f"corrupt artifact: {KERNELS} is malformed ({e})") from None
     for n in g.nodes:
-        if n.op == "kiln.fused" and n.outputs[0].name not in kernels:
+        if n.op.startswith("kiln.") and n.outputs[0].name not in kernels:
             raise ArtifactError(f"corrupt artifact: no kernel stored for fused node %{n.outputs[0].name}")
 
     compiled = CompiledGraph(g, kernels, check_inputs=True)

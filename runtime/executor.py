@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from kiln.ir import Graph, Value, map_values
-from kiln.ir.ops import run as run_aten
+from kiln.ir.ops import is_kernel_op, run as run_aten
 from kiln.passes.memory import MemoryPlan
 
 
@@ -84,7 +84,7 @@ class CompiledGraph:
         steps = []
         for node, frees in zip(self.graph.nodes, self._free_after):
             outs = [(v.name, v.type) for v in node.outputs]
-            if node.op == "kiln.fused":
+            if is_kernel_op(node.op):
                 steps.append((True, self.kernels[node.outputs[0].name], [v.name for v in node.args],
                               None, outs, frees))
             else:

@@ -1,0 +1,34 @@
+"""Which code generator builds each kiln op, and which loader launches each kind of kernel.
+One table each: a new kernel family (attention, matmul templates ...) adds one line here."""
+from __future__ import annotations
+
+import importlib
+
+# node op -> "module:function" building a Kernel from (node, target, cache_dir, autotune)
+BUILDERS = {
+    "kiln.fused": "kiln.codegen.cache:build",
+}
+
+# Kernel.meta["launcher"] -> "module:function" installing kernel.launcher
+LOADERS = {
+    "loop": "kiln.codegen.loader:load_loop",
+}
+
+
+def _resolve(spec: str):
+    mod, fn = spec.split(":")
+    return getattr(importlib.import_module(mod), fn)
+
+
+def builder_for(op: str):
+    try:
+        return _resolve(BUILDERS[op])
+    except KeyError:
+        raise KeyError(f"no code generator for {op}; known: {', '.join(sorted(BUILDERS))}") from None
+
+
+def loader_for(kind: str):
+    try:
+        return _resolve(LOADERS[kind])
+    except KeyError:
+        raise KeyError(f"no loader for kernels of launcher kind {kind!r}; known: {', '.join(sorted(LOADERS))}") from None
