@@ -62,16 +62,25 @@ def cse(g: Graph) -> Graph:
     return g2
 
 
+# deterministic tensor factories: with no tensor inputs, their results are constants too
+FACTORIES = {"aten.arange.default", "aten.arange.start", "aten.arange.start_step", "aten.full.default",
+             "aten.scalar_tensor.default", "aten.zeros.default", "aten.ones.default", "aten.eye.default"}
+
+
 def constant_fold(g: Graph, max_bytes: int = 1 << 16) -> Graph:
-    """Evaluate nodes whose inputs are all compile-time constants (and small) once, now."""
+    """Evaluate nodes whose inputs are all compile-time constants (and small) once, now.
+    Graph outputs are left to run: eager returns a fresh tensor on every call."""
     consts = dict(g.constants)
     cvals = list(g.constant_values)
+    outputs = {v.name for v in g.output_values()}
     out = []
     for n in g.nodes:
         ins = n.inputs()
-        foldable = (ins and all(v.name in consts for v in ins) and not _side_effect(n)
-                    and not is_random(n.op) and not n.attrs and op_kind(n.op) != OpKind.OPAQUE
-                    and all(v.type is not None and v.type.nbytes <= max_bytes for v in n.outputs))
+        foldable = ((all(v.name in consts for v in ins) if ins else n.op in FACTORIES)
+                    and not _side_effect(n) and not is_random(n.op) and not n.attrs
+                    and (op_kind(n.op) != OpKind.OPAQUE or n.op in FACTORIES)
+                    and all(v.type is not None and v.type.nbytes <= max_bytes and v.name not in outputs
+                            for v in n.outputs))
         if not foldable:
             out.append(n)
             continue

@@ -1,0 +1,48 @@
+"""Constant folding: tensor factories fold, folding happens on real tensors even under an active
+FakeTensorMode, and graph outputs are never folded into shared constants."""
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from kiln.ir import Graph, Node, TensorType, Value
+from kiln.passes.cleanup import constant_fold
+
+
+def tt(shape, dtype=torch.float32):
+    return TensorType.of(torch.empty(shape, dtype=dtype))
+
+
+def _factory_graph():
+    x = Value("x", tt([8]))
+    ar, mask, y = Value("ar", tt([8], torch.int64)), Value("mask", tt([8], torch.bool)), Value("y", tt([8]))
+    full = Value("full", tt([8]))
+    return Graph(inputs=[x], nodes=[
+        Node("aten.arange.start_step", (0, 8), {"layout": torch.strided, "device": torch.device("cpu"),
+                                                "pin_memory": False}, [ar]),
+        Node("aten.lt.Scalar", (ar, 4), {}, [mask]),
+        Node("aten.full.default", ([8], 2.0), {"dtype": torch.float32, "layout": torch.strided,
+                                               "device": torch.device("cpu"), "pin_memory": False}, [full]),
+        Node("aten.where.self", (mask, x, full), {}, [y])], outputs=[y])
+
+
+def test_factories_and_their_users_fold():
+    g = constant_fold(_factory_graph())
+    assert [n.op for n in g.nodes] == ["aten.where.self"]
+    assert torch.equal(g.constants["mask"], torch.arange(8) < 4)
+    assert torch.equal(g.constants["full"], torch.full([8], 2.0))
+
+
+def test_folds_real_tensors_under_fake_mode():
+    """AOTAutograd calls kiln's compilers while a FakeTensorMode is active."""
+    with FakeTensorMode():
+        g = constant_fold(_factory_graph())
+    assert all(type(t) is torch.Tensor for t in g.constants.values())
+    assert torch.equal(g.constants["mask"], torch.arange(8) < 4)
+
+
+def test_graph_outputs_are_not_folded():
+    """Eager returns a fresh tensor per call; a folded output would be one shared tensor."""
+    g = _factory_graph()
+    g.outputs = [g.nodes[-1].out, g.nodes[2].out]
+    g2 = constant_fold(g)
+    assert "aten.full.default" in [n.op for n in g2.nodes]
+    assert "full" not in g2.constants
