@@ -25,6 +25,7 @@ _COMPOSITES = [
     aten._native_batch_norm_legit,
     aten.addmm, aten.lerp, aten.frac, aten.masked_fill, aten.logit, aten.hardsigmoid,
     aten.relu6, aten.xlogy, aten.erfc, aten.native_dropout,
+    aten.split_with_sizes,              # into slices: views fusion sees through
 ]
 
 
@@ -63,6 +64,26 @@ def silu(x):
     return x * torch.sigmoid(x)
 
 
+def cat(tensors, dim=0):
+    """Concatenation with empty inputs (legacy (0,) tensors, or zero-sized along ``dim``: a
+    fresh KV cache) and one real input is a copy, which fuses; any other cat stays ATen."""
+    tensors = list(tensors)
+    full = [t for t in tensors if t.numel() != 0]
+    if len(full) != 1 or len(full) == len(tensors):
+        return NotImplemented
+    x = full[0]
+    d = dim % x.dim() if x.dim() else 0
+    for t in tensors:
+        legacy = t.dim() == 1 and t.shape[0] == 0
+        aligned = t.dim() == x.dim() and all(a == b for i, (a, b) in enumerate(zip(t.shape, x.shape)) if i != d)
+        if t is not x and not legacy and not aligned:
+            return NotImplemented          # eager raises a shape error: let it
+    dtype = functools.reduce(torch.promote_types, [t.dtype for t in tensors])
+    if dtype != x.dtype:
+        return aten._to_copy.default(x, dtype=dtype, memory_format=torch.contiguous_format)
+    return aten.clone.default(x, memory_format=torch.contiguous_format)
+
+
 def _kiln_table():
     t = {}
     for op in (aten.var_mean.correction,):
@@ -70,6 +91,7 @@ def _kiln_table():
     t[aten.var.correction] = var
     t[aten.std.correction] = std
     t[aten.silu.default] = silu
+    t[aten.cat.default] = cat
     return t
 
 
