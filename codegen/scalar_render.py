@@ -151,6 +151,13 @@ class TritonRenderer(Renderer):
         if not fp:
             self.helpers.add("ipow")
             return f"_ipow({a}, {b})"
+        if isinstance(rhs, Const):
+            v = float(rhs.value)
+            if v.is_integer() and abs(v) <= 8:      # exact repeated products, any sign of the base
+                prod = " * ".join([f"{a}"] * int(abs(v)))
+                return f"({prod})" if v > 0 else f"(1.0 / ({prod}))"
+            # a constant fractional exponent: negative bases give NaN, as in eager
+            return f"tl.where({a} < 0, float('nan'), tl.exp2({b} * tl.log2({a})))"
         self.helpers.add("pow")
         return f"_pow({a}, {b})"
     def _idiv(self, a, b, mode):
@@ -167,17 +174,81 @@ class TritonRenderer(Renderer):
 
 
 class NumbaRenderer(Renderer):
+    """numba source. Every value stays in its compute dtype: each op's result is wrapped in its
+    numpy type and float constants are typed too (a bare Python float is float64 in numba, and
+    ``x * 0.5`` on a float32 ``x`` would be computed in float64 and narrowed). fp32 exp, erf and
+    tanh call vectorisable polynomial helpers (numba_gen.HELPER_SRC; recorded in
+    ``self.helpers``) instead of scalar libm calls that keep LLVM from vectorising the loop."""
     lang = "numba"
 
     def nan(self): return "math.nan"
     def inf(self): return "math.inf"
     def fn(self, name, a): return f"math.{name}({a})"
 
+    def literal(self, c: Const) -> str:
+        s = super().literal(c)
+        if c.dtype.is_floating_point and not isinstance(c.value, bool) and compute_dtype(c.dtype) == torch.float32:
+            return f"np.float32({s})"
+        return s
+
+    def k(self, v, dt) -> str:
+        """A float constant in ``dt``'s compute type."""
+        return self.literal(Const(float(v), dt if dt is not None and dt.is_floating_point else torch.float64))
+
+    @staticmethod
+    def f32(dt) -> bool:
+        return dt is not None and compute_dtype(dt) == torch.float32
+
     def render(self, e) -> str:
         s = super().render(e)
         if isinstance(e, E) and e.op not in ("cast", "convert") and compute_dtype(e.dtype) in NP:
             return f"{NP[compute_dtype(e.dtype)]}({s})"       # keep every value in its compute dtype
         return s
+
+    # transcendental functions: vectorisable helpers in fp32, libm otherwise
+    def op_exp(self, a, dt=None, **k):
+        if self.f32(dt):
+            self.helpers.add("exp32")
+            return f"_exp32({a})"
+        return f"math.exp({a})"
+
+    def op_erf(self, a, dt=None, **k):
+        if self.f32(dt):
+            self.helpers.add("erf32")
+            return f"_erf32({a})"
+        return f"math.erf({a})"
+
+    def op_tanh(self, a, dt=None, **k):
+        if self.f32(dt):
+            self.helpers.add("tanh32")
+            return f"_tanh32({a})"
+        return f"math.tanh({a})"
+
+    def op_sigmoid(self, a, dt=None, **k):
+        one = self.k(1.0, dt)
+        return f"({one} / ({one} + {self.op_exp(f'(-{a})', dt=dt)}))"
+
+    def op_gelu(self, a, dt=None, **k):
+        erf = self.op_erf(f"({a} * {self.k(0.7071067811865476, dt)})", dt=dt)
+        return f"({self.k(0.5, dt)} * {a} * ({self.k(1.0, dt)} + {erf}))"
+
+    def op_gelu_tanh(self, a, dt=None, **k):
+        inner = f"({self.k(0.7978845608028654, dt)} * ({a} + {self.k(0.044715, dt)} * {a} * {a} * {a}))"
+        return f"({self.k(0.5, dt)} * {a} * ({self.k(1.0, dt)} + {self.op_tanh(inner, dt=dt)}))"
+
+    def op_reciprocal(self, a, dt=None, **k): return f"({self.k(1.0, dt)} / {a})"
+    def op_rsqrt(self, a, dt=None, **k):
+        # a helper compiled without 'arcp': under it LLVM turns 1/sqrt into a reciprocal-sqrt
+        # estimate plus a Newton step, which gives NaN at 0 and inf and is 1 ulp off elsewhere
+        name = "rsqrt32" if self.f32(dt) else "rsqrt64"
+        self.helpers.add(name)
+        return f"_{name}({a})"
+    def op_tan(self, a, **k): return f"math.tan({a})"
+    def op_sinh(self, a, **k): return f"math.sinh({a})"
+    def op_cosh(self, a, **k): return f"math.cosh({a})"
+    def op_log10(self, a, **k): return f"math.log10({a})"
+    def op_log2(self, a, **k): return f"math.log2({a})"
+    def op_exp2(self, a, dt=None, **k): return self.op_exp(f"({a} * {self.k(0.6931471805599453, dt)})", dt=dt)
 
     def cast(self, s, src, dt):
         if isinstance(src, Const):
@@ -187,13 +258,10 @@ class NumbaRenderer(Renderer):
     def convert(self, s, src, dt):
         return self.cast(s, src, dt)
 
-    def op_exp(self, a, **k): return f"math.exp({a})"
     def op_log(self, a, **k): return f"math.log({a})"
     def op_sqrt(self, a, **k): return f"math.sqrt({a})"
     def op_sin(self, a, **k): return f"math.sin({a})"
     def op_cos(self, a, **k): return f"math.cos({a})"
-    def op_erf(self, a, **k): return f"math.erf({a})"
-    def op_tanh(self, a, **k): return f"math.tanh({a})"
     def op_expm1(self, a, **k): return f"math.expm1({a})"
     def op_log1p(self, a, **k): return f"math.log1p({a})"
     def op_floor(self, a, **k): return f"np.floor({a})"
@@ -203,8 +271,16 @@ class NumbaRenderer(Renderer):
     def op_abs(self, a, **k): return f"abs({a})"
     def op_isinf(self, a, **k): return f"math.isinf({a})"
     def op_where(self, c, a, b, **k): return f"({a} if {c} else {b})"
-    def op_relu(self, a, **k): return f"(0 if {a} < 0 else {a})"
-    def op_sign(self, a, **k): return f"({a} if {a} != {a} else (1 if {a} > 0 else (-1 if {a} < 0 else 0)))"
+    def op_relu(self, a, fp=True, dt=None, **k):
+        z = self.k(0.0, dt) if fp else "0"
+        return f"({z} if {a} < {z} else {a})"
+
+    def op_sign(self, a, fp=True, dt=None, **k):
+        if not fp:
+            return f"(1 if {a} > 0 else (-1 if {a} < 0 else 0))"
+        one, z = self.k(1.0, dt), self.k(0.0, dt)        # sign(NaN) = 0, as eager computes it
+        return f"({one} if {a} > {z} else (-{one} if {a} < {z} else {z}))"
+
     def op_maximum(self, a, b, **k): return f"({a} if ({a} > {b} or {a} != {a}) else {b})"
     def op_minimum(self, a, b, **k): return f"({a} if ({a} < {b} or {a} != {a}) else {b})"
     def op_land(self, a, b, **k): return f"({a} and {b})"
@@ -215,10 +291,13 @@ class NumbaRenderer(Renderer):
     def op_or(self, a, b, **k): return f"({a} | {b})"
     def op_xor(self, a, b, **k): return f"({a} ^ {b})"
     def op_not(self, a, dt=None, **k): return f"(not {a})" if dt == torch.bool else f"(~{a})"
-    def op_pow(self, a, b, fp=True, e=None, **k):
+    def op_pow(self, a, b, fp=True, e=None, dt=None, **k):
         rhs = e.args[1]
-        if isinstance(rhs, Const) and float(rhs.value) == 2.0:
-            return f"({a} * {a})"
+        if isinstance(rhs, Const) and float(rhs.value) in (1.0, 2.0, 3.0):
+            return {1.0: a, 2.0: f"({a} * {a})", 3.0: f"({a} * {a} * {a})"}[float(rhs.value)]
+        if fp and isinstance(rhs, Const) and float(rhs.value) in (0.5, -0.5, -1.0):
+            v = float(rhs.value)
+            return {0.5: f"math.sqrt({a})", -0.5: self.op_rsqrt(a, dt=dt), -1.0: self.op_reciprocal(a, dt=dt)}[v]
         return f"({a} ** {b})"
     def op_floordiv(self, a, b, fp=True, **k):
         return f"np.floor({a} / {b})" if fp else f"_idiv_floor({a}, {b})"
