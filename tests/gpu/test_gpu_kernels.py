@@ -16,7 +16,7 @@ def _check(fn, *args, rtol=1e-2, atol=1e-2, target="triton"):
     got = got if isinstance(got, tuple) else (got,)
     ref = ref if isinstance(ref, tuple) else (ref,)
     for g, r in zip(got, ref):
-        torch.testing.assert_close(g, r, rtol=rtol, atol=atol)
+        torch.testing.assert_close(g, r, rtol=rtol, atol=atol, equal_nan=True)
     rep = kiln.last_report()
     assert any(k["target"] == target for k in rep.kernels)
 
