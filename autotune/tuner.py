@@ -1,88 +1,111 @@
-"""In-process tuning of Triton launch configs: candidates from the kernel's config space are
-timed on the real inputs (warm-up, median) and the winner is remembered on disk, keyed by the
-kernel source hash, problem size and device, so a second compile does not tune again."""
+"""The tuner ties the parts together: database hit -> done; otherwise prune the family's space
+(space.py), rank what is left with the cost model (cost.py), time the top k and the heuristic
+default (measure.py) and append every measurement to the database (database.py), so a second
+compile, in this process or another, does not tune again.
+
+``tune`` is the core (every part passed in, so tests use fakes); ``tune_launch`` is what a kernel
+launcher calls with its tensors: it builds the key from the source and the tensors' shapes,
+dtypes and device, and uses the SQLite database of the cache directory and the real GPU timer.
+"""
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import tempfile
+import logging
+import math
 import time
+from dataclasses import dataclass, field
+from typing import Callable
 
-from .heuristics import next_pow2
+from . import cost
+from .database import Database, TuningKey, open_database
+from .measure import Timer, time_gpu
+from .space import Config, DeviceLimits, Problem, prune
 
-_MEM: dict[str, dict] = {}
+log = logging.getLogger("kiln.autotune")
 
-
-def config_space(kind: str, xnumel: int, rnumel: int, one_pass: bool) -> list[dict]:
-    if kind == "pointwise":
-        return [{"XBLOCK": xb, "RBLOCK": 1, "num_warps": w}
-                for xb in (512, 1024, 2048, 4096) for w in (4, 8) if xb <= max(next_pow2(xnumel), 512)]
-    if one_pass:
-        rb = next_pow2(max(rnumel, 1))
-        out = []
-        for xb in (1, 2, 4, 8, 16, 32, 64):
-            if xb * rb > 16384 or xb > next_pow2(xnumel):
-                continue
-            for w in (2, 4, 8, 16, 32):
-                per_thread = xb * rb // (32 * w)
-                if 1 <= per_thread <= 64:
-                    out.append({"XBLOCK": xb, "RBLOCK": rb, "num_warps": w})
-        return out or [{"XBLOCK": 1, "RBLOCK": rb, "num_warps": 4}]
-    return [{"XBLOCK": xb, "RBLOCK": rb, "num_warps": w}
-            for xb in (1, 2) for rb in (1024, 2048, 4096) for w in (4, 8, 16) if xb * rb <= 8192]
+TOP_K = 8
 
 
-def _db_path(cache_dir: str) -> str:
-    return os.path.join(cache_dir, "tuning.json")
+@dataclass
+class TuneResult:
+    config: dict
+    ms: float | None                # measured time of the winner (None: nothing could be timed)
+    seconds: float                  # wall time spent tuning (0 on a database hit)
+    cached: bool                    # came from the database
+    candidates: int = 0             # configs in the space
+    pruned: dict = field(default_factory=dict)   # rule -> configs it removed
+    timed: int = 0
 
 
-def _key(source: str, xnumel: int, rnumel: int, device: str) -> str:
-    import torch
-    import triton
-    h = hashlib.sha256(source.encode()).hexdigest()[:20]
-    return f"{h}|{xnumel}|{rnumel}|{device}|torch{torch.__version__}|triton{triton.__version__}"
-
-
-def lookup(cache_dir: str, key: str) -> dict | None:
-    if key in _MEM:
-        return _MEM[key]
-    try:
-        with open(_db_path(cache_dir)) as f:
-            cfg = json.load(f).get(key)
-    except (OSError, ValueError):
-        return None
-    if cfg:
-        _MEM[key] = cfg
-    return cfg
-
-
-def remember(cache_dir: str, key: str, cfg: dict) -> None:
-    _MEM[key] = cfg
-    path = _db_path(cache_dir)
-    os.makedirs(cache_dir, exist_ok=True)
-    try:
-        with open(path) as f:
-            db = json.load(f)
-    except (OSError, ValueError):
-        db = {}
-    db[key] = cfg
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(db, f, indent=0)
-    os.replace(tmp, path)
-
-
-def tune(run, candidates: list[dict]) -> tuple[dict, float]:
-    """``run(cfg)`` launches once. Returns (best config, seconds spent tuning)."""
-    from triton.testing import do_bench
+def tune(problem: Problem, run: Callable[[dict], object], key: TuningKey, db: Database,
+         limits: DeviceLimits | None = None, timer: Timer | None = None, top_k: int = TOP_K,
+         baseline: dict | None = None) -> TuneResult:
+    """``run(config_dict)`` launches once with that config. Returns the best config found."""
+    hit = db.best(key)
+    if hit is not None:
+        return TuneResult(hit[0], hit[1], 0.0, True)
     t0 = time.perf_counter()
-    best, best_ms = None, float("inf")
-    for cfg in candidates:
+    limits = limits or DeviceLimits()
+    timer = timer or time_gpu
+    kept, removed = prune(problem, limits)
+    ranked = [c for c, _ in cost.rank(kept, problem, limits)]
+    chosen = ranked[:top_k]
+    if baseline is not None and Config.from_dict(baseline) not in chosen:
+        chosen.append(Config.from_dict(baseline))
+    measured = []
+    for cfg in chosen:
+        d = cfg.as_dict()
         try:
-            ms = do_bench(lambda: run(cfg), warmup=5, rep=20, return_mode="median")
-        except Exception:       # a config the compiler rejects (resources) is simply skipped
+            ms = float(timer(lambda d=d: run(d)))
+        except Exception as e:      # noqa: BLE001 - a config the compiler rejects (resources) is skipped
+            log.debug("config %s failed: %s", d, e)
             continue
-        if ms < best_ms:
-            best, best_ms = cfg, ms
-    return best or candidates[0], time.perf_counter() - t0
+        if math.isfinite(ms):
+            measured.append((d, ms))
+    secs = time.perf_counter() - t0
+    n = len(kept) + sum(removed.values())
+    if not measured:
+        fallback = baseline or (chosen[0].as_dict() if chosen else {})
+        return TuneResult(fallback, None, secs, False, n, removed, 0)
+    db.commit(key, measured, secs)
+    best, best_ms = min(measured, key=lambda m: m[1])
+    log.info("tuned %s %s: %d configs, %d pruned, %d timed in %.2fs -> %s (%.4f ms)", problem.family,
+             problem.dims, n, sum(removed.values()), len(measured), secs, best, best_ms)
+    return TuneResult(best, best_ms, secs, False, n, removed, len(measured))
+
+
+_LIMITS: dict = {}
+
+
+def device_limits(device) -> DeviceLimits:
+    import torch
+    idx = torch.device(device).index if torch.device(device).index is not None else torch.cuda.current_device()
+    if idx not in _LIMITS:
+        _LIMITS[idx] = DeviceLimits.of(idx)
+    return _LIMITS[idx]
+
+
+def tune_launch(source: str, problem: Problem, tensors: list, run: Callable[[dict], object], cache_dir: str,
+                baseline: dict | None = None, timer: Timer | None = None, db: Database | None = None) -> TuneResult:
+    """Tune a kernel on ``tensors`` (its inputs and outputs, on the GPU): key from the source and
+    the tensors, the cache directory's database, the device's limits."""
+    import torch
+    dev = next((t.device for t in tensors if isinstance(t, torch.Tensor) and t.is_cuda), None)
+    if dev is None:
+        raise ValueError("tune_launch needs CUDA tensors; kernels on the CPU or the Triton interpreter are not tuned")
+    limits = device_limits(dev)
+    ts = [t for t in tensors if isinstance(t, torch.Tensor)]
+    key = TuningKey.make(source, [t.shape for t in ts], [t.dtype for t in ts], limits.name)
+    with torch.cuda.device(dev):
+        return tune(problem, run, key, db or open_database(cache_dir), limits, timer, baseline=baseline)
+
+
+def loop_problem(kind: str, xnumel: int, rnumel: int, one_pass: bool, tensors: list, n_inputs: int) -> Problem:
+    """The Problem of a loop kernel (kiln.fused group) launched on ``tensors`` (inputs first)."""
+    import torch
+    ts = [t for t in tensors if isinstance(t, torch.Tensor)]
+    nbytes = sum(t.numel() * t.element_size() for t in ts)
+    dtype = max((t.dtype for t in ts if t.is_floating_point()), key=lambda d: torch.finfo(d).bits,
+                default=torch.float32)
+    family = "pointwise" if kind == "pointwise" else "reduction"
+    return Problem(family, {"x": int(xnumel), "r": int(rnumel)}, dtype,
+                   {"bytes": nbytes, "one_pass": bool(one_pass), "live": 1 + min(n_inputs, 5)})

@@ -61,11 +61,12 @@ def load_loop(k: Kernel) -> None:
     xn, rn = k.meta["xnumel"], k.meta["rnumel"]
     one_pass = k.meta.get("one_pass", True)
     state = {"cfg": k.meta.get("config") or triton_config(k.kind, xn, rn, one_pass, interpret)}
-    tuned = {"done": interpret or not k.meta.get("autotune")}
+    tuned = {"done": interpret or not k.meta.get("autotune") or "config" in k.meta}
 
     def run(cfg, ins, outs):
+        extra = {"num_stages": cfg["num_stages"]} if "num_stages" in cfg else {}
         return fn[(-(-xn // cfg["XBLOCK"]),)](*ins, *outs, xn, rn, XBLOCK=cfg["XBLOCK"], RBLOCK=cfg["RBLOCK"],
-                                              num_warps=cfg["num_warps"])
+                                              num_warps=cfg["num_warps"], **extra)
 
     fast = {}
 
@@ -81,27 +82,27 @@ def load_loop(k: Kernel) -> None:
             return
         ck(*ins, *outs, *fast["extra"])
 
-    def launch(inputs, outputs):
+    def tune(inputs, outputs, timer=None) -> float:
+        """Pick the launch config on these tensors (database, else prune/rank/time); seconds spent."""
+        from kiln.autotune import tuner
         ins = [_conform(t, s) for t, s in zip(inputs, in_strides)]
+        problem = tuner.loop_problem(k.kind, xn, rn, one_pass, [*ins, *outputs], len(ins))
+        res = tuner.tune_launch(k.source, problem, [*ins, *outputs], lambda cfg: run(cfg, ins, outputs), cache_dir,
+                                baseline=state["cfg"], timer=timer)
+        state["cfg"] = k.meta["config"] = res.config
+        k.meta["tuning_s"] = res.seconds
+        fast.clear()
+        tuned["done"] = True
+        return res.seconds
+
+    def launch(inputs, outputs):
         if not tuned["done"]:
-            _tune(k, cache_dir, state, lambda cfg: run(cfg, ins, outputs), inputs[0].device if inputs else None)
-            tuned["done"] = True
+            tune(inputs, outputs)
+        ins = [_conform(t, s) for t, s in zip(inputs, in_strides)]
         (run_fast if FAST_LAUNCH else run)(state["cfg"], ins, outputs)
+    if not interpret:
+        launch.tune = tune          # compile-time tuning (codegen.tune_kernels) calls this
     k.launcher = launch
-
-
-def _tune(k: Kernel, cache_dir: str, state: dict, run, device) -> None:
-    from kiln.autotune import tuner
-    name = torch.cuda.get_device_name(device)
-    key = tuner._key(k.source, k.meta["xnumel"], k.meta["rnumel"], name)
-    cfg = tuner.lookup(cache_dir, key)
-    if cfg is None:
-        space = tuner.config_space(k.kind, k.meta["xnumel"], k.meta["rnumel"], k.meta.get("one_pass", True))
-        cfg, secs = tuner.tune(run, space)
-        k.meta["tuning_s"] = secs
-        tuner.remember(cache_dir, key, cfg)
-    state["cfg"] = cfg
-    k.meta["config"] = cfg
 
 
 def _load_cuda(k: Kernel, in_strides) -> None:

@@ -30,12 +30,19 @@ def compile_graph(graph: Graph, options: Options, kind: str = "inference",
     t1 = time.perf_counter()
     kernels = generate(g, target, options.cache_dir, bool(options.autotune))
     timings.append({"name": "codegen", "ms": (time.perf_counter() - t1) * 1e3})
+    tuning_s = 0.0
+    if options.autotune and target in ("triton", "cuda") and torch.cuda.is_available():
+        from kiln.codegen.tuning import tune_kernels
+        t2 = time.perf_counter()
+        tuning_s = tune_kernels(g, kernels)
+        timings.append({"name": "autotune", "ms": (time.perf_counter() - t2) * 1e3})
     compiled = CompiledGraph(g, kernels)
     if options.cudagraphs and kind == "inference" and target in ("triton", "cuda") and torch.cuda.is_available():
         from kiln.runtime.cudagraphs import CudaGraphRunner
         compiled = CudaGraphRunner(compiled)
     report = make_report(g, kernels, n_nodes, timings, kind, target)
     report.compile_s = time.perf_counter() - t0
+    report.tuning_s = tuning_s
     publish(report, options.report)
     return compiled, report
 
