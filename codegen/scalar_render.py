@@ -126,9 +126,9 @@ class TritonRenderer(Renderer):
     def op_log1p(self, a, **k): return f"tl.where(tl.abs({a}) < 1e-4, {a} - 0.5 * {a} * {a}, tl.log(1.0 + {a}))"
     def op_where(self, c, a, b, **k): return f"tl.where({c}, {a}, {b})"
     def op_relu(self, a, **k): return f"tl.where({a} < 0, 0, {a})"
-    def op_sign(self, a, fp=True, **k):
+    def op_sign(self, a, fp=True, **k):         # sign(NaN) = 0, as eager computes it
         s = f"(tl.where({a} > 0, 1, 0) - tl.where({a} < 0, 1, 0))"
-        return f"tl.where({a} != {a}, {a}, {s}.to({a}.dtype))" if fp else s
+        return f"{s}.to({a}.dtype)" if fp else s
     def op_maximum(self, a, b, **k): return f"tl.where(({a} > {b}) | ({a} != {a}), {a}, {b})"
     def op_minimum(self, a, b, **k): return f"tl.where(({a} < {b}) | ({a} != {a}), {a}, {b})"
     def op_land(self, a, b, **k): return f"({a} & {b})"
@@ -306,7 +306,7 @@ class NumbaRenderer(Renderer):
     def op_mod(self, a, b, fp=True, **k):
         return f"({a} - np.floor({a} / {b}) * {b})" if fp else f"_idiv_mod({a}, {b})"
     def op_fmod(self, a, b, fp=True, **k):
-        return f"math.fmod({a}, {b})" if fp else f"_idiv_fmod({a}, {b})"
+        return f"np.fmod({a}, {b})" if fp else f"_idiv_fmod({a}, {b})"       # numba has no math.fmod
 
 
 CU = {torch.float32: "float", torch.float64: "double", torch.float16: "__half", torch.bfloat16: "__nv_bfloat16",
@@ -386,9 +386,8 @@ class CudaRenderer(Renderer):
     def op_isnan(self, a, **k): return f"isnan({a})"
     def op_where(self, c, a, b, **k): return f"(({c}) ? ({a}) : ({b}))"
     def op_relu(self, a, **k): return f"(({a}) < 0 ? 0 : ({a}))"
-    def op_sign(self, a, fp=True, **k):
-        s = f"((({a}) > 0) - (({a}) < 0))"
-        return f"(({a}) != ({a}) ? ({a}) : {s})" if fp else s
+    def op_sign(self, a, fp=True, **k):         # sign(NaN) = 0, as eager computes it
+        return f"((({a}) > 0) - (({a}) < 0))"
     def op_maximum(self, a, b, **k): return f"((({a}) > ({b}) || ({a}) != ({a})) ? ({a}) : ({b}))"
     def op_minimum(self, a, b, **k): return f"((({a}) < ({b}) || ({a}) != ({a})) ? ({a}) : ({b}))"
     def op_land(self, a, b, **k): return f"(({a}) && ({b}))"
