@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import jinja2
 
-from kiln.ir.scalar import neutral
+from kiln.ir.scalar import Const, neutral
 from .lower import LoopKernel, Reduce, compute_dtype
 from .scalar_render import TL, TritonRenderer
 from .schedule_stmts import plan_stages
@@ -105,6 +105,8 @@ class _Emitter:
         return f"{a.var} = {v}" + (f".to({cdt})" if compute_dtype(a.dtype) != a.dtype else "")
 
     def stmt(self, s) -> str:
+        if isinstance(s.expr, Const):        # a fill (full_like ...): a tensor, so .to() and stores work
+            return f"{s.var} = tl.full([1], {self.r.literal(s.expr)}, {TL[compute_dtype(s.dtype)]})"
         return f"{s.var} = {self.r.render(s.expr)}"
 
     def reduce_expr(self, red: Reduce, src: str, mask: str, axis_keep=True) -> str:

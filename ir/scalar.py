@@ -166,7 +166,7 @@ _TABLE["aten.isinf.default"] = lambda out, a, **kw: E("isinf", (a,), torch.bool)
 _TABLE["aten.isnan.default"] = lambda out, a, **kw: E("isnan", (a,), torch.bool)
 
 
-@_reg("aten.clamp.default")
+@_reg("aten.clamp.default", "aten.clamp.Tensor")
 def _clamp(out, a, min=None, max=None, **kw):
     x = cast(a, out)
     if min is not None:
@@ -196,12 +196,30 @@ def _silu(out, a, **kw):
     return E("mul", (x, E("sigmoid", (x,), out)), out)
 
 
-def _fill(out, *a, **kw):
-    raise NotLowerable("fill")
+# ops whose every element is one constant: op -> index of the fill value in args (None: fixed)
+FILLS = {"aten.full.default": (1, None), "aten.full_like.default": (1, None),
+         "aten.scalar_tensor.default": (0, None), "aten.zeros_like.default": (None, 0),
+         "aten.ones_like.default": (None, 1), "aten.zeros.default": (None, 0), "aten.ones.default": (None, 1)}
+
+
+def _fill(node: Node, out: torch.dtype) -> Const:
+    idx, fixed = FILLS[node.op]
+    v = fixed if idx is None else (node.args[idx] if len(node.args) > idx else node.kwargs.get("fill_value"))
+    if not isinstance(v, (bool, int, float)):
+        raise NotLowerable(f"{node.op} fill value {v!r}")
+    try:
+        return cast(Const(v, torch.bool if isinstance(v, bool) else torch.int64 if isinstance(v, int)
+                          else torch.float64), out)
+    except (OverflowError, ValueError) as e:         # inf/nan into an integer dtype
+        raise NotLowerable(f"{node.op}: {e}") from None
 
 
 def lower_pointwise(node: Node):
     """The expression tree computing ``node``'s single output from Refs and Consts."""
+    if node.op in FILLS:
+        if len(node.outputs) != 1 or node.out.type is None or node.out.type.dtype not in SUPPORTED_DTYPES:
+            raise NotLowerable(node.op)
+        return _fill(node, node.out.type.dtype)
     fn = _TABLE.get(node.op)
     if fn is None:
         raise NotLowerable(f"no scalar form for {node.op}")
@@ -210,17 +228,16 @@ def lower_pointwise(node: Node):
     out = node.out.type.dtype
     if out not in SUPPORTED_DTYPES:
         raise NotLowerable(f"dtype {out}")
+    if node.op in ("aten.clamp.default", "aten.clamp.Tensor"):     # min / max: None, scalar or tensor
+        a = node.args
+        lo = a[1] if len(a) > 1 else node.kwargs.get("min")
+        hi = a[2] if len(a) > 2 else node.kwargs.get("max")
+        return fn(out, _operand(a[0], out), min=None if lo is None else _operand(lo, out),
+                  max=None if hi is None else _operand(hi, out))
     args = [_operand(a, out) for a in node.args]
     kw = {k: v for k, v in node.kwargs.items()
           if k not in ("dtype", "layout", "device", "pin_memory", "memory_format", "non_blocking")}
     kw = {k: (_operand(v, out) if isinstance(v, Value) else v) for k, v in kw.items()}
-    if node.op in ("aten.clamp.default",):
-        kw = {k: (_operand(v, out) if v is not None else None) for k, v in kw.items()}
-        if len(args) > 1:
-            kw.setdefault("min", args[1] if node.args[1] is not None else None)
-            if len(args) > 2:
-                kw.setdefault("max", args[2] if node.args[2] is not None else None)
-            args = args[:1]
     return fn(out, *args, **kw)
 
 
