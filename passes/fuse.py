@@ -6,6 +6,7 @@ node whose body is the group's subgraph and whose attrs hold the loop plan."""
 from __future__ import annotations
 
 import networkx as nx
+import torch
 
 from kiln.ir import Graph, Node, OpKind, op_kind
 from kiln.ir.scalar import is_lowerable
@@ -14,7 +15,10 @@ from .loops import NotFusible, analyze
 MAX_GROUP = 64          # nodes per kernel: beyond this, register pressure outweighs saved traffic
 
 
-def _fusible(n: Node) -> bool:
+HALF = (torch.float16, torch.bfloat16)
+
+
+def _fusible(n: Node, target: str | None = None) -> bool:
     k = op_kind(n.op)
     if k not in (OpKind.POINTWISE, OpKind.REDUCTION, OpKind.VIEW) or len(n.outputs) != 1:
         return False
@@ -22,7 +26,15 @@ def _fusible(n: Node) -> bool:
         return False
     if n.out.type.device not in ("cpu", "cuda"):
         return False
+    # numba has no 16-bit floats: on the cpu target they stay with ATen (which rounds each op)
+    if target == "cpu" and any(v.type.dtype in HALF for v in [n.out, *n.inputs()]):
+        return False
     return k == OpKind.VIEW or is_lowerable(n)
+
+
+def _target(options) -> str | None:
+    resolve = getattr(options, "resolved_target", None)
+    return resolve() if resolve is not None else None
 
 
 class _Groups:
@@ -109,7 +121,8 @@ class _Groups:
 
 def fuse(g: Graph, options=None) -> Graph:
     G = _Groups(g)
-    fusible = [_fusible(n) for n in g.nodes]
+    target = _target(options)
+    fusible = [_fusible(n, target) for n in g.nodes]
     # vertical: pull each fusible producer into its consumer's group, in program order
     for i, n in enumerate(g.nodes):
         if not fusible[i]:
