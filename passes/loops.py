@@ -70,7 +70,7 @@ def analyze(body: Graph) -> dict:
         if len(shapes) != 1 or len(dims) != 1:
             raise NotFusible("reductions over different iteration spaces")
         domain, rdims = shapes.pop(), dims.pop()
-        if not rdims:
+        if not rdims and domain:
             raise NotFusible("empty reduction")
     else:
         outs = [v.type for v in body.output_values()]
