@@ -1,4 +1,4 @@
-"""The ``kiln`` command line: compile, run, explain, demo.
+"""The ``kiln`` command line: compile, run, explain, demo, bench.
 
 Errors print one line, ``kiln: error: ...``, on stderr and exit with status 1 (2 for usage
 errors); ``--debug`` shows the full traceback instead."""
@@ -153,6 +153,31 @@ def cmd_demo(args) -> int:
     return run(target=args.target, steps=args.steps, small=args.small)
 
 
+def _bench_suite():
+    """bench/suite.py of the source checkout this kiln runs from (the suite is not installed)."""
+    import importlib.util
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "suite.py")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"kiln bench needs the source checkout's bench/ folder; {path} not found")
+    mod = sys.modules.get("kiln_bench_suite")
+    if mod is None:
+        spec = importlib.util.spec_from_file_location("kiln_bench_suite", path)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["kiln_bench_suite"] = mod
+        spec.loader.exec_module(mod)
+    return mod
+
+
+def cmd_bench(args) -> int:
+    import torch
+    if not args.cpu and not torch.cuda.is_available():
+        raise ValueError("kiln bench: the GPU cases need a CUDA GPU and none is available; "
+                         "use --cpu for the small CPU cases")
+    _bench_suite().run(args.cases, cpu=args.cpu, autotune=args.autotune, json_path=args.json,
+                       markdown_path=args.markdown, chart_path=args.chart, command=args.command_line)
+    return 0
+
+
 # ---- parser ------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
@@ -213,6 +238,24 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=_positive_int, default=10, help="timed runs per side (default 10)")
     d.add_argument("--small", action="store_true", help="a smaller model (quick check)")
     d.set_defaults(func=cmd_demo)
+
+    b = sub.add_parser("bench", parents=[common], help="benchmark eager, TorchInductor and kiln on micro and model cases",
+                       description="Time eager PyTorch, TorchInductor and kiln in one process on micro cases "
+                                   "(fused pointwise/norm kernels) and model cases (Llama layer, GPT-2 block, "
+                                   "BERT layer, SwiGLU MLP, Llama decode step), with each case's roofline "
+                                   "(bytes / measured copy bandwidth or FLOPs / measured matmul peak), "
+                                   "kiln's error against eager and geometric-mean speed-ups. Needs the source "
+                                   "checkout's bench/ folder; model cases need transformers.")
+    b.add_argument("--cases", nargs="+", metavar="CASE",
+                   help="cases or groups (default: all; with --cpu: tiny). Cases: bias_gelu_residual, add_rmsnorm, "
+                        "softmax, layernorm, llama_layer, gpt2_block, bert_layer, swiglu_mlp, llama_decode; "
+                        "groups: micro, model, all, tiny")
+    b.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    b.add_argument("--markdown", metavar="PATH", help="write the results as a markdown table")
+    b.add_argument("--chart", metavar="PATH", help="write a bar chart PNG (needs matplotlib: pip install 'kiln[bench]')")
+    b.add_argument("--autotune", action="store_true", help="kiln tunes its launch configs at compile time")
+    b.add_argument("--cpu", action="store_true", help="small CPU cases (kiln target cpu), no GPU needed")
+    b.set_defaults(func=cmd_bench)
     return p
 
 
@@ -243,6 +286,7 @@ def main(argv=None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:        # --help (0) or a usage error (2)
         return e.code if isinstance(e.code, int) else 2
+    args.command_line = "kiln " + " ".join(sys.argv[1:] if argv is None else argv)
     if not args.debug:
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
