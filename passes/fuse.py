@@ -77,6 +77,16 @@ class _Groups:
         except NotFusible:
             return None
 
+    def plan_of(self, gid: int) -> dict | None:
+        """The loop plan of a group; single-node groups get theirs on first use (vertical
+        merges record plans only for the groups they build)."""
+        if gid not in self.plans:
+            p = self.plan(self.members[gid])
+            if p is None:
+                return None
+            self.plans[gid] = p
+        return self.plans[gid]
+
     def _reaches(self, src: set[int], dst: set[int]) -> bool:
         """Is there a path from group ``src`` to group ``dst`` through a node in neither?
         Nodes are in topological order, so the search stops past the last node of ``dst``."""
@@ -139,7 +149,7 @@ def fuse(g: Graph, options=None) -> Graph:
                 readers.setdefault(v.name, []).append(i)
     for name, idxs in readers.items():
         for a, b in zip(idxs, idxs[1:]):
-            pa, pb = G.plans.get(G.gid[a]), G.plans.get(G.gid[b])
+            pa, pb = G.plan_of(G.gid[a]), G.plan_of(G.gid[b])
             if pa and pb and (pa["domain"], pa["reduce_dims"]) == (pb["domain"], pb["reduce_dims"]):
                 G.try_merge(a, b)
     return _rebuild(g, G, fusible)
