@@ -22,14 +22,13 @@ def _right_align(shape, dmap_out, out_shape) -> DimMap:
 
 
 def _default_map(shape, domain) -> DimMap:
+    """Right-aligned; extra leading dims are fine when they have size 1 (an unsqueeze)."""
     off = len(domain) - len(shape)
-    if off < 0:
-        raise NotFusible("value has more dims than the domain")
     out = []
     for i, s in enumerate(shape):
         if s == 1:
             out.append(None)
-        elif domain[off + i] == s:
+        elif off + i >= 0 and domain[off + i] == s:
             out.append(off + i)
         else:
             raise NotFusible(f"shape {shape} does not broadcast to domain {domain}")
