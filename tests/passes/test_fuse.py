@@ -1,0 +1,186 @@
+"""Fusion structure: what becomes one kernel, horizontal fusion, no fusion through a cycle,
+views and broadcasts folded into kernels. Each structure check also runs the compiled graph
+against eager (cpu target)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.fx.experimental.proxy_tensor import make_fx
+
+import kiln
+from kiln.api import compile_graph
+from kiln.ir import OpKind, op_kind
+from kiln.ir.capture import from_fx
+from kiln.ir.decompose import decomposition_table
+from kiln.passes import run_pipeline
+
+
+def compile_fn(fn, *args, target="cpu"):
+    """(fused graph, compiled outputs, eager outputs)."""
+    g = from_fx(make_fx(fn, decomposition_table=decomposition_table())(*args))
+    opts = kiln.Options(target=target)
+    fused, _ = run_pipeline(g, opts, verify=True)
+    compiled, _ = compile_graph(from_fx(make_fx(fn, decomposition_table=decomposition_table())(*args)), opts)
+    want = fn(*args)
+    return fused, compiled(*args), list(want) if isinstance(want, (tuple, list)) else [want]
+
+
+def kernels(g):
+    return [n for n in g.nodes if n.op == "kiln.fused"]
+
+
+def unfused(g):
+    """Nodes left outside kernels that do work (views are metadata only)."""
+    return [n for n in g.nodes if n.op != "kiln.fused" and op_kind(n.op) != OpKind.VIEW]
+
+
+def check(got, want):
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def rms_norm(x, w, b):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w
+
+
+def var_mean(x, w, b):
+    v, m = torch.var_mean(x, dim=-1)
+    return v, m
+
+
+ONE_REDUCTION = {
+    "softmax": lambda x, w, b: torch.softmax(x, -1),
+    "log_softmax": lambda x, w, b: torch.log_softmax(x, -1),
+    "layernorm": lambda x, w, b: F.layer_norm(x, (x.shape[-1],), w, b),
+    "rmsnorm": rms_norm,
+    "var_mean": var_mean,
+    "softmax_dim0": lambda x, w, b: torch.softmax(x * 2, 0),
+}
+
+
+@pytest.mark.parametrize("name", list(ONE_REDUCTION))
+def test_normalisations_are_one_reduction_kernel(name):
+    x, w, b = torch.randn(6, 32), torch.randn(32), torch.randn(32)
+    g, got, want = compile_fn(ONE_REDUCTION[name], x, w, b)
+    ks = kernels(g)
+    assert len(ks) == 1 and ks[0].attrs["kind"] == "reduction", [k.attrs["name"] for k in ks]
+    assert unfused(g) == [], [n.op for n in unfused(g)]
+    check(got, want)
+
+
+def test_bias_gelu_residual_is_one_pointwise_kernel():
+    x, b, r = torch.randn(4, 8, 32), torch.randn(32), torch.randn(4, 8, 32)
+    g, got, want = compile_fn(lambda x, b, r: F.gelu(x + b) + r, x, b, r)
+    ks = kernels(g)
+    assert len(ks) == 1 and ks[0].attrs["kind"] == "pointwise"
+    assert not unfused(g)
+    check(got, want)
+
+
+def test_linear_epilogue_fuses_after_matmul():
+    """Linear + bias + GELU + residual: the matmul stays ATen, everything after it is one kernel."""
+    x, w, b, r = torch.randn(16, 32), torch.randn(64, 32), torch.randn(64), torch.randn(16, 64)
+    g, got, want = compile_fn(lambda x, w, b, r: F.gelu(F.linear(x, w, b)) + r, x, w, b, r)
+    assert len(kernels(g)) == 1
+    assert [op_kind(n.op) for n in unfused(g)] == [OpKind.MATMUL]
+    check(got, want)
+
+
+def test_horizontal_reductions_over_one_input():
+    """Two independent reductions of one input over the same dims: one kernel."""
+    x = torch.randn(8, 40)
+    g, got, want = compile_fn(lambda x: (x.sum(-1), x.amax(-1), (x * x).mean(-1)), x)
+    ks = kernels(g)
+    assert len(ks) == 1 and ks[0].attrs["kind"] == "reduction"
+    check(got, want)
+
+
+def test_horizontal_pointwise_over_one_input():
+    x = torch.randn(8, 40)
+    g, got, want = compile_fn(lambda x: (x.exp(), x.sin() * 2, x + 1), x)
+    assert len(kernels(g)) == 1
+    check(got, want)
+
+
+def test_no_horizontal_fusion_across_iteration_spaces():
+    """Reductions over different dims of one input cannot share a loop nest."""
+    x = torch.randn(8, 40)
+    g, got, want = compile_fn(lambda x: (x.sum(-1), x.sum(0)), x)
+    assert len(kernels(g)) == 2
+    check(got, want)
+
+
+def _order_is_topological(g):
+    seen = {v.name for v in g.leaves()}
+    for n in g.nodes:
+        for v in n.inputs():
+            assert v.name in seen, f"{n.op} reads {v.name} before it is produced"
+        seen.update(v.name for v in n.outputs)
+
+
+def test_no_fusion_through_a_cycle():
+    """a -> reduce -> matmul (ATen) -> m, and a pointwise consumer of both a and m: putting a,
+    the reduction and the consumer in one kernel would need the matmul inside it."""
+    def fn(x, w):
+        a = torch.exp(x)
+        r = a.sum(-1, keepdim=True)
+        m = r @ w
+        return a * m + r
+    x, w = torch.randn(4, 8), torch.randn(1, 8)
+    g, got, want = compile_fn(fn, x, w)
+    _order_is_topological(g)
+    mm = [n for n in g.nodes if op_kind(n.op) == OpKind.MATMUL]
+    assert len(mm) == 1
+    producers = {v.name: i for i, n in enumerate(g.nodes) for v in n.outputs}
+    i_mm = g.nodes.index(mm[0])
+    # the kernel that consumes the matmul comes after it; the one feeding it comes before
+    for i, n in enumerate(g.nodes):
+        if n.op == "kiln.fused" and any(producers.get(v.name) == i_mm for v in n.inputs()):
+            assert i > i_mm
+            assert not any(v.name in {u.name for u in mm[0].inputs()} for v in n.outputs)
+    check(got, want)
+
+
+def test_no_fusion_through_a_cycle_with_opaque_op():
+    """Same shape of graph through an op kiln cannot compile (cumsum)."""
+    def fn(x):
+        a = x * 2
+        c = torch.cumsum(a, -1)
+        return a + c, a.sum(-1)
+    x = torch.randn(4, 8)
+    g, got, want = compile_fn(fn, x)
+    _order_is_topological(g)
+    check(got, want)
+
+
+def test_views_and_broadcasts_fold_into_kernels():
+    """Reshapes that add/drop unit dims, permutes and expands of kernel values cost nothing
+    outside the kernels."""
+    def fn(x, b):
+        y = (x.unsqueeze(0) * 2).squeeze(0)                    # add and drop a unit dim
+        z = y + b.view(1, -1).expand(4, 16)                    # broadcast a bias
+        return (z.permute(1, 0) * 3).permute(1, 0).exp(), z.sum(-1, keepdim=True).expand(4, 16) - z
+    x, b = torch.randn(4, 16), torch.randn(16)
+    g, got, want = compile_fn(fn, x, b)
+    assert len(kernels(g)) == 1 and not unfused(g)
+    inputs = {v.name for v in g.inputs}
+    views = [n for n in g.nodes if op_kind(n.op) == OpKind.VIEW]
+    # what stays outside is only views of graph inputs (metadata: the kernel reads through them)
+    view_outs = set()
+    for n in views:
+        assert n.args[0].name in inputs | view_outs, n.op
+        view_outs.update(v.name for v in n.outputs)
+    check(got, want)
+
+
+def test_softmax_backward_is_one_reduction():
+    x = torch.randn(6, 32, requires_grad=True)
+    gy = torch.randn(6, 32)
+
+    def fn(y, gy):
+        return torch.ops.aten._softmax_backward_data(gy, y, -1, torch.float32)
+    y = torch.softmax(x, -1).detach()
+    g, got, want = compile_fn(fn, y, gy)
+    assert len(kernels(g)) == 1 and not unfused(g)
+    check(got, want)
