@@ -51,13 +51,14 @@ def tune(problem: Problem, run: Callable[[dict], object], key: TuningKey, db: Da
     chosen = ranked[:top_k]
     if baseline is not None and Config.from_dict(baseline) not in chosen:
         chosen.append(Config.from_dict(baseline))
-    measured = []
+    measured, errors = [], []
     for cfg in chosen:
         d = cfg.as_dict()
         try:
             ms = float(timer(lambda d=d: run(d)))
         except Exception as e:      # noqa: BLE001 - a config the compiler rejects (resources) is skipped
             log.debug("config %s failed: %s", d, e)
+            errors.append(f"{type(e).__name__}: {e}")
             continue
         if math.isfinite(ms):
             measured.append((d, ms))
@@ -65,6 +66,8 @@ def tune(problem: Problem, run: Callable[[dict], object], key: TuningKey, db: Da
     n = len(kept) + sum(removed.values())
     if not measured:
         fallback = baseline or (chosen[0].as_dict() if chosen else {})
+        log.warning("no launch config of %s %s could be timed (%s); keeping %s", problem.family, problem.dims,
+                    errors[0][:300] if errors else "no candidates", fallback)
         return TuneResult(fallback, None, secs, False, n, removed, 0)
     db.commit(key, measured, secs)
     best, best_ms = min(measured, key=lambda m: m[1])

@@ -17,6 +17,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 import tempfile
 import time
@@ -61,9 +62,24 @@ def _bytes(fn, inputs, outputs) -> int:
     return n
 
 
+def _sdpa_flops(q, k, v, *args, **kwargs) -> int:
+    """Attention forward: Q K^T and P V. Counts query heads, so grouped-query attention (fewer
+    key/value heads, which torch's own formula rejects) is counted right."""
+    *batch, s_q, d = q
+    n = 1
+    for b in batch:
+        n *= b
+    return 2 * n * s_q * k[-2] * d + 2 * n * s_q * k[-2] * v[-1]
+
+
 def _flops(fn, inputs) -> int:
     from torch.utils.flop_counter import FlopCounterMode
-    with FlopCounterMode(display=False) as fc:
+    aten = torch.ops.aten
+    sdpa = {op: _sdpa_flops for op in (aten._scaled_dot_product_flash_attention,
+                                       aten._scaled_dot_product_efficient_attention,
+                                       aten._scaled_dot_product_cudnn_attention,
+                                       aten._scaled_dot_product_flash_attention_for_cpu)}
+    with FlopCounterMode(display=False, custom_mapping=sdpa) as fc:
         fn(*inputs)
     return int(fc.get_total_flops())
 
@@ -119,7 +135,10 @@ def run_case(name: str, dev: str, small: bool, autotune: bool, tol: float) -> di
     with torch.no_grad():
         ref = fn(*inputs)
         row["bytes"] = _bytes(fn, inputs, ref)
-        row["flops"] = _flops(fn, inputs)
+        try:
+            row["flops"] = _flops(fn, inputs)
+        except Exception as e:          # noqa: BLE001 - the roofline then counts bytes only
+            row["flops"], row["flops_error"] = 0, f"{type(e).__name__}: {e}"[:300]
         row["eager_ms"] = timer(lambda: fn(*inputs))
         for backend in ("inductor", "kiln"):
             torch._dynamo.reset()
@@ -141,8 +160,11 @@ def run_case(name: str, dev: str, small: bool, autotune: bool, tol: float) -> di
                     row["kiln"] = _kiln_stats(rpath)
                     row["kiln_ok"] = row["kiln_rel_err"] <= tol
             except Exception as e:      # noqa: BLE001 - one failing case must not end the suite
-                msg = (str(e).strip().splitlines() or [""])[0][:300]
-                row[f"{backend}_error"] = f"{type(e).__name__}: {msg}"
+                lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+                # Dynamo wraps backend errors: the line naming the inner error says what went wrong
+                inner = next((ln for ln in lines if re.match(r"^[A-Za-z_.]*(Error|Exception): ", ln)), None)
+                row[f"{backend}_error"] = inner[:300] if inner else f"{type(e).__name__}: {(lines or [''])[0][:300]}"
+                row[f"{backend}_error_detail"] = "\n".join(lines)[-3000:]
                 print(f"  {name}: {backend} failed: {row[f'{backend}_error']}", file=sys.stderr, flush=True)
     torch._dynamo.reset()
     return row
@@ -192,14 +214,15 @@ def meta(dev: str, bw: float, peak: float, command: str, autotune: bool) -> dict
 
 def markdown(result: dict) -> str:
     m, rows = result["meta"], result["rows"]
+    tuned = m.get("kiln_autotune")
     lines = [f"Device: {m['device']}; torch {m['torch']}, Triton {m['triton']}, "
              f"transformers {m.get('transformers', '-')}, kiln {m['kiln']}; kiln autotune: {m['kiln_autotune']}.",
              f"Measured in the same run: copy bandwidth {m['copy_bandwidth_GBps']:.0f} GB/s (read + write), "
              f"{m['matmul_dtype']} matmul peak {m['matmul_peak_TFLOPs']:.3g} TFLOP/s.",
              f"Command: `{m['command']}`", "",
              "| case | eager ms | Inductor ms | kiln ms | roofline ms (bound) | Inductor % roof | kiln % roof "
-             "| kiln vs Inductor | kiln rel err | kiln kernels / ATen calls |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| kiln vs Inductor | kiln rel err | kiln kernels / ATen calls |" + (" kiln tuning s |" if tuned else ""),
+             "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if tuned else "")]
     f = lambda r, k, fmt: format(r[k], fmt) if k in r else "failed"  # noqa: E731
     for r in rows:
         vs = f"{r['inductor_ms'] / r['kiln_ms']:.2f}x" if "inductor_ms" in r and "kiln_ms" in r else "-"
@@ -208,7 +231,8 @@ def markdown(result: dict) -> str:
                      f"{f(r, 'kiln_ms', '.4f')} | {r['roofline_ms']:.4f} ({r['bound']}) | "
                      f"{f(r, 'inductor_roofline_frac', '.0%')} | {f(r, 'kiln_roofline_frac', '.0%')} | {vs} | "
                      f"{f(r, 'kiln_rel_err', '.1e')}{'' if r.get('kiln_ok', True) else ' (WRONG)'} | "
-                     f"{ks.get('kernels', '-')} / {ks.get('aten_calls', '-')} |")
+                     f"{ks.get('kernels', '-')} / {ks.get('aten_calls', '-')} |"
+                     + (f" {ks['tuning_s']:.1f} |" if tuned and "tuning_s" in ks else " - |" if tuned else ""))
     lines.append("")
     for group, g in result["geomean"].items():
         lines.append(f"Geometric-mean speed-up over eager, {group} cases ({g['cases']}): "

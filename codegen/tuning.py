@@ -28,7 +28,14 @@ def _sample(t, device) -> torch.Tensor:
 
 def tune_kernels(graph: Graph, kernels: dict[str, Kernel], device: str = "cuda") -> float:
     """Tune every tunable kernel of ``graph`` on ``device``; returns the seconds spent tuning
-    (0.0 when every kernel came from the database)."""
+    (0.0 when every kernel came from the database). The compile may run under a tracing mode
+    (AOTAutograd calls its compilers inside FakeTensorMode), so tensors are made outside it."""
+    from torch.utils._python_dispatch import _disable_current_modes
+    with _disable_current_modes():
+        return _tune_all(graph, kernels, device)
+
+
+def _tune_all(graph: Graph, kernels: dict[str, Kernel], device: str) -> float:
     from . import load_kernel
     total = 0.0
     for n in graph.nodes:
