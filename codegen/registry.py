@@ -7,11 +7,14 @@ import importlib
 # node op -> "module:function" building a Kernel from (node, target, cache_dir, autotune)
 BUILDERS = {
     "kiln.fused": "kiln.codegen.cache:build",
+    "kiln.attention": "kiln.codegen.attention:build",
+    "kiln.attention_bwd": "kiln.codegen.attention:build",
 }
 
 # Kernel.meta["launcher"] -> "module:function" installing kernel.launcher
 LOADERS = {
     "loop": "kiln.codegen.loader:load_loop",
+    "attention": "kiln.codegen.attention:load",
 }
 
 

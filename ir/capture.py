@@ -87,9 +87,12 @@ def retrace(gm: fx.GraphModule, args: list) -> fx.GraphModule:
         return make_fx(gm, decomposition_table=decomposition_table(), tracing_mode="real")(*fake)
 
 
-def dynamo_backend(compile_graph: Callable[[fx.GraphModule, list, str], Callable]):
+def dynamo_backend(compile_graph: Callable[[fx.GraphModule, list, str], Callable],
+                   rewrite: Callable[[fx.GraphModule, list], fx.GraphModule] | None = None):
     """A torch.compile backend: Dynamo graph -> AOTAutograd (forward and backward, decomposed)
-    -> ``compile_graph(aten_gm, example_inputs, 'forward'|'backward'|'inference')``."""
+    -> ``compile_graph(aten_gm, example_inputs, 'forward'|'backward'|'inference')``.
+    ``rewrite(gm, example_inputs)`` runs on the Dynamo graph before AOTAutograd: a pass that
+    puts a custom op (with its own backward) in place of a pattern, such as attention."""
     from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
 
@@ -100,9 +103,12 @@ def dynamo_backend(compile_graph: Callable[[fx.GraphModule, list, str], Callable
             return make_boxed_func(compile_graph(gm, example_inputs, kind))
         return compiler
 
-    return aot_autograd(fw_compiler=wrap("forward"), bw_compiler=wrap("backward"),
-                        inference_compiler=wrap("inference"),
-                        decompositions=decomposition_table())
+    backend = aot_autograd(fw_compiler=wrap("forward"), bw_compiler=wrap("backward"),
+                           inference_compiler=wrap("inference"),
+                           decompositions=decomposition_table())
+    if rewrite is None:
+        return backend
+    return lambda gm, example_inputs: backend(rewrite(gm, example_inputs), example_inputs)
 
 
 def capture_export(model: torch.nn.Module, example_inputs: tuple) -> Graph:

@@ -99,7 +99,8 @@ def _compile_fx(gm, example_inputs, kind, options: Options):
 def kiln_backend(gm, example_inputs, options=None, **kw):
     """The ``torch.compile(model, backend="kiln", options={...})`` entry point."""
     opts = Options.make(options, **kw)
-    inner = dynamo_backend(lambda g, ex, kind: _compile_fx(g, ex, kind, opts))
+    from kiln.passes.attention_fx import rewrite_fx
+    inner = dynamo_backend(lambda g, ex, kind: _compile_fx(g, ex, kind, opts), rewrite=rewrite_fx)
     return inner(gm, example_inputs)
 
 

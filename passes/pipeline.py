@@ -4,6 +4,7 @@ from __future__ import annotations
 import time
 
 from kiln.ir import Graph
+from .attention import attention
 from .cleanup import canonicalize_views, constant_fold, cse, dce
 from .fuse import fuse
 from .memory import plan_memory
@@ -15,6 +16,7 @@ PIPELINE = [
     ("constant_fold", lambda g, o: constant_fold(g)),
     ("canonicalize_views", lambda g, o: canonicalize_views(g)),
     ("dce_after_cleanup", lambda g, o: dce(g)),
+    ("attention", attention),            # before fuse/matmul: they would take its matmuls and softmax
     ("fuse", fuse),
     ("schedule", schedule),
     ("plan_memory", plan_memory),
