@@ -40,5 +40,6 @@ def build(node: Node, target: str, cache_dir: str, autotune: bool = False) -> Ke
     meta = {"xnumel": lk.xnumel, "rnumel": lk.rnumel, "in_strides": lk.in_strides,
             "out_strides": lk.out_strides, "cache_dir": cache_dir, "autotune": bool(autotune), **extra}
     entry = meta.pop("entry", lk.name)      # numba sources name no kernel, so equal groups share one
-    k = Kernel(lk.name, lk.kind, target_used, list(dict.fromkeys(lk.ops)), src, entry, meta)
+    # one entry per IR node the kernel computes (repeats kept), so reports count ops, not op names
+    k = Kernel(lk.name, lk.kind, target_used, list(lk.ops), src, entry, meta)
     return k
