@@ -74,6 +74,7 @@ class Options:
     tiers: tuple = ("device", "host")
     quantize: str | None = None
     planner: str = "greedy"
+    ilp_time_limit: float = 2.0     # seconds for each CP-SAT solve (planner="ilp"); greedy's plan on timeout
     autotune: Any = False
     cache_dir: str = field(default_factory=_default_cache_dir)
     report: str | None = None
@@ -97,6 +98,9 @@ class Options:
                              f"{', '.join(map(str, QUANTIZE))}")
         if self.planner not in PLANNERS:
             raise ValueError(f"planner: {self.planner!r} is not valid; choose one of {', '.join(PLANNERS)}")
+        if isinstance(self.ilp_time_limit, bool) or not isinstance(self.ilp_time_limit, (int, float)) \
+                or not self.ilp_time_limit > 0:
+            raise ValueError(f"ilp_time_limit: expected a positive number of seconds, got {self.ilp_time_limit!r}")
         if not (isinstance(self.autotune, bool) or (isinstance(self.autotune, str) and
                                                      self.autotune.startswith(("http://", "https://")))):
             raise ValueError(f"autotune: expected False, True or a service URL (http://host:port), got {self.autotune!r}")

@@ -35,4 +35,7 @@ def run_pipeline(g: Graph, options, verify: bool = False) -> tuple[Graph, list[d
         if verify:
             from kiln.ir.verify import verify as check
             check(g, where=f"after pass {name}")
+            if name == "plan_memory":
+                from .validate import check_plan
+                check_plan(g)
     return g, timings

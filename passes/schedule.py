@@ -1,22 +1,186 @@
-"""Execution order. The captured order is already topological; this pass re-orders fused nodes
-so that each runs as late as its consumers allow only where that lowers live bytes (issue 4
-deepens it). For now it is a stable topological sort of the (possibly fused) node list."""
+"""Execution order that lowers peak live bytes. The captured order is topological but often
+runs every branch's producer before any consumer (all matmuls of a layer, then their
+epilogues), keeping several large tensors alive at once. A list scheduler instead picks, among
+the nodes whose inputs are ready, the one that frees the most bytes net of what it allocates
+(ties: the earlier node), which finishes a branch before starting the next.
+
+The cost of an order is what the device holds at its peak: the arena (at least the peak of
+planned buffers live at once, held for the whole graph) plus the peak of the other storage
+(ATen outputs, escaping values) that PyTorch's allocator holds. Candidates (the captured order,
+and list schedules weighing all bytes or only planned ones) are compared by that cost and the
+captured order is kept unless one is strictly lower. Steps run one after another on one
+stream, so the estimated time (the sum of step times) does not depend on the order.
+
+Order constraints beyond data edges: mutating and unknown ops are barriers (nothing moves across
+them), and random ops keep their relative order (they draw from one generator)."""
 from __future__ import annotations
 
-import networkx as nx
+from kiln.ir import Graph, Node, resolve
+from kiln.ir.ops import is_kernel_op
+from .memory import fresh_outputs, plannable
 
-from kiln.ir import Graph
+
+def _is_barrier(n: Node) -> bool:
+    if is_kernel_op(n.op):
+        return False
+    if "callable" in n.attrs:
+        return True
+    try:
+        return resolve(n.op)._schema.is_mutable
+    except KeyError:
+        return True
 
 
-def schedule(g: Graph, options=None) -> Graph:
-    prod = g.producers()
-    dag = nx.DiGraph()
-    dag.add_nodes_from(range(len(g.nodes)))
-    index = {id(n): i for i, n in enumerate(g.nodes)}
-    for i, n in enumerate(g.nodes):
+def _is_random(n: Node) -> bool:
+    import torch
+    ops = [m.op for m in n.body.all_nodes()] if n.body is not None else [n.op]
+    for op in ops:
+        try:
+            if torch.Tag.nondeterministic_seeded in resolve(op).tags:
+                return True
+        except KeyError:
+            continue
+    return False
+
+
+class _Storage:
+    """Fresh storages (root value -> bytes) and, per node, the roots it allocates and reads."""
+    def __init__(self, g: Graph, nodes: list[Node]):
+        roots: dict[str, set[str]] = {}
+        self.nbytes: dict[str, int] = {}
+        self.allocs: dict[int, list[str]] = {}
+        self.reads: dict[int, set[str]] = {}
+        self.planned: set[str] = set()       # roots that will live in the arena
+        for n in nodes:
+            reads = set().union(*(roots.get(v.name, set()) for v in n.inputs())) if n.inputs() else set()
+            self.reads[id(n)] = reads
+            if (fresh_outputs(n.op) and "callable" not in n.attrs) or plannable(n):
+                self.allocs[id(n)] = []
+                for v in n.outputs:
+                    roots[v.name] = {v.name}
+                    self.nbytes[v.name] = v.type.storage_bytes if v.type is not None else 0
+                    self.allocs[id(n)].append(v.name)
+                    if plannable(n):
+                        self.planned.add(v.name)
+            else:
+                for v in n.outputs:
+                    roots[v.name] = set(reads)
+        self.escaping = set().union(*(roots.get(v.name, set()) for v in g.output_values())) if g.outputs else set()
+        self.planned -= self.escaping
+
+
+def peak_bytes(g: Graph, nodes: list[Node] | None = None) -> int:
+    """Peak bytes of storage produced by the graph's steps and live at once, in this order."""
+    return _peaks(g, nodes, split=False)[0]
+
+
+def device_cost(g: Graph, nodes: list[Node] | None = None) -> int:
+    """Peak of planned buffers live at once (the arena's lower bound, held throughout) plus the
+    peak of the other storage: what the device holds at worst in this order."""
+    return sum(_peaks(g, nodes, split=True))
+
+
+def _peaks(g: Graph, nodes, split: bool) -> tuple[int, int]:
+    """(peak, 0), or with ``split`` (peak of planned roots, peak of the others)."""
+    nodes = g.nodes if nodes is None else nodes
+    st = _Storage(g, nodes)
+    last: dict[str, int] = {}
+    for i, n in enumerate(nodes):
+        for r in st.reads[id(n)]:
+            last[r] = i
+    cur, peak = [0, 0], [0, 0]
+    side = (lambda r: int(r not in st.planned)) if split else (lambda r: 0)  # noqa: E731
+    dies: dict[int, list[str]] = {}
+    for r, i in last.items():
+        if r not in st.escaping:
+            dies.setdefault(i, []).append(r)
+    for i, n in enumerate(nodes):
+        for r in st.allocs.get(id(n), ()):
+            cur[side(r)] += st.nbytes[r]
+        peak = [max(p, c) for p, c in zip(peak, cur)]
+        for r in dies.get(i, ()):
+            cur[side(r)] -= st.nbytes[r]
+        for r in st.allocs.get(id(n), ()):
+            if r not in last and r not in st.escaping:
+                cur[side(r)] -= st.nbytes[r]          # never read: dead right after its step
+    return peak[0], peak[1]
+
+
+def _list_schedule(seg: list[Node], st: _Storage, pending: dict[str, int], w_other: int) -> list[Node]:
+    """Greedy memory-aware order of one barrier-free segment; bytes outside the arena weigh
+    ``w_other`` (0 or 1) against planned bytes."""
+    pos = {id(n): i for i, n in enumerate(seg)}
+    prod = {v.name: n for n in seg for v in n.outputs}
+    preds: dict[int, set[int]] = {i: set() for i in range(len(seg))}
+    for i, n in enumerate(seg):
         for v in n.inputs():
             p = prod.get(v.name)
             if p is not None:
-                dag.add_edge(index[id(p)], i)
-    order = list(nx.lexicographical_topological_sort(dag))
-    return g.copy([g.nodes[i] for i in order])
+                preds[i].add(pos[id(p)])
+    rand = [i for i, n in enumerate(seg) if _is_random(n)]
+    for a, b in zip(rand, rand[1:]):
+        preds[b].add(a)
+    succs: dict[int, list[int]] = {i: [] for i in range(len(seg))}
+    for i, ps in preds.items():
+        for p in ps:
+            succs[p].append(i)
+    waiting = {i: len(ps) for i, ps in preds.items()}
+    ready = {i for i, k in waiting.items() if k == 0}
+    order: list[Node] = []
+
+    w = lambda r: st.nbytes[r] if r in st.planned else w_other * st.nbytes[r]  # noqa: E731
+
+    def score(i: int) -> int:
+        n = seg[i]
+        freed = sum(w(r) for r in st.reads[id(n)] if pending.get(r) == 1 and r not in st.escaping)
+        return freed - sum(w(r) for r in st.allocs.get(id(n), ()))
+
+    while ready:
+        i = max(ready, key=lambda j: (score(j), -j))
+        ready.remove(i)
+        n = seg[i]
+        order.append(n)
+        for r in st.reads[id(n)]:
+            pending[r] -= 1
+        for j in succs[i]:
+            waiting[j] -= 1
+            if waiting[j] == 0:
+                ready.add(j)
+    return order
+
+
+def memory_order(g: Graph, w_other: int = 1) -> list[Node]:
+    st = _Storage(g, g.nodes)
+    pending: dict[str, int] = {}
+    for n in g.nodes:
+        for r in st.reads[id(n)]:
+            pending[r] = pending.get(r, 0) + 1
+    order: list[Node] = []
+    seg: list[Node] = []
+    for n in g.nodes + [None]:
+        if n is None or _is_barrier(n):
+            order += _list_schedule(seg, st, pending, w_other)
+            seg = []
+            if n is not None:
+                order.append(n)
+                for r in st.reads[id(n)]:
+                    pending[r] -= 1
+        else:
+            seg.append(n)
+    return order
+
+
+def schedule(g: Graph, options=None) -> Graph:
+    """Reorder for a lower device peak; keep the captured order unless a candidate is lower.
+    meta["schedule"] records the device cost and the peak of all storage before and after."""
+    before = device_cost(g)
+    best, best_cost = None, before
+    for w_other in (1, 0):
+        order = memory_order(g, w_other)
+        cost = device_cost(g, order)
+        if cost < best_cost:
+            best, best_cost = order, cost
+    g2 = g.copy(best)
+    g2.meta["schedule"] = {"cost_before": before, "cost_after": best_cost, "reordered": best is not None,
+                           "peak_before": peak_bytes(g), "peak_after": peak_bytes(g2)}
+    return g2

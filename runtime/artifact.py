@@ -312,13 +312,11 @@ def _restore_layout(values: torch.Tensor, t, device: str) -> torch.Tensor:
 
 
 def _memory_plan(d: Any):
-    from kiln.passes.memory import Buffer, MemoryPlan
+    from kiln.passes.memory import MemoryPlan
     if d is None or isinstance(d, MemoryPlan):
         return d
     try:
-        bufs = {name: Buffer(name, int(nbytes), int(start), int(end), int(off))
-                for name, (off, nbytes, start, end) in d.get("buffers", {}).items()}
-        return MemoryPlan(bufs, int(d.get("arena_bytes", 0)), int(d.get("peak_bytes", 0)))
+        return MemoryPlan.from_dict(d)
     except (AttributeError, TypeError, ValueError) as e:
         raise ArtifactError(f"corrupt artifact: graph.json has a malformed memory plan ({e})") from None
 

@@ -1,5 +1,7 @@
 """CompiledGraph: runs a planned, fused graph. Steps are kernel launches (kiln.fused nodes),
-ATen calls (everything else) and frees; kernel outputs that do not escape live in one arena."""
+ATen calls (everything else) and frees; kernel outputs that do not escape live in one arena, as
+do matmul outputs (through out=). A kernel output the plan puts in place of an input gets a view
+of the same arena bytes."""
 from __future__ import annotations
 
 from typing import Any
@@ -7,8 +9,10 @@ from typing import Any
 import torch
 
 from kiln.ir import Graph, Value, map_values
-from kiln.ir.ops import is_kernel_op, run as run_aten
-from kiln.passes.memory import MemoryPlan
+from kiln.ir.ops import is_kernel_op, resolve, run as run_aten
+from kiln.passes.memory import MemoryPlan, out_variant
+
+KERNEL, OUT, ATEN = "kernel", "out", "aten"
 
 
 class InputError(ValueError):
@@ -26,6 +30,7 @@ class CompiledGraph:
         self._views: dict[torch.device, dict[str, torch.Tensor]] = {}
         self._consts = {v.name: graph.constants[v.name] for v in graph.constant_values}
         self._steps = self._prepare()
+        self._warm = False
 
     def _frees(self) -> list[list[str]]:
         last: dict[str, int] = {}
@@ -72,7 +77,7 @@ class CompiledGraph:
             views = {}
             for n in self.graph.nodes:
                 for v in n.outputs:
-                    b = self.plan.buffers.get(v.name)
+                    b = self.plan.buffer_of(v.name)
                     if b is not None and b.offset >= 0:
                         t = v.type
                         views[v.name] = arena[b.offset: b.offset + b.nbytes].view(t.dtype).as_strided(t.shape, t.strides)
@@ -80,16 +85,34 @@ class CompiledGraph:
         return views
 
     def _prepare(self) -> list:
-        """Per node: what to call and where its arguments come from, resolved once."""
+        """Per node: what to call and where its arguments come from, resolved once. Modes:
+        KERNEL launches a generated kernel; OUT calls an ATen op's out= overload with its arena
+        view (falling back to ATEN if that call fails); ATEN calls the op."""
         steps = []
         for node, frees in zip(self.graph.nodes, self._free_after):
             outs = [(v.name, v.type) for v in node.outputs]
             if is_kernel_op(node.op):
-                steps.append((True, self.kernels[node.outputs[0].name], [v.name for v in node.args],
-                              None, outs, frees))
+                in_place = any(v.name in self.plan.aliases for v in node.outputs)
+                steps.append((KERNEL, self.kernels[node.outputs[0].name], [v.name for v in node.args],
+                              in_place, outs, frees))
+            elif self.plan.buffer_of(outs[0][0]) is not None and out_variant(node.op) and len(outs) == 1:
+                steps.append((OUT, (node, resolve(out_variant(node.op))), node.args, node.kwargs, outs, frees))
             else:
-                steps.append((False, node, node.args, node.kwargs, outs, frees))
+                steps.append((ATEN, node, node.args, node.kwargs, outs, frees))
         return steps
+
+    def _run_out(self, k: int, views, get):
+        """An ATen op writing into its arena view; on failure (a device or autograd mismatch)
+        the step reverts to a plain ATen call for good."""
+        _, (node, fn), args, kwargs, outs, frees = self._steps[k]
+        view = views.get(outs[0][0])
+        if view is not None:
+            try:
+                return fn(*map_values(args, get), **map_values(kwargs, get), out=view)
+            except (RuntimeError, TypeError):
+                pass
+        self._steps[k] = (ATEN, node, args, kwargs, outs, frees)
+        return run_aten(node, map_values(args, get), map_values(kwargs, get))
 
     def __call__(self, *inputs) -> list[Any]:
         if self.check_inputs:
@@ -100,14 +123,23 @@ class CompiledGraph:
         device = next((x.device for x in inputs if isinstance(x, torch.Tensor)), torch.device("cpu"))
         views = self._arena_views(device) if self.plan.arena_bytes else {}
         get = lambda v: env[v.name]  # noqa: E731
-        for fused, what, args, kwargs, outs, frees in self._steps:
-            if fused:
+        first, self._warm = not self._warm, True
+        for k, (mode, what, args, extra, outs, frees) in enumerate(self._steps):
+            if mode is KERNEL:                  # extra: does an output overwrite an input in place?
                 res = [views.get(name) if name in views else
                        torch.empty_strided(t.shape, t.strides, dtype=t.dtype, device=device) for name, t in outs]
                 if res and res[0].numel() > 0:
-                    what.launch([env[a] for a in args], res)
+                    if extra and first:         # the first launch may autotune (re-run) the kernel,
+                        tmp = [torch.empty_like(r) for r in res]   # so it writes elsewhere once
+                        what.launch([env[a] for a in args], tmp)
+                        for r, t in zip(res, tmp):
+                            r.copy_(t)
+                    else:
+                        what.launch([env[a] for a in args], res)
+            elif mode is OUT:
+                res = [self._run_out(k, views, get)]
             else:
-                r = run_aten(what, map_values(args, get), map_values(kwargs, get))
+                r = run_aten(what, map_values(args, get), map_values(extra, get))
                 res = list(r) if isinstance(r, (tuple, list)) and len(outs) != 1 else [r]
             for (name, _), r in zip(outs, res):
                 env[name] = r

@@ -1,0 +1,162 @@
+"""Liveness, in-place reuse, out= matmuls in the arena, and the plan's serialised form. Every
+compiled function is checked against eager; every plan against the independent validator."""
+from __future__ import annotations
+
+import torch
+
+import kiln
+from kiln.ir import Graph, Node, TensorType, Value
+from kiln.passes.memory import ALIGN, MemoryPlan, liveness, plan_memory
+from kiln.passes.pipeline import run_pipeline
+from kiln.passes.validate import validate_plan
+
+
+def tt(shape, dtype=torch.float32):
+    return TensorType.of(torch.empty(shape, dtype=dtype))
+
+
+def _mm_chain() -> Graph:
+    """x@w -> view -> relu(view) ... : a matmul output, a view extending its life, an output."""
+    x, w = Value("x", tt([4, 8])), Value("w", tt([8, 8]))
+    a, av, b, c = Value("a", tt([4, 8])), Value("av", tt([32])), Value("b", tt([32])), Value("c", tt([4, 8]))
+    return Graph(inputs=[x, w], nodes=[
+        Node("aten.mm.default", (x, w), {}, [a]),
+        Node("aten.view.default", (a, [32]), {}, [av]),
+        Node("aten.relu.default", (av,), {}, [b]),
+        Node("aten.mm.default", (a, w), {}, [c])], outputs=[b, c])
+
+
+def test_liveness_views_extend_and_outputs_escape():
+    bufs = liveness(_mm_chain())
+    assert set(bufs) == {"a"}                    # c escapes (graph output); b is not an out= op
+    assert (bufs["a"].start, bufs["a"].end) == (0, 3)
+    assert bufs["a"].nbytes == 4 * 8 * 4
+
+
+def _run(fn, *args, **options):
+    torch._dynamo.reset()
+    got = kiln.compile(fn, target="cpu", **options)(*args)
+    torch.testing.assert_close(got, fn(*args), rtol=1e-4, atol=1e-5)
+    return kiln.last_report()
+
+
+def _mlp(x, w1, w2, w3):
+    h = torch.relu(x @ w1)
+    h = torch.sigmoid(h * 2.0 + 1.0)          # pointwise over h: may overwrite h in place
+    return (h @ w2).tanh() @ w3
+
+
+def _mlp_args():
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(s, generator=g) for s in ((16, 32), (32, 64), (64, 32), (32, 8))]
+
+
+def test_matmul_outputs_planned_and_correct():
+    args = _mlp_args()
+    rep = _run(_mlp, *args)
+    assert rep.memory["arena_bytes"] > 0
+    from kiln.passes.memory import out_variant
+    assert out_variant("aten.mm.default") == "aten.mm.out"
+    assert out_variant("aten.relu.default") is None
+
+
+def _compiled_graph(fn, args, **options):
+    """The planned graph kiln runs for fn (inference)."""
+    from kiln.ir.capture import dynamo_backend, from_fx
+    graphs = []
+
+    def keep(gm, ex, kind):
+        graphs.append(from_fx(gm))
+        return gm.forward
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(fn, backend=dynamo_backend(keep), dynamic=False)(*args)
+    g, _ = run_pipeline(graphs[0], kiln.Options(target="cpu", **options), verify=True)
+    return g
+
+
+def test_in_place_reuse_recorded_valid_and_run():
+    args = _mlp_args()
+    g = _compiled_graph(_mlp, args)
+    plan = g.meta["memory_plan"]
+    assert plan.aliases, "the pointwise kernel over a dying matmul output should run in place"
+    assert validate_plan(g, plan) == []
+    for v, b in plan.aliases.items():
+        assert b in plan.buffers and v not in plan.buffers
+    from kiln.runtime import CompiledGraph
+    from kiln.codegen import generate
+    cg = CompiledGraph(g, generate(g, "cpu", kiln.Options().cache_dir))
+    views = cg._arena_views(torch.device("cpu"))
+    v, b = next(iter(plan.aliases.items()))
+    assert views[v].data_ptr() == views[b].data_ptr()
+    for _ in range(3):                             # first call writes aside, later ones in place
+        torch.testing.assert_close(cg(*args)[0], _mlp(*args), rtol=1e-4, atol=1e-5)
+
+
+def test_no_in_place_when_input_is_read_later_or_broadcast():
+    def f(x, w):
+        a = x @ w
+        b = (a * 2).exp()                     # a is read again below: no reuse of a here
+        return (b @ w.t()) + a.sum()
+
+    def g_(x, w, v):
+        a = x @ w
+        return (a + v).relu() @ w.t()         # a + broadcast v has a's layout: may reuse a
+
+    x, w, v = torch.randn(8, 16), torch.randn(16, 16), torch.randn(16)
+    gf = _compiled_graph(f, [x, w])
+    plan = gf.meta["memory_plan"]
+    assert "mm" not in plan.aliases.values()
+    assert validate_plan(gf, plan) == []
+    gg = _compiled_graph(g_, [x, w, v])
+    assert list(gg.meta["memory_plan"].aliases.values()) == ["mm"]     # relu(mm + v) over mm
+    _run(f, x, w)
+    _run(g_, x, w, v)
+
+
+def test_no_in_place_when_the_kernel_also_reads_a_transpose():
+    def f(x, w):
+        a = x @ w
+        return (a + a.t()).relu() @ w
+
+    x, w = torch.randn(16, 16), torch.randn(16, 16)
+    g = _compiled_graph(f, [x, w])
+    assert "mm" not in g.meta["memory_plan"].aliases.values()
+    _run(f, x, w)
+
+
+def test_cuda_target_never_in_place():
+    g = _compiled_graph(_mlp, _mlp_args())
+    g2 = plan_memory(g, kiln.Options(target="cuda"))
+    assert g2.meta["memory_plan"].aliases == {}
+    assert validate_plan(g2, g2.meta["memory_plan"]) == []
+
+
+def test_plan_round_trips_through_dict():
+    g = _compiled_graph(_mlp, _mlp_args(), planner="ilp")
+    plan = g.meta["memory_plan"]
+    back = MemoryPlan.from_dict(plan.to_dict())
+    assert back.to_dict() == plan.to_dict()
+    assert back.planner == "ilp" and back.aliases == plan.aliases
+    assert all(b.offset % ALIGN == 0 for b in back.buffers.values())
+
+
+def test_artifact_keeps_in_place_plan(tmp_path):
+    from kiln.aot import compile_ahead
+    from kiln.runtime import load, save
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w1, self.w2, self.w3 = (torch.nn.Parameter(t) for t in _mlp_args()[1:])
+
+        def forward(self, x):
+            return _mlp(x, self.w1, self.w2, self.w3)
+    m, x = M().eval(), _mlp_args()[0]
+    compiled, _ = compile_ahead(m, (x,), {"target": "cpu"})
+    assert compiled.plan.aliases
+    save(compiled, tmp_path / "a")
+    loaded = load(tmp_path / "a")
+    assert loaded.plan.to_dict() == compiled.plan.to_dict()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x)[0], m(x), rtol=1e-4, atol=1e-5)
