@@ -7,6 +7,7 @@ import importlib
 # node op -> "module:function" building a Kernel from (node, target, cache_dir, autotune)
 BUILDERS = {
     "kiln.fused": "kiln.codegen.cache:build",
+    "kiln.matmul": "kiln.codegen.matmul:build",
     "kiln.attention": "kiln.codegen.attention:build",
     "kiln.attention_bwd": "kiln.codegen.attention:build",
 }
@@ -14,6 +15,7 @@ BUILDERS = {
 # Kernel.meta["launcher"] -> "module:function" installing kernel.launcher
 LOADERS = {
     "loop": "kiln.codegen.loader:load_loop",
+    "matmul": "kiln.codegen.matmul_launch:load_matmul",
     "attention": "kiln.codegen.attention:load",
 }
 

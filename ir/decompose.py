@@ -84,8 +84,23 @@ def cat(tensors, dim=0):
     return aten.clone.default(x, memory_format=torch.contiguous_format)
 
 
+def addmm(self, mat1, mat2, beta=1, alpha=1):
+    """The product in the operands' dtype (PyTorch's version upcasts 16-bit operands, so a bf16
+    linear became an fp32 matmul over an fp32 copy of its weight); scaling and bias after it, in
+    fp32 for 16-bit types (a matmul epilogue)."""
+    if not (self.is_floating_point() and mat1.dtype == mat2.dtype == self.dtype):
+        return NotImplemented
+    out = aten.mm.default(mat1, mat2)
+    y = out.float() if _low(out) else out
+    y = y * alpha
+    if beta != 0:
+        y = y + (self.float() if _low(self) else self) * beta
+    return y.to(out.dtype) if _low(out) else y
+
+
 def _kiln_table():
     t = {}
+    t[aten.addmm.default] = addmm
     for op in (aten.var_mean.correction,):
         t[op] = var_mean
     t[aten.var.correction] = var

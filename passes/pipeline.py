@@ -7,6 +7,7 @@ from kiln.ir import Graph
 from .attention import attention
 from .cleanup import canonicalize_views, constant_fold, cse, dce
 from .fuse import fuse
+from .matmul import matmul_fusion
 from .memory import plan_memory
 from .schedule import schedule
 
@@ -18,6 +19,7 @@ PIPELINE = [
     ("dce_after_cleanup", lambda g, o: dce(g)),
     ("attention", attention),            # before fuse/matmul: they would take its matmuls and softmax
     ("fuse", fuse),
+    ("matmul", matmul_fusion),
     ("schedule", schedule),
     ("plan_memory", plan_memory),
 ]

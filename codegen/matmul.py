@@ -1,0 +1,212 @@
+"""Render a kiln.matmul node (passes/matmul.py decided what it computes) as Triton source: a tiled
+tl.dot kernel and, for M <= 16, a GEMV kernel that streams B with wide loads; both share the
+prologue (pointwise work on each A tile) and the epilogue (the absorbed pointwise groups, on the
+fp32 accumulator). Expressions are lowered by codegen.lower and rendered by TritonRenderer, the
+same path loop kernels take, so an epilogue computes exactly what the group would.
+
+One source serves three modes (a constexpr): 0 computes and finishes a tile; 1 computes a
+K-slice and stores fp32 partials (split-K); 2 sums partials, or cuBLAS products, from the
+workspace pointers and finishes the tile, which is how an ATen matmul keeps its fused epilogue."""
+from __future__ import annotations
+
+import jinja2
+import torch
+
+from kiln.ir import Graph, Node, Value
+from kiln.ir.scalar import Const, E, Ref
+from .kernel import Kernel
+from .lower import LoopKernel, compute_dtype, lower
+from .scalar_render import TL, TritonRenderer
+from .triton_gen import HELPERS
+
+_ENV = jinja2.Environment(loader=jinja2.PackageLoader("kiln.codegen", "templates"),
+                          keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True)
+ORDER_VIEWS = {"aten.view.default", "aten._unsafe_view.default", "aten.reshape.default",
+               "aten.unsqueeze.default", "aten.squeeze.dim", "aten.squeeze.dims", "aten.squeeze.default",
+               "aten.alias.default"}
+LOW = (torch.float16, torch.bfloat16)
+
+
+def _prod(xs) -> int:
+    p = 1
+    for x in xs:
+        p *= x
+    return p
+
+
+def _decompose(var: str, sizes: list[int], prefix: str, start: int) -> list[str]:
+    lines = []
+    for i, s in enumerate(sizes):
+        inner = _prod(sizes[i + 1:])
+        e = var if inner == 1 else f"({var} // {inner})"
+        if i > 0:
+            e = f"({e} % {s})"
+        lines.append(f"{prefix}{start + i} = {e}")
+    return lines
+
+
+def index_lines(sizes: list[int], ncols: int, row: str, col: str, prefix: str) -> tuple[list[str], list[str]]:
+    """Lines defining ``prefix0..`` (the collapsed loop indices of a group's domain) at the tile
+    element (row, col) of a [rows, ncols] row-major space; split into lines that use only the row
+    and lines that need the column (those go inside a K loop)."""
+    for s in range(len(sizes) + 1):
+        if _prod(sizes[s:]) == ncols:
+            return _decompose(row, sizes[:s], prefix, 0), _decompose(col, sizes[s:], prefix, s)
+    return [], [f"{prefix}x = {row} * {ncols} + {col}"] + _decompose(f"{prefix}x", sizes, prefix, 0)
+
+
+def _addr(strides: list[int], prefix: str) -> str:
+    terms = [f"{prefix}{i} * {s}" if s != 1 else f"{prefix}{i}" for i, s in enumerate(strides) if s]
+    return " + ".join(terms) if terms else "0"
+
+
+def _rename(e, prefix: str):
+    if isinstance(e, Ref):
+        return Ref(prefix + e.name, e.dtype)
+    if isinstance(e, E):
+        return E(e.op, tuple(_rename(a, prefix) for a in e.args), e.dtype)
+    return e
+
+
+def _bind(src: str, dt: torch.dtype) -> str:
+    """A value kept in registers, read as the stored tensor would be (16-bit values round)."""
+    return f"{src}.to({TL[dt]}).to(tl.float32)" if dt in LOW else src
+
+
+class _Group:
+    """One pointwise group rendered at tile elements: its loads, statements and stores."""
+
+    def __init__(self, node: Node, prefix: str, r: TritonRenderer):
+        self.node, self.prefix, self.r = node, prefix, r
+        self.lk: LoopKernel = lower(node)
+
+    def lines(self, row: str, col: str, ncols: int, bound: dict, arg_of: dict, out_of: dict,
+              mask: str, shape: str) -> tuple[list[str], list[str]]:
+        """(row-only lines, per-element lines). ``bound``: outer value name -> register variable
+        (values in the tile's linear order); others load from kernel argument ``arg_of[name]``;
+        outputs in ``out_of`` are stored."""
+        lk, p = self.lk, self.prefix
+        rows, cols = index_lines(lk.xsizes, ncols, row, col, p + "x")
+        body = list(cols)
+        for a in lk.loads:
+            v = self.node.args[a.arg]
+            if v.name in bound:
+                body.append(f"{p}{a.var} = {_bind(bound[v.name], v.type.dtype)}")
+                continue
+            ptr = f"in{arg_of[v.name]} + ({_addr(a.xstrides, p + 'x')}) + {shape}"
+            ld = f"tl.load({ptr})" if mask is None else f"tl.load({ptr}, mask={mask}, other=0)"
+            body.append(f"{p}{a.var} = {ld}" + (f".to({TL[compute_dtype(a.dtype)]})"
+                                                 if compute_dtype(a.dtype) != a.dtype else ""))
+        for s in lk.stmts:
+            if isinstance(s.expr, Const):
+                body.append(f"{p}{s.var} = tl.full([1, 1], {self.r.literal(s.expr)}, {TL[compute_dtype(s.dtype)]})")
+            else:
+                body.append(f"{p}{s.var} = {self.r.render(_rename(s.expr, p))}")
+        for a in lk.stores:
+            v = self.node.outputs[a.arg]
+            if v.name in out_of:
+                body.append(f"tl.store(out{out_of[v.name]} + ({_addr(a.xstrides, p + 'x')}) + {shape}, "
+                            f"{p}{a.var}.to({TL[a.dtype]}), mask={mask})")
+        return rows, body
+
+    def var_of(self, v: Value) -> str:
+        i = next(i for i, o in enumerate(self.node.outputs) if o.name == v.name)
+        return self.prefix + self.lk.stores[i].var
+
+
+def _seg_epilogue(seg: dict, body: Graph, r: TritonRenderer, arg_of: dict, out_of: dict, M: int,
+                  s: int) -> list[str]:
+    nodes = {o.name: n for n in body.nodes for o in n.outputs}
+    bound = {name: f"acc{p}" for p, name in enumerate(seg["acc"])}
+    lin = set(seg["lin"])
+    lines: list[str] = []
+    count = 0
+    for name in seg["stores"]:
+        if name in bound:
+            dt = nodes[name].out.type.dtype
+            lines.append(f"tl.store(out{out_of[name]} + (r * {seg['n']} + rn2) + ezero, "
+                         f"acc{seg['acc'].index(name)}.to({TL[dt]}), mask=emask)")
+    groups = set(seg["groups"])
+    for n in body.nodes:
+        if n.op in ORDER_VIEWS and n.args[0].name in bound and n.out.name in lin:
+            bound[n.out.name] = bound[n.args[0].name]
+        elif n.op == "kiln.fused" and n.outputs[0].name in groups:
+            g = _Group(n, f"s{s}g{count}_", r)
+            count += 1
+            rows, per = g.lines("r", "rn2", seg["n"], bound, arg_of, out_of, "emask", "ezero")
+            lines += rows + per
+            for o in n.outputs:
+                if o.name in lin:
+                    bound[o.name] = g.var_of(o)
+    return lines
+
+
+def _prologue(plan: dict, body: Graph, r: TritonRenderer, arg_of: dict, dtype) -> dict | None:
+    if plan["prologue"] is None:
+        return None
+    node = next(n for n in body.nodes if n.op == "kiln.fused" and n.outputs[0].name == plan["prologue"]["group"])
+    g = _Group(node, "pro_", r)
+    rows, per = {}, {}
+    for even in (True, False):
+        rows[even], per[even] = g.lines("ra", "kk", plan["K"], {}, arg_of, {}, None if even else "kmask_a", "azero")
+        a = g.var_of(node.outputs[0])
+        per[even].append(f"a = {a}.to({TL[dtype]})" if even else
+                         f"a = tl.where(kmask_a, {a}, 0).to({TL[dtype]})")
+    return {"rows": rows[True], "even": per[True], "odd": per[False]}
+
+
+def render(node: Node) -> tuple[str, dict]:
+    plan, body = node.attrs["plan"], node.body
+    name = node.attrs["name"]
+    r = TritonRenderer()
+    arg_of = {v.name: i for i, v in enumerate(node.args)}
+    out_of = {v.name: i for i, v in enumerate(node.outputs)}
+    nodes = {o.name: n for n in body.nodes for o in n.outputs}
+    mm0 = nodes[plan["segments"][0]["acc"][0]]
+    dtype = mm0.out.type.dtype
+    a_t = mm0.args[0].type
+    M, K, bt = plan["M"], plan["K"], plan["batch"]
+    a = None if plan["a"] is None else {"ptr": f"in{plan['a']}", "sb": a_t.strides[0] if bt > 1 or a_t.rank == 3 else 0,
+                                        "sm": a_t.strides[-2], "sk": a_t.strides[-1]}
+    pro = _prologue(plan, body, r, arg_of, dtype)
+    segs, ws, t_start = [], [], "0"
+    for s, seg in enumerate(plan["segments"]):
+        bs = []
+        for p, acc in enumerate(seg["acc"]):
+            bt_ = nodes[acc].args[1].type
+            bs.append({"ptr": f"in{seg['b'][p]}", "sb": bt_.strides[0] if bt_.rank == 3 else 0,
+                       "sk": bt_.strides[-2], "sn": bt_.strides[-1], "ws": f"ws{len(ws)}"})
+            ws.append(f"ws{len(ws)}")
+        t_end = f"{t_start} + ({seg['n']} + BLOCK_N - 1) // BLOCK_N"
+        segs.append({"n": seg["n"], "bs": bs, "t_start": t_start, "t_end": t_end,
+                     "epi": _seg_epilogue(seg, body, r, arg_of, out_of, M, s)})
+        t_start = f"({t_end})"
+    params = [f"in{i}" for i in range(len(node.args))] + [f"out{i}" for i in range(len(node.outputs))] + ws
+    spans = [v.type.storage_bytes // max(v.type.itemsize, 1) for v in (*node.args, *node.outputs)]
+    wide = max(spans + [bt * M * max(s["n"] for s in segs)]) >= 2**31 - 1
+    prec = ""
+    if dtype == torch.float32:
+        prec = ", input_precision='tf32'" if torch.backends.cuda.matmul.allow_tf32 else ", input_precision='ieee'"
+    ops = [n.op for n in body.all_nodes() if not n.op.startswith("kiln.")]
+    helpers = [HELPERS[h] for h in sorted(r.helpers)]
+    src = _ENV.get_template("matmul_kernel.py.j2").render(
+        name=name, ops=list(dict.fromkeys(ops)), helpers=helpers, params=params, M=M, K=K, B=bt, a=a, pro=pro,
+        segments=segs, dtype=TL[dtype], prec=prec, wide=wide, gemv=plan["gemv"])
+    return src, {"ops": list(dict.fromkeys(ops))}
+
+
+def build(node: Node, target: str, cache_dir: str, autotune: bool = False) -> Kernel:
+    plan = node.attrs["plan"]
+    src, extra = render(node)
+    body = node.body
+    nodes = {o.name: n for n in body.nodes for o in n.outputs}
+    segs = [{"n": s["n"], "b": s["b"], "P": len(s["acc"]), "out": s["outputs"][0] if s["outputs"] else None,
+             "direct": len(s["acc"]) == 1 and not s["groups"] and s["stores"] == s["acc"]} for s in plan["segments"]]
+    first = plan["segments"][0]
+    identity = all(s["direct"] for s in segs) and plan["prologue"] is None
+    meta = {"launcher": "matmul", "cache_dir": cache_dir, "autotune": bool(autotune),
+            "in_strides": [list(v.type.strides) for v in node.args],
+            "M": plan["M"], "K": plan["K"], "batch": plan["batch"], "a": plan["a"], "segments": segs,
+            "gemv": plan["gemv"], "identity": identity, "prologue": plan["prologue"] is not None,
+            "dtype": str(nodes[first["acc"][0]].out.type.dtype).removeprefix("torch.")}
+    return Kernel(node.attrs["name"], "matmul", "triton", extra["ops"], src, node.attrs["name"], meta)

@@ -1,0 +1,127 @@
+"""Launcher of kiln.matmul kernels: picks the config (default, or tuned against cuBLAS), runs
+split-K as two passes over an fp32 workspace, and runs cuBLAS with the fused epilogue as an ATen
+product followed by the template's epilogue pass (MODE 2)."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .cache import source_path
+from .kernel import Kernel
+from .loader import FAST_LAUNCH, _conform, _import
+from .matmul_config import default_config, problem_dims
+
+EPILOGUE_CFG = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 4}
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def load_matmul(k: Kernel) -> None:
+    meta = k.meta
+    cache_dir = meta.get("cache_dir") or os.path.join(os.path.expanduser("~"), ".cache", "kiln")
+    interpret = not torch.cuda.is_available()
+    if interpret:
+        os.environ["TRITON_INTERPRET"] = "1"
+    mod = _import(source_path(cache_dir, k.source, "triton"))
+    fns = {0: getattr(mod, k.entry), 1: getattr(mod, k.entry + "_gemv", None)}
+    in_strides = [tuple(s) for s in meta["in_strides"]]
+    M, K, bt, segs = meta["M"], meta["K"], meta["batch"], meta["segments"]
+    n_ws = sum(s["P"] for s in segs)
+    ws_shapes = [(s["n"]) for s in segs for _ in range(s["P"])]
+    sms = torch.cuda.get_device_properties(0).multi_processor_count if not interpret else 132
+    state = {"cfg": meta.get("config") or default_config(meta, interpret, sms)}
+    if state["cfg"].get("ATEN") and meta["prologue"]:       # A exists only inside the kernel
+        state["cfg"] = {**default_config(meta, interpret, sms), "ATEN": 0}
+    tuned = {"done": interpret or not meta.get("autotune") or "config" in meta}
+    fast: dict = {}
+
+    def grid(cfg, splits):
+        tiles_n = sum(_cdiv(s["n"], cfg["BLOCK_N"]) for s in segs)
+        if cfg.get("GEMV"):
+            return (tiles_n, bt, splits)
+        return (_cdiv(M, cfg["BLOCK_M"]) * tiles_n, bt, splits)
+
+    def consts(cfg, mode, splits) -> dict:
+        """The constexpr arguments, in the kernels' signature order."""
+        bk = cfg["BLOCK_K"]
+        return dict(MODE=mode, SPLIT_K=splits, K_PER=_cdiv(_cdiv(K, splits), bk) * bk, EVEN_K=K % bk == 0,
+                    BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=bk, GROUP_M=cfg["GROUP_M"],
+                    UPCAST=interpret, DEFER=bool(cfg.get("DEFER", 0)), PREFETCH=bool(cfg.get("PREFETCH", 0)))
+
+    def call(cfg, mode, splits, args):
+        extra = {"num_stages": cfg["num_stages"]} if cfg.get("num_stages") else {}
+        fn = fns[1] if cfg.get("GEMV") and mode != 2 else fns[0]
+        return fn[grid(cfg, splits if mode == 1 else 1)](*args, **consts(cfg, mode, splits),
+                                                         num_warps=cfg["num_warps"], **extra)
+
+    def run_aten(ins, outs):
+        """cuBLAS products; a segment with no epilogue is written straight into its output, the
+        others get the template's epilogue pass over the products."""
+        a = ins[meta["a"]]
+        prods = []
+        for s in segs:
+            for b in s["b"]:
+                if s["direct"]:
+                    prods.append(torch.matmul(a, ins[b], out=outs[s["out"]]))
+                else:
+                    prods.append(torch.matmul(a, ins[b]))
+        if not all(s["direct"] for s in segs):
+            call({**EPILOGUE_CFG, "GEMV": 0}, 2, 1, [*ins, *outs, *prods])
+
+    def run(cfg, ins, outs):
+        if cfg.get("ATEN"):
+            return run_aten(ins, outs)
+        splits = cfg.get("SPLIT_K", 1)
+        if splits == 1:
+            return call(cfg, 0, 1, [*ins, *outs, *([ins[0]] * n_ws)])
+        ws = [torch.empty((splits, bt, M, n), dtype=torch.float32, device=outs[0].device) for n in ws_shapes]
+        call(cfg, 1, splits, [*ins, *outs, *ws])
+        call(cfg, 2, splits, [*ins, *outs, *ws])
+
+    def run_fast(cfg, ins, outs):
+        """Single-pass launches call the compiled kernel directly after the first launch (Triton's
+        dispatch costs more host time than a decode GEMV); any change of pointer alignment, which
+        the compiled kernel was specialised for, goes back through Triton."""
+        args = [*ins, *outs, *([ins[0]] * n_ws)]
+        align = tuple(t.data_ptr() % 16 == 0 for t in args)
+        ck = fast.get("k")
+        if ck is not None and fast["align"] == align:
+            ck(*args, *fast["consts"])
+            return
+        ret = call(cfg, 0, 1, args)
+        if hasattr(ret, "__getitem__"):
+            fast.update(k=ret[grid(cfg, 1)], align=align, consts=tuple(consts(cfg, 0, 1).values()))
+
+    def tune(inputs, outputs, timer=None) -> float:
+        from kiln.autotune import tuner
+        from kiln.autotune.space import Problem
+        ins = [_conform(t, s) for t, s in zip(inputs, in_strides)]
+        problem = Problem("matmul", problem_dims(meta), ins[0].dtype,
+                          {"gemv": meta["gemv"], "aten": not meta["prologue"], "identity": meta["identity"]})
+        res = tuner.tune_launch(k.source, problem, [*ins, *outputs], lambda cfg: run(cfg, ins, outputs), cache_dir,
+                                baseline=state["cfg"], timer=timer)
+        state["cfg"] = meta["config"] = res.config
+        meta["tuning_s"] = res.seconds
+        fast.clear()
+        tuned["done"] = True
+        return res.seconds
+
+    def launch(inputs, outputs):
+        if not tuned["done"]:
+            tune(inputs, outputs)
+        ins = [_conform(t, s) for t, s in zip(inputs, in_strides)]
+        cfg = state["cfg"]
+        if FAST_LAUNCH and not interpret and cfg.get("SPLIT_K", 1) == 1 and not cfg.get("ATEN") \
+                and not fast.get("off"):
+            try:
+                return run_fast(cfg, ins, outputs)
+            except Exception:       # noqa: BLE001 - a Triton without direct launches: use its dispatch
+                fast.clear()
+                fast["off"] = True
+        run(cfg, ins, outputs)
+    if not interpret:
+        launch.tune = tune
+    k.launcher = launch

@@ -1,0 +1,121 @@
+"""kiln.matmul kernels against eager PyTorch (the Triton interpreter without a GPU): mm, addmm,
+bmm, broadcast batches, transposed weights, epilogues (bias, gelu, silu*up, residual, bf16 cast),
+prologues, split-K, GEMV for M = 1..16, the cuBLAS path with a fused epilogue, horizontal fusion.
+The interpreter rounds fp32 -> bf16 toward zero (the GPU rounds to nearest), so bf16 cases get
+a few ulps of tolerance here; tests/matmul/test_matmul_gpu.py checks them tightly."""
+import pytest
+import torch
+
+import kiln
+from kiln.codegen import matmul_launch
+
+F = torch.nn.functional
+BF = torch.bfloat16
+
+
+def run(fn, *args, cfg=None, monkeypatch=None, rtol=1e-4, atol=1e-5, expect=1):
+    if cfg is not None:
+        base = matmul_launch.default_config
+        monkeypatch.setattr(matmul_launch, "default_config",
+                            lambda meta, interp, sms=132: {**base(meta, interp, sms), **cfg})
+    torch._dynamo.reset()
+    with torch.no_grad():
+        got = kiln.compile(fn, target="triton")(*args)
+        ref = fn(*args)
+    got = got if isinstance(got, tuple) else (got,)
+    ref = ref if isinstance(ref, tuple) else (ref,)
+    for g, r in zip(got, ref):
+        assert g.dtype == r.dtype and g.shape == r.shape
+        torch.testing.assert_close(g.float(), r.float(), rtol=rtol, atol=atol)
+    mm = [k for k in kiln.last_report().kernels if k["kind"] == "matmul" and k["target"] == "triton"]
+    assert len(mm) == expect, kiln.last_report().kernels
+    return mm
+
+
+@pytest.fixture(scope="module")
+def data():
+    torch.manual_seed(0)
+    return {"x": torch.randn(40, 48), "w": torch.randn(24, 48), "b": torch.randn(24), "r": torch.randn(40, 24)}
+
+
+EPILOGUES = {
+    "bias": lambda x, w, b, r: F.linear(x, w, b),
+    "bias_gelu": lambda x, w, b, r: F.gelu(F.linear(x, w, b)),
+    "residual": lambda x, w, b, r: x @ w.t() + r,
+    "scale_tanh_residual": lambda x, w, b, r: torch.tanh(F.linear(x, w, b) * 0.5) + r,
+    "mm_untransposed": lambda x, w, b, r: torch.relu(x @ w.t().contiguous()) ,
+    "output_and_epilogue": lambda x, w, b, r: (x @ w.t(), torch.sigmoid(x @ w.t()) * 2),
+}
+
+
+@pytest.mark.parametrize("name", list(EPILOGUES))
+def test_epilogues(name, data):
+    mm = run(EPILOGUES[name], data["x"], data["w"], data["b"], data["r"])
+    assert any(op not in ("aten.mm.default", "aten.view.default") for op in mm[0]["ops"])
+
+
+MODES = {"tile": {"GEMV": 0}, "splitk": {"GEMV": 0, "SPLIT_K": 3, "BLOCK_K": 16},
+         "cublas_epilogue": {"ATEN": 1}, "odd_k_blocks": {"GEMV": 0, "BLOCK_K": 32, "BLOCK_M": 32, "BLOCK_N": 16}}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_launch_modes(mode, data, monkeypatch):
+    run(lambda x, w, b, r: F.gelu(F.linear(x, w, b)) + r, data["x"], data["w"], data["b"], data["r"],
+        cfg=MODES[mode], monkeypatch=monkeypatch)
+
+
+GEMV_CFGS = {"gemv": {"GEMV": 1, "SPLIT_K": 2, "BLOCK_K": 16},
+             "gemv_defer_prefetch": {"GEMV": 1, "BLOCK_K": 16, "DEFER": 1, "PREFETCH": 1},
+             "gemv_prefetch_oddk": {"GEMV": 1, "BLOCK_K": 32, "PREFETCH": 1},
+             "tile": {"GEMV": 0, "BLOCK_M": 16}}
+
+
+@pytest.mark.parametrize("M", [1, 3, 16])
+@pytest.mark.parametrize("kernel", list(GEMV_CFGS))
+def test_gemv_sizes(M, kernel, data, monkeypatch):
+    x = torch.randn(M, 48)
+    cfg = GEMV_CFGS[kernel]
+    run(lambda x, w: F.linear(x, w) * 3, x, data["w"], cfg=cfg, monkeypatch=monkeypatch)
+
+
+def test_plain_gemv_is_a_kernel_plain_mm_stays_cublas(data):
+    run(lambda x, w: F.linear(x, w), torch.randn(2, 48), data["w"])
+    run(lambda x, w: F.linear(x, w), data["x"], data["w"], expect=0)
+
+
+def test_bmm_and_broadcast_batches():
+    torch.manual_seed(1)
+    a, b = torch.randn(3, 20, 40), torch.randn(3, 40, 24)
+    run(lambda a, b: torch.relu(torch.bmm(a, b)), a, b)
+    run(lambda a, b: torch.relu(torch.matmul(a, b[0])), a, b)                    # batch folded into M
+    run(lambda a, b: torch.relu(torch.matmul(a, b[:1].expand(3, 40, 24))), a, b)  # stride-0 batch
+    run(lambda a, b: torch.relu(torch.bmm(a, b.transpose(1, 2).contiguous().transpose(1, 2))), a, b)
+
+
+def test_bf16_epilogue_and_cast(data):
+    x, w, b = data["x"].to(BF), data["w"].to(BF), data["b"].to(BF)
+    run(lambda x, w, b: F.silu(F.linear(x, w, b)), x, w, b, rtol=4e-2, atol=4e-2)
+    run(lambda x, w: (x.float() @ w.float().t()).to(BF) * 2, x, w, rtol=4e-2, atol=4e-2)
+
+
+def test_prologues(data):
+    x, w = data["x"], data["w"]
+    mm = run(lambda x, w: torch.relu((x * 0.5 + 1) @ w.t()), x, w)
+    assert "aten.add.Tensor" in mm[0]["ops"]
+    xb, wb = x.to(BF).float(), w.to(BF).float()          # exact in bf16: only the output rounds
+    run(lambda x, w: (x.to(BF) @ w.to(BF).t()).float(), xb, wb, rtol=2e-2, atol=2e-2)
+    a = torch.randn(2, 4, 5, 12)        # A read through a permute: no contiguous copy of it is made
+    mm = run(lambda a, w: F.gelu(a.transpose(1, 2).reshape(10, 48) @ w.t()), a, w)
+    assert "aten.clone.default" in mm[0]["ops"]
+
+
+def test_horizontal_qkv_and_swiglu(data):
+    torch.manual_seed(2)
+    x = data["x"]
+    wq, wk, wv = torch.randn(32, 48), torch.randn(16, 48), torch.randn(16, 48)
+    mm = run(lambda x, q, k, v: (F.linear(x, q), F.linear(x, k) * 2, F.gelu(F.linear(x, v))), x, wq, wk, wv)
+    assert mm[0]["ops"].count("aten.mm.default") == 1 and "mm_mm_mm" in mm[0]["name"]
+    g, u = torch.randn(32, 48), torch.randn(32, 48)
+    mm = run(lambda x, g, u: F.silu(F.linear(x, g)) * F.linear(x, u), x, g, u)
+    assert "mm_mm" in mm[0]["name"]
+    run(lambda x, g, u: F.silu(F.linear(x, g)) * F.linear(x, u), x[:3], g, u)       # decode: GEMV pair

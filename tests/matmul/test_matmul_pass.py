@@ -1,0 +1,108 @@
+"""passes/matmul.py: what becomes a kiln.matmul node and what it absorbs, checked on compiled
+graphs (outputs are always compared with eager too)."""
+import json
+
+import torch
+
+import kiln
+from kiln.aot import compile_ahead
+
+F = torch.nn.functional
+
+
+def compile_graph(fn, *args, target="triton", tol=(1e-4, 1e-5), **opts):
+    compiled, _ = compile_ahead(fn, args, {"target": target, **opts})
+    with torch.no_grad():
+        got, ref = compiled(*args), fn(*args)
+    ref = ref if isinstance(ref, tuple) else (ref,)
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g, r, rtol=tol[0], atol=tol[1])
+    return compiled.graph
+
+
+def matmuls(g):
+    return [n for n in g.nodes if n.op == "kiln.matmul"]
+
+
+def ops_of(g):
+    return [n.op for n in g.nodes]
+
+
+X, W, B = torch.randn(40, 48), torch.randn(24, 48), torch.randn(24)
+
+
+def test_cpu_keeps_aten_matmuls():
+    g = compile_graph(lambda x, w, b: F.gelu(F.linear(x, w, b)), X, W, B, target="cpu")
+    assert not matmuls(g) and "aten.mm.default" in ops_of(g)
+
+
+def test_plain_matmul_stays_cublas_unless_tuning():
+    g = compile_graph(lambda x, w: x @ w.t(), X, W)
+    assert not matmuls(g)
+    torch._dynamo.reset()
+    g = compile_graph(lambda x, w: x @ w.t(), X, W, autotune=True)    # the tuner decides per shape
+    assert len(matmuls(g)) == 1
+
+
+def test_epilogue_absorbed_and_escaping_product_stored():
+    g = compile_graph(lambda x, w, b: (F.linear(x, w, b), torch.sigmoid(F.linear(x, w, b)) * 3), X, W, B)
+    [n] = matmuls(g)
+    assert len(n.outputs) == 2 and not [m for m in g.nodes if m.op == "kiln.fused"]
+    seg = n.attrs["plan"]["segments"][0]
+    assert len(seg["groups"]) >= 1 and seg["stores"] == [v.name for v in n.outputs]
+
+
+def test_reduction_consumer_not_absorbed():
+    g = compile_graph(lambda x, w: torch.softmax(x @ w.t(), -1), X, W)
+    assert not matmuls(g) and "aten.mm.default" in ops_of(g)
+
+
+def test_epilogue_reading_a_value_computed_from_the_product_is_not_absorbed():
+    def fn(x, w):
+        y = x @ w.t()
+        t = (y.t() @ y).sum()
+        return torch.relu(y) * t
+    g = compile_graph(fn, X[:8], W)
+    first = matmuls(g)[0]
+    assert first.attrs["plan"]["segments"][0]["groups"] == []
+
+
+def test_horizontal_segments_and_pairs():
+    wq, wk, wv = torch.randn(32, 48), torch.randn(16, 48), torch.randn(16, 48)
+    g = compile_graph(lambda x, q, k, v: (F.linear(x, q), F.linear(x, k), F.linear(x, v)), X, wq, wk, wv)
+    [n] = matmuls(g)
+    assert [len(s["acc"]) for s in n.attrs["plan"]["segments"]] == [1, 1, 1]
+    torch._dynamo.reset()
+    g = compile_graph(lambda x, a, b: F.silu(F.linear(x, a)) * F.linear(x, b), X, wq, wq * 2)
+    [n] = matmuls(g)
+    [seg] = n.attrs["plan"]["segments"]
+    assert len(seg["acc"]) == 2 and len(n.outputs) == 1 and n.outputs[0].type.shape == (40, 32)
+
+
+def test_computed_b_is_not_stacked():
+    def fn(x, w):
+        w2 = w * 2                                  # computed at run time: not a weight
+        return F.gelu(F.linear(x, w)), torch.relu(F.linear(x, w2))
+    g = compile_graph(fn, X, W)
+    assert len(matmuls(g)) == 2
+
+
+def test_prologue_cast_absorbed():
+    xb = X.to(torch.bfloat16).float()       # exact in bf16 (the interpreter's casts truncate)
+    g = compile_graph(lambda x, w: torch.relu((x * 2).to(torch.bfloat16) @ w.t()), xb, W.to(torch.bfloat16),
+                      tol=(2e-2, 2e-2))
+    [n] = matmuls(g)
+    assert n.attrs["plan"]["prologue"] is not None and n.attrs["plan"]["a"] is None
+    assert not [m for m in g.nodes if m.op == "kiln.fused"]
+
+
+def test_plan_is_json_and_artifact_roundtrips(tmp_path):
+    from kiln.runtime import load, save
+    fn = lambda x, w, b: F.gelu(F.linear(x, w, b))  # noqa: E731
+    compiled, _ = compile_ahead(fn, (X, W, B), {"target": "triton"})
+    [n] = matmuls(compiled.graph)
+    json.dumps(n.attrs["plan"])
+    save(compiled, str(tmp_path / "a"))
+    loaded = load(str(tmp_path / "a"))
+    torch.testing.assert_close(loaded(X, W, B)[0], fn(X, W, B), rtol=1e-4, atol=1e-5)
+    assert kiln.last_report() is not None
