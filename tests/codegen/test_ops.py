@@ -25,6 +25,8 @@ def kc(fn, *args, target="cpu", fused=True, names=None):
     output with eager; ``fused``: no op may fall back to ATen, and some kernel was generated.
     Many checks share one graph (fusion puts them in few kernels: numba compiles are the cost);
     ``names`` labels the outputs in failure messages."""
+    if target == "triton" and torch.cuda.is_available():       # a GPU: real Triton kernels
+        args = tuple(a.cuda() for a in args)
     gm = make_fx(fn, decomposition_table=decomposition_table())(*args)
     compiled, report = compile_graph(from_fx(gm), kiln.Options(target=target), verify=True)
     got = compiled(*args)

@@ -67,8 +67,9 @@ def generated_ratio(reports: list[dict]) -> tuple[float, int, int]:
 def _run(name, target, tmp_path):
     torch._dynamo.reset()
     torch.manual_seed(0)
-    model = MODELS[name]().eval()
-    inputs = INPUTS[name]()
+    dev = "cuda" if target == "triton" and torch.cuda.is_available() else "cpu"
+    model = MODELS[name]().eval().to(dev)
+    inputs = {k: v.to(dev) for k, v in INPUTS[name]().items()}
     rep = tmp_path / "report.jsonl"
     compiled = torch.compile(model, backend="kiln", options={"target": target, "report": str(rep)})
     with torch.no_grad():

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import kiln
-from .zoo import CUSTOM_OP, ZOO, build
+from .zoo import CUSTOM_OP, ZOO, build, device_for
 
 TARGETS = ["cpu", "triton"]
 RTOL, ATOL = 1e-4, 1e-5
@@ -43,7 +43,7 @@ def check_reports(name, reps):
 @pytest.mark.parametrize("name", list(ZOO))
 def test_inference(name, target, tmp_path):
     torch._dynamo.reset()
-    model, inputs = build(name)
+    model, inputs = build(name, device=device_for(target))
     model.eval()
     rep = tmp_path / "report.jsonl"
     compiled = kiln.compile(copy.deepcopy(model), target=target, report=str(rep))
@@ -65,7 +65,7 @@ def test_training_step(name, target, tmp_path):
     """One forward + backward in train mode: outputs, parameter and input gradients, and
     (batchnorm) running statistics match eager."""
     torch._dynamo.reset()
-    model, inputs = build(name)
+    model, inputs = build(name, device=device_for(target))
     model.train()
     ref = copy.deepcopy(model)
     rep = tmp_path / "report.jsonl"
@@ -100,14 +100,14 @@ def test_training_step(name, target, tmp_path):
 def test_training_loop(target, opt, name):
     """N optimizer steps with a compiled model reach the same parameters as eager."""
     torch._dynamo.reset()
-    model, inputs = build(name)
+    model, inputs = build(name, device=device_for(target))
     model.train()
     ref = copy.deepcopy(model)
     compiled = torch.compile(model, backend="kiln", options={"target": target})
     make = {"sgd": lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9),
             "adam": lambda ps: torch.optim.Adam(ps, lr=1e-2)}[opt]
     o_ref, o = make(ref.parameters()), make(model.parameters())
-    batches = [build(name, seed=10 + i)[1] for i in range(4)]
+    batches = [build(name, seed=10 + i, device=device_for(target))[1] for i in range(4)]
     for xs in batches:
         for m, optim in ((ref, o_ref), (compiled, o)):
             optim.zero_grad()

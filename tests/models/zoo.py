@@ -64,7 +64,7 @@ class Embed(nn.Module):
         self.ln = nn.LayerNorm(H)
 
     def forward(self, ids):
-        h = self.ln(self.tok(ids) + self.pos(torch.arange(ids.shape[1])))
+        h = self.ln(self.tok(ids) + self.pos(torch.arange(ids.shape[1], device=ids.device)))
         return torch.softmax(h @ self.tok.weight.t(), dim=-1)
 
 
@@ -117,7 +117,13 @@ ZOO = {
 }
 
 
-def build(name: str, seed: int = 0):
+def build(name: str, seed: int = 0, device: str = "cpu"):
     torch.manual_seed(seed)
     factory, inputs = ZOO[name]
-    return factory(), inputs()
+    return factory().to(device), tuple(x.to(device) for x in inputs())
+
+
+def device_for(target: str) -> str:
+    """Where a target's tensors live: Triton kernels need a GPU's memory when there is a GPU
+    (without one they run in the interpreter on host tensors)."""
+    return "cuda" if target == "triton" and torch.cuda.is_available() else "cpu"
