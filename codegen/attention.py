@@ -30,7 +30,8 @@ def _describe(a: dict) -> str:
             f"fill={a['fill']} dot={a['dot_dtype']}/{a['pv_dtype']} views={a['views']}")
 
 
-def render(a: dict) -> tuple[str, str]:
+def render(a: dict, tma: bool = False) -> tuple[str, str]:
+    """Source and entry; ``tma``: the forward reads K and V through tensor descriptors."""
     fwd = a["kind"] == "forward"
     entry = "attn_fwd" if fwd else "attn_bwd"
     ieee = a["dot_dtype"] == "float32" and not torch.backends.cuda.matmul.allow_tf32
@@ -39,7 +40,7 @@ def render(a: dict) -> tuple[str, str]:
     tl_of = lambda d: "tl.float32" if interp and d == "bfloat16" else _TL[d]  # noqa: E731
     src = _ENV.get_template("attention_fwd.py.j2" if fwd else "attention_bwd.py.j2").render(
         entry=entry, dot_dtype=tl_of(a["dot_dtype"]), pv_dtype=tl_of(a["pv_dtype"]),
-        precision=', input_precision="ieee"' if ieee else "")
+        precision=', input_precision="ieee"' if ieee else "", tma=tma and fwd)
     return src, entry
 
 
@@ -86,10 +87,17 @@ def load(k: Kernel) -> None:
     interpret = not torch.cuda.is_available()
     if interpret:
         os.environ["TRITON_INTERPRET"] = "1"
-    mod = _import(source_path(k.meta.get("cache_dir") or os.path.expanduser("~/.cache/kiln"), k.source, "triton"))
+    cache_dir = k.meta.get("cache_dir") or os.path.expanduser("~/.cache/kiln")
+    mods: dict = {}
+
+    def module(tma: bool = False):
+        if tma not in mods:
+            src = render(a, True)[0] if tma else k.source
+            mods[tma] = _import(source_path(cache_dir, src, "triton"))
+        return mods[tma]
     from .attention_launch import backward_launcher, forward_launcher
-    make = forward_launcher if a["kind"] == "forward" else backward_launcher
-    run = make(mod, k.entry, a, interpret)
+    run = (forward_launcher(module, k.entry, a, interpret) if a["kind"] == "forward"
+           else backward_launcher(module(), k.entry, a, interpret))
     state: dict = {}
 
     def launch(inputs, outputs):

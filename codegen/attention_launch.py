@@ -22,12 +22,34 @@ def _mask_args(mask, fallback):
     return mask, mask.stride(), 1 if mask.dtype == torch.bool else 2
 
 
-def forward_launcher(mod, entry: str, a: dict, interpret: bool):
-    fn = getattr(mod, entry)
+def tma_ok(*ts) -> bool:
+    """Tensor descriptors need unit inner strides and 16-byte aligned rows and bases."""
+    return all(t.stride(-1) == 1 and (t.stride(-2) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
+               for t in ts)
+
+
+_ALLOCATOR = []
+
+
+def _allocator() -> None:
+    """Device-side tensor descriptors take their scratch space from Triton's allocator."""
+    if not _ALLOCATOR:
+        import triton
+        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"
+                                                                      if torch.cuda.is_available() else "cpu"))
+        _ALLOCATOR.append(True)
+
+
+def forward_launcher(module, entry: str, a: dict, interpret: bool):
+    """``module(tma)``: the rendered kernel module (with TMA loads or without)."""
     scale, causal, off, fill = a["scale"], a["causal"], a["causal_offset"], float(a["fill"])
 
     def run(cfg, ts, outputs):
         q, k, v = ts[:3]
+        tma = bool(cfg.get("TMA")) and tma_ok(k, v)
+        if tma:
+            _allocator()
+        fn = getattr(module(tma), entry)
         mask, mstr, kind = _mask_args(ts[3] if len(ts) > 3 else None, q)
         out, lse = outputs
         b, h, sq, d = q.shape

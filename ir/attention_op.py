@@ -82,17 +82,24 @@ def attention_backward_math(dout, q, k, v, mask, out, lse, scale, causal, causal
     return dq.to(q.dtype), fold(dk).to(k.dtype), fold(dv).to(v.dtype)
 
 
+def _out(q: Tensor, v: Tensor, bshd: bool) -> Tensor:
+    b, h, sq, _ = q.shape
+    return q.new_empty((b, sq, h, v.shape[-1])).transpose(1, 2) if bshd else q.new_empty((b, h, sq, v.shape[-1]))
+
+
 @torch.library.custom_op("kiln::attention", mutates_args=())
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: float, causal: bool,
-              causal_offset: int, fill: float) -> tuple[Tensor, Tensor]:
+              causal_offset: int, fill: float, out_bshd: bool = False) -> tuple[Tensor, Tensor]:
+    """``out_bshd``: the output's memory holds [B, S, H, D] (as FlashAttention's), so a graph
+    traced with that layout (a following transpose + view) stays valid."""
     out, lse = attention_math(q, k, v, mask, scale, causal, causal_offset, fill)
-    return out.contiguous(), lse.contiguous()
+    return _out(q, v, out_bshd).copy_(out), lse.contiguous()
 
 
 @attention.register_fake
-def _(q, k, v, mask, scale, causal, causal_offset, fill):
+def _(q, k, v, mask, scale, causal, causal_offset, fill, out_bshd=False):
     b, h, sq, _ = q.shape
-    return (q.new_empty((b, h, sq, v.shape[-1])), q.new_empty((b, h, sq), dtype=torch.float32))
+    return _out(q, v, out_bshd), q.new_empty((b, h, sq), dtype=torch.float32)
 
 
 @torch.library.custom_op("kiln::attention_backward", mutates_args=())
@@ -109,7 +116,7 @@ def _(dout, q, k, v, mask, out, lse, scale, causal, causal_offset, fill):
 
 
 def _setup(ctx, inputs, output):
-    q, k, v, mask, scale, causal, causal_offset, fill = inputs
+    q, k, v, mask, scale, causal, causal_offset, fill, _ = inputs
     ctx.save_for_backward(q, k, v, mask, *output)
     ctx.params = (scale, causal, causal_offset, fill)
 
@@ -117,7 +124,7 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, dout, dlse):
     q, k, v, mask, out, lse = ctx.saved_tensors
     dq, dk, dv = attention_backward(dout, q, k, v, mask, out, lse, *ctx.params)
-    return dq, dk, dv, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None
 
 
 attention.register_autograd(_backward, setup_context=_setup)

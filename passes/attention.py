@@ -83,7 +83,7 @@ def kernel_for_match(m: Match, names) -> list[Node]:
 
 
 def _from_op(n: Node) -> Node:
-    q, k, v, mask, scale, causal, off, fill = n.args
+    q, k, v, mask, scale, causal, off, fill = n.args[:8]       # (out_bshd is the output's IR layout)
     b, h, sq, _ = q.type.shape
     ins = [q, k, v] + ([mask] if mask is not None else [])
     views = [_view(t.type) for t in (q, k, v)]

@@ -17,7 +17,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from kiln.ir import Graph, Node, Value, infer, map_values, resolve
+from kiln.ir import Graph, Node, Value, contiguous_strides, infer, map_values, resolve
 from kiln.ir.attention_op import OP
 from .attention import SDPA_OPS, sdpa_params
 from .attention_match import Match, NoMatch, Operand, _Ctx, find_attention
@@ -85,8 +85,13 @@ def substitute(g: Graph, needs_grad=None) -> Graph | None:
             if mask is not None and needs_grad and needs_grad(mask):
                 nodes.append(n)
                 continue
-            lse = Value(next(c.names), infer(OP, (q, k, v, mask, scale, causal, off, float("-inf")), {})[1])
-            nodes.append(Node(OP, (q, k, v, mask, scale, causal, off, float("-inf")), {}, [n.outputs[0], lse]))
+            st = n.outputs[0].type.strides        # keep the op's output layout: later views rely on it
+            args = (q, k, v, mask, scale, causal, off, float("-inf"), st[2] > st[1])
+            out_t, lse_t = infer(OP, args, {})
+            if out_t.strides != st and n.outputs[0].type.numel > 1:
+                nodes.append(n)
+                continue
+            nodes.append(Node(OP, args, {}, [n.outputs[0], Value(next(c.names), lse_t)]))
             changed = True
         else:
             nodes.append(n)
@@ -98,11 +103,12 @@ def _op_nodes(c: _Ctx, m: Match) -> list[Node]:
     c.prep = list(m.prep)
     b, h = m.batch
     scale = m.alpha
-    ts = []
+    ts, srcs = [], []
     for which, o in (("q", m.q), ("k", m.k), ("v", m.v)):
-        t, from_src = _tensor4(c, o, which, b, h)
+        t, from_src = _tensor4(c, o, which, b, h, kv_from_src=None if which != "v" else srcs[1])
         scale *= o.traced.scale if from_src and which != "v" else 1.0
         ts.append(t)
+        srcs.append(from_src)
     if len({t.type.dtype for t in ts}) != 1:
         raise NoMatch("Q, K and V in different dtypes")
     mask = m.mask
@@ -121,11 +127,14 @@ def _op_nodes(c: _Ctx, m: Match) -> list[Node]:
     return nodes
 
 
-def _tensor4(c: _Ctx, o: Operand, which: str, b: int, h: int) -> tuple[Value, bool]:
-    """The operand as a [B, heads, S, D] tensor: views of its source when the source is a plain
-    contiguous tensor (no copy, GQA kept), else a reshape of the matmul's own operand."""
+def _tensor4(c: _Ctx, o: Operand, which: str, b: int, h: int, kv_from_src=None) -> tuple[Value, bool]:
+    """The operand as a [B, heads, S, D] tensor: views of its source where view + select +
+    permute express it (no copy, GQA kept), else a reshape of the matmul's own operand. V follows
+    K (``kv_from_src``), so both carry the same number of heads."""
     src, want = o.traced.src, o.x.type.dtype
-    t = _factored_view(c, src, o.shape, o.strides, o.offset) if src.type.is_contiguous and src.type.offset == 0 else None
+    t = _factored_view(c, src, o.shape, o.strides, o.offset) if kv_from_src is not False else None
+    if t is not None and kv_from_src is None and which == "v":
+        t = None
     from_src = t is not None
     if t is None:
         x = o.x if o.x.type.rank == 3 else c.emit("aten.unsqueeze.default", o.x, 0)
@@ -143,9 +152,14 @@ def _factored_view(c: _Ctx, src: Value, shape, strides, offset) -> Value | None:
     """``as_strided(src, shape, strides, offset)`` spelt as view + select + permute (+ unsqueeze),
     which autograd differentiates cheaply, or None when those cannot express it."""
     dims = [(i, n, s) for i, (n, s) in enumerate(zip(shape, strides)) if n != 1]
-    if any(s == 0 for _, _, s in dims):
+    ty = src.type
+    if any(s == 0 for _, _, s in dims) or ty.offset != 0:
         return None
-    factors, cur = [], src.type.numel
+    order = sorted(range(ty.rank), key=lambda i: -ty.strides[i])     # the source in memory order
+    big = [i for i in order if ty.shape[i] != 1]
+    if contiguous_strides([ty.shape[i] for i in big]) != tuple(ty.strides[i] for i in big):
+        return None
+    factors, cur = [], ty.numel
     for i, n, s in sorted(dims, key=lambda d: -d[2]):
         if cur % (n * s):
             return None
@@ -163,6 +177,8 @@ def _factored_view(c: _Ctx, src: Value, shape, strides, offset) -> Value | None:
         idx.append(digit)
     if off:
         return None
+    if order != sorted(order):
+        src = c.emit("aten.permute.default", src, order)
     v = c.emit("aten.view.default", src, [f[0] for f in factors])
     for pos in reversed(range(len(factors))):
         if factors[pos][2] is None:

@@ -134,10 +134,15 @@ _RESHAPES = {"aten.view.default", "aten._unsafe_view.default", "aten.reshape.def
 
 
 def _is_reshape(n: Node) -> bool:
-    """Reindexing that keeps row-major order (leading dims regrouped, nothing broadcast or moved)."""
-    if n.op not in _RESHAPES or not isinstance(n.args[0], Value):
+    """Reindexing that keeps row-major order (dims regrouped, nothing broadcast; a permute only
+    moves size-1 dims, as einsum's lowering does)."""
+    if not n.args or not isinstance(n.args[0], Value) or n.args[0].type is None:
         return False
-    return n.args[0].type.numel == n.out.type.numel
+    if n.op == "aten.permute.default":
+        shape = n.args[0].type.shape
+        moved = [d % len(shape) for d in n.args[1] if shape[d % len(shape)] != 1]
+        return moved == sorted(moved)
+    return n.op in _RESHAPES and n.args[0].type.numel == n.out.type.numel
 
 
 def _last_dim(dims, rank: int) -> bool:
@@ -216,7 +221,6 @@ def _score_chain(c: _Ctx, x: Value):
     steps are in application order: ("scale", c) | ("add", M, coef, shape) | ("where", cond,
     keep_if_true, fill, shape) | ("shift",)."""
     steps, nodes, cur = [], [], x
-    sq_sk = tuple(x.type.shape[-2:])
     qk = None
     for _ in range(64):
         n = c.node(cur)
@@ -225,8 +229,8 @@ def _score_chain(c: _Ctx, x: Value):
         if n.op in ("aten.bmm.default", "aten.mm.default"):
             qk = n
             break
-        if tuple(n.out.type.shape[-2:]) != sq_sk or len(n.outputs) != 1:
-            raise NoMatch(f"{n.op} changes the score dims")
+        if len(n.outputs) != 1:
+            raise NoMatch(f"{n.op} has several outputs")
         nodes.append(n)
         shape = tuple(n.out.type.shape)
         if _is_reshape(n) or is_copy(n):
@@ -444,13 +448,15 @@ def match_at(c: _Ctx, pv: Node) -> Match:
     c.prep = []
     p_nodes, cur = [], pv.args[0]
     sq_sk = tuple(cur.type.shape[-2:])
-    while (sm := _softmax(c, cur)) is None:
+    while (sm := _softmax(c, cur)) is None:     # reshapes keep row-major order: the ends pin the dims
         n = c.node(cur)
-        if n is None or not (_is_reshape(n) or is_copy(n)) or tuple(n.args[0].type.shape[-2:]) != sq_sk:
+        if n is None or not (_is_reshape(n) or is_copy(n)):
             raise NoMatch("the left operand of P @ V is no softmax")
         p_nodes.append(n)
         cur = n.args[0]
     x, sm_nodes = sm
+    if x.type.shape[-1] != sq_sk[1]:
+        raise NoMatch("the softmax runs over another dim than the keys")
     qk, steps, chain_nodes = _score_chain(c, x)
     if tuple(qk.out.type.shape[-2:]) != sq_sk:
         raise NoMatch("score dims differ")
