@@ -36,8 +36,9 @@ def compile_graph(graph: Graph, options: Options, kind: str = "inference",
         t2 = time.perf_counter()
         tuning_s = tune_kernels(g, kernels)
         timings.append({"name": "autotune", "ms": (time.perf_counter() - t2) * 1e3})
-    compiled = CompiledGraph(g, kernels)
-    if options.cudagraphs and kind == "inference" and target in ("triton", "cuda") and torch.cuda.is_available():
+    compiled = CompiledGraph(g, kernels, transient_arena=kind != "inference")  # training: free between graphs
+    if options.cudagraphs and kind == "inference" and target in ("triton", "cuda") and torch.cuda.is_available() \
+            and "cache_schedule" not in g.meta:     # tier transfers sync with the host: no graph replay
         from kiln.runtime.cudagraphs import CudaGraphRunner
         compiled = CudaGraphRunner(compiled)
     report = make_report(g, kernels, n_nodes, timings, kind, target)
@@ -66,7 +67,14 @@ def make_report(g: Graph, kernels: dict, n_nodes: int, timings, kind: str, targe
             fallbacks.append(n.op)
     plan = g.meta.get("memory_plan")
     mem = {"peak_bytes": plan.peak_bytes if plan else 0, "arena_bytes": plan.arena_bytes if plan else 0,
-           "per_tier": {"device": plan.arena_bytes if plan else 0}, "transfers_bytes": 0}
+           "per_tier": {"device": plan.arena_bytes if plan else 0, "host": 0, "disk": 0}, "transfers_bytes": 0}
+    sched = g.meta.get("cache_schedule")
+    if sched is not None:           # weights visit the device: the device tier holds the pool too
+        mem["per_tier"] = {"device": sched.sim["device_peak"], "host": sched.sim["peak"]["host"],
+                           "disk": sched.sim["peak"]["disk"]}
+        mem["transfers_bytes"] = sched.sim["transfer_bytes"]
+        mem["tiers"] = {"planner": sched.planner, "budget": sched.budget, "pool_bytes": sched.pool_bytes,
+                        "simulated_s": sched.sim["time_s"], "warmup_bytes": sched.sim["warmup_bytes"]}
     return CompileReport(graph_nodes=n_nodes, kernels=entries, fallback_ops=fallbacks, memory=mem,
                          passes=timings, graph_kind=kind, target=target)
 
@@ -89,18 +97,33 @@ class _ShapeSpecialized:
         return fn(*args)
 
 
-def _compile_fx(gm, example_inputs, kind, options: Options):
+def _compile_fx(gm, example_inputs, kind, options: Options, params=()):
     if is_symbolic(gm):
         return _ShapeSpecialized(gm, options, kind)
-    compiled, _ = compile_graph(from_fx(gm), options, kind)
+    g = from_fx(gm)
+    if kind != "backward":
+        g.meta["weight_inputs"] = _parameter_inputs(g, params)
+    compiled, _ = compile_graph(g, options, kind)
     return compiled
+
+
+def _parameter_inputs(g: Graph, params=()) -> list[str]:
+    """Names of graph inputs that are the module's parameters: AOTAutograd lifts them to inputs
+    in Dynamo's order (``params``: their positions there) and lists static inputs in its metadata."""
+    try:
+        ctx = torch._guards.TracingContext.try_get()
+        idx = set(ctx.fw_metadata.static_input_indices) if ctx is not None and ctx.fw_metadata is not None else set()
+    except AttributeError:
+        idx = set()
+    return [g.inputs[i].name for i in sorted(idx | set(params)) if i < len(g.inputs)]
 
 
 def kiln_backend(gm, example_inputs, options=None, **kw):
     """The ``torch.compile(model, backend="kiln", options={...})`` entry point."""
     opts = Options.make(options, **kw)
     from kiln.passes.attention_fx import rewrite_fx
-    inner = dynamo_backend(lambda g, ex, kind: _compile_fx(g, ex, kind, opts), rewrite=rewrite_fx)
+    params = [i for i, x in enumerate(example_inputs) if isinstance(x, torch.nn.Parameter)]
+    inner = dynamo_backend(lambda g, ex, kind: _compile_fx(g, ex, kind, opts, params), rewrite=rewrite_fx)
     return inner(gm, example_inputs)
 
 

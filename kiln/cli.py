@@ -137,7 +137,7 @@ def cmd_explain(args) -> int:
     from kiln.runtime import load
     from .aot import compile_ahead, load_spec
 
-    sections = tuple(s for s in SECTIONS if getattr(args, s)) or SECTIONS
+    sections = tuple(s for s in SECTIONS if getattr(args, s)) or (() if args.memory else SECTIONS)
     if os.path.isdir(args.what):
         compiled = load(args.what)
     else:
@@ -145,6 +145,18 @@ def cmd_explain(args) -> int:
         model, inputs = load_spec(args.what)
         compiled, _ = compile_ahead(model, inputs, opts)
     explain(compiled.graph, compiled.kernels, sections)
+    if args.memory:
+        from .memory_plot import describe, draw
+        sched = compiled.graph.meta.get("cache_schedule")
+        if sched is None:
+            raise ValueError("--memory needs a tier plan: give --memory-budget (the device tier's capacity)")
+        if isinstance(sched, dict):
+            from kiln.passes.cache_schedule import CacheSchedule
+            sched = CacheSchedule.from_dict(sched)
+        print("== tiers ==")
+        print(describe(sched))
+        draw(sched, args.memory)
+        print(f"wrote {args.memory}")
     return 0
 
 
@@ -228,6 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--groups", action="store_true", help="the fusion groups (kind and ops)")
     e.add_argument("--plan", action="store_true", help="the memory plan")
     e.add_argument("--kernels", action="store_true", help="the generated kernel sources")
+    e.add_argument("--memory", metavar="PLOT.png",
+                   help="with --memory-budget: summarise the tier plan and draw each tier's occupancy "
+                        "and the transfers over time into PLOT.png (needs matplotlib)")
     compile_args(e)
     e.set_defaults(func=cmd_explain)
 

@@ -23,15 +23,15 @@ def parse_bytes(value: Any, what: str = "memory_budget") -> int:
     if isinstance(value, (int, float)):
         n = value
     elif isinstance(value, str):
-        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", value)
+        m = re.fullmatch(r"\s*([-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([a-zA-Z]*)\s*", value)
         if not m or m.group(2).lower() not in _UNITS:
             raise ValueError(f"{what}: cannot parse {value!r}; use bytes or a string like '6GiB', "
                              f"'512MB' (units: {', '.join(u for u in _UNITS if u)})")
         n = float(m.group(1)) * _UNITS[m.group(2).lower()]
     else:
         raise ValueError(f"{what}: expected bytes (int) or a string like '6GiB', got {type(value).__name__}")
-    if n <= 0:
-        raise ValueError(f"{what}: must be positive, got {value!r}")
+    if not n > 0 or n == float("inf"):
+        raise ValueError(f"{what}: must be a positive, finite number of bytes, got {value!r}")
     return int(n)
 
 
@@ -60,6 +60,39 @@ class TierSpec:
         if t.name not in TIER_NAMES:
             raise ValueError(f"tiers: unknown tier {t.name!r}; valid: {', '.join(TIER_NAMES)}")
         return t
+
+
+# Default bandwidths to/from the device tier (bytes/s), where a tier spec gives none:
+#   cuda: device 2 TB/s (HBM, for reference), host 25 GB/s (pinned copies over PCIe 4 x16;
+#         PCIe 5 machines reach ~50: pass the measured figure, bench/offload.py does),
+#         disk 2 GB/s (an NVMe read);
+#   cpu:  device 20 GB/s, host 8 GB/s (a single-thread memcpy between the CPU tiers' arenas),
+#         disk 1.5 GB/s.
+TIER_BANDWIDTH = {"cuda": {"device": 2.0e12, "host": 25e9, "disk": 2e9},
+                  "cpu": {"device": 20e9, "host": 8e9, "disk": 1.5e9}}
+
+
+def machine_tier(t: TierSpec, device: str, cache_dir: str) -> TierSpec:
+    """Fill a tier's missing capacity and bandwidth from the machine: device = free GPU memory
+    (torch.cuda.mem_get_info; unlimited on the CPU), host = MemAvailable in /proc/meminfo,
+    disk = free space under cache_dir (shutil.disk_usage); bandwidths from TIER_BANDWIDTH."""
+    cap = t.capacity
+    if cap is None:
+        try:
+            if t.name == "device" and device == "cuda":
+                import torch
+                cap = int(torch.cuda.mem_get_info()[0])
+            elif t.name == "host":
+                with open("/proc/meminfo") as f:
+                    cap = next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("MemAvailable:"))
+            elif t.name == "disk":
+                import shutil
+                path = cache_dir if os.path.isdir(cache_dir) else os.path.dirname(os.path.abspath(cache_dir)) or "."
+                cap = int(shutil.disk_usage(path).free)
+        except (OSError, StopIteration, RuntimeError, ValueError):
+            cap = None                      # unknown: unlimited
+    bw = t.bandwidth if t.bandwidth is not None else TIER_BANDWIDTH.get(device, TIER_BANDWIDTH["cpu"])[t.name]
+    return TierSpec(t.name, cap, bw)
 
 
 def _default_cache_dir() -> str:
@@ -132,3 +165,7 @@ class Options:
             return self.target
         import torch
         return "triton" if torch.cuda.is_available() else "cpu"
+
+    def resolved_tiers(self, device: str = "cpu") -> tuple:
+        """The tiers with what the spec leaves out read from the machine (see machine_tier)."""
+        return tuple(machine_tier(t, device, self.cache_dir) for t in self.tiers)

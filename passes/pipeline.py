@@ -8,8 +8,10 @@ from .attention import attention
 from .cleanup import canonicalize_views, constant_fold, cse, dce
 from .fuse import fuse
 from .matmul import matmul_fusion
+from .cache_schedule import schedule_cache
 from .memory import plan_memory
 from .schedule import schedule
+from .tiers import map_tiers
 
 PIPELINE = [
     ("dce", lambda g, o: dce(g)),
@@ -22,6 +24,8 @@ PIPELINE = [
     ("matmul", matmul_fusion),
     ("schedule", schedule),
     ("plan_memory", plan_memory),
+    ("map_tiers", map_tiers),            # both no-ops unless memory_budget (or tiers) is set
+    ("schedule_cache", schedule_cache),
 ]
 
 

@@ -29,6 +29,11 @@ class CompiledGraph:
         self._free_after = self._frees()
         self._views: dict[torch.device, dict[str, torch.Tensor]] = {}
         self._consts = {v.name: graph.constants[v.name] for v in graph.constant_values}
+        self._tiers = None
+        if graph.meta.get("cache_schedule") is not None:    # weights visit the device as planned
+            from kiln.runtime.tiers import TierRuntime
+            self._tiers = TierRuntime(graph, graph.meta["cache_schedule"], self.plan.arena_bytes)
+            self._consts = {k: v for k, v in self._consts.items() if k not in self._tiers.planned}
         self._steps = self._prepare()
         self._warm = False
 
@@ -122,9 +127,14 @@ class CompiledGraph:
             env[v.name] = x
         device = next((x.device for x in inputs if isinstance(x, torch.Tensor)), torch.device("cpu"))
         views = self._arena_views(device) if self.plan.arena_bytes else {}
+        tiers = self._tiers
+        if tiers is not None:
+            tiers.begin(env, inputs, device, next(iter(views.values()), None))   # an arena view, if any
         get = lambda v: env[v.name]  # noqa: E731
         first, self._warm = not self._warm, True
         for k, (mode, what, args, extra, outs, frees) in enumerate(self._steps):
+            if tiers is not None:
+                tiers.before(k, env)
             if mode is KERNEL:                  # extra: does an output overwrite an input in place?
                 res = [views.get(name) if name in views else
                        torch.empty_strided(t.shape, t.strides, dtype=t.dtype, device=device) for name, t in outs]
@@ -145,4 +155,8 @@ class CompiledGraph:
                 env[name] = r
             for name in frees:
                 env.pop(name, None)
+            if tiers is not None:
+                tiers.after(k, env)
+        if tiers is not None:
+            tiers.end(env)
         return [map_values(o, get) for o in self.graph.outputs]
