@@ -14,9 +14,10 @@ Shape of the generated code (every choice measured on a 2-core AVX-512 CPU, fp32
   min use ``llvm.maximum``/``llvm.minimum`` (NaN-propagating like torch), which vectorise where
   a compare-and-select with a NaN test does not. The prologue is recomputed in each pass over a
   row (a row of 2048 fp32 is 8 KiB and stays in L1).
-- fp32 exp/erf/tanh are polynomial helpers emitted into the source (NumbaRenderer): libm calls
-  are scalar and stop the loop from vectorising (numba's SVML path needs an SVML-patched LLVM,
-  which the llvmlite wheels are not).
+- fp32 exp/erf/tanh are polynomial helpers (numba_math, called by NumbaRenderer's output): libm
+  calls are scalar and stop the loop from vectorising (numba's SVML path needs an SVML-patched
+  LLVM, which the llvmlite wheels are not). The header carries numba_math's source hash, so a
+  change there gives every kernel a new file and a fresh numba cache entry.
 - the source holds no kernel name, so identical groups share one file, one module and one numba
   compilation (the entry is always ``kernel``).
 """
@@ -24,154 +25,17 @@ from __future__ import annotations
 
 import jinja2
 
-from kiln.ir.scalar import Const, neutral
+from kiln.ir.scalar import Const, E, neutral
 from .lower import LoopKernel, Reduce, compute_dtype
+from .numba_math import EXPORTS, SOURCE_HASH
 from .scalar_render import NP, NumbaRenderer
-from .schedule_stmts import plan_stages
+from .schedule_stmts import Stage, plan_stages, refs
 
 _ENV = jinja2.Environment(loader=jinja2.PackageLoader("kiln.codegen", "templates"),
                           keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True)
 
 ENTRY = "kernel"
 FASTMATH = '{"reassoc", "contract", "nsz", "arcp"}'
-
-# helper sources a kernel may need, by the name NumbaRenderer (or render) records in .helpers;
-# each is emitted into the kernel's own source so its content hash covers them.
-_LLVM = """from llvmlite import ir as _llvm_ir
-from numba import types as _nbt
-from numba.core import cgutils as _cgutils
-from numba.extending import intrinsic"""
-
-HELPERS = {
-    "idiv": (), "i32_as_f32": (), "fminmax": (), "exp32": ("i32_as_f32",), "erf32": (), "tanh32": (),
-    "rsqrt32": (), "rsqrt64": (),
-}
-
-HELPER_SRC = {
-    "idiv": '''@numba.njit(inline="always")
-def _idiv_trunc(a, b):
-    q = abs(a) // abs(b)
-    return -q if (a < 0) != (b < 0) else q
-
-
-@numba.njit(inline="always")
-def _idiv_floor(a, b):
-    q = _idiv_trunc(a, b)
-    return q - 1 if (q * b != a) and ((a < 0) != (b < 0)) else q
-
-
-@numba.njit(inline="always")
-def _idiv_mod(a, b):
-    return a - _idiv_floor(a, b) * b
-
-
-@numba.njit(inline="always")
-def _idiv_fmod(a, b):
-    return a - _idiv_trunc(a, b) * b''',
-    "i32_as_f32": '''@intrinsic
-def _i32_as_f32(typingctx, i):
-    """The float32 whose bits are the int32 ``i`` (a bitcast; vectorises)."""
-    def codegen(context, builder, sig, args):
-        return builder.bitcast(args[0], _llvm_ir.FloatType())
-    return _nbt.float32(_nbt.int32), codegen''',
-    "fminmax": '''def _llvm_binary(name):
-    @intrinsic
-    def f(typingctx, a, b):
-        """llvm.maximum / llvm.minimum: NaN-propagating like torch, and vectorisable as a reduction."""
-        if not (isinstance(a, _nbt.Float) and a == b):
-            return None
-        def codegen(context, builder, sig, args):
-            ty = args[0].type
-            fn = _cgutils.get_or_insert_function(builder.module, _llvm_ir.FunctionType(ty, [ty, ty]),
-                                                 f"llvm.{name}.f{a.bitwidth}")
-            return builder.call(fn, args)
-        return a(a, a), codegen
-    return f
-
-
-_fmaximum = _llvm_binary("maximum")
-_fminimum = _llvm_binary("minimum")''',
-    "exp32": '''@numba.njit(fastmath={"contract", "nsz"}, error_model="numpy")
-def _exp32(x):
-    """float32 exp (Cephes expf: Cody-Waite reduction, degree-5 polynomial, 2^n by bit
-    construction): < 1 ulp, vectorisable; exp(-inf) = 0, exp(+inf) = inf, NaN propagates."""
-    xc = min(max(x, np.float32(-104.0)), np.float32(88.75))
-    fx = np.floor(xc * np.float32(1.4426950408889634) + np.float32(0.5))
-    r = xc - fx * np.float32(0.693359375)
-    r = r - fx * np.float32(-2.12194440e-4)
-    p = np.float32(1.9875691500e-4)
-    p = p * r + np.float32(1.3981999507e-3)
-    p = p * r + np.float32(8.3334519073e-3)
-    p = p * r + np.float32(4.1665795894e-2)
-    p = p * r + np.float32(1.6666665459e-1)
-    p = p * r + np.float32(5.0000001201e-1)
-    y = p * (r * r) + r + np.float32(1.0)
-    n = np.int32(fx)
-    n1 = n >> np.int32(1)
-    y = y * _i32_as_f32((n1 + np.int32(127)) << np.int32(23)) * _i32_as_f32((n - n1 + np.int32(127)) << np.int32(23))
-    y = np.float32(0.0) if x < np.float32(-104.0) else y
-    y = np.float32(np.inf) if x > np.float32(88.72283935546875) else y
-    return x if x != x else y''',
-    "erf32": '''@numba.njit(fastmath={"contract", "nsz"}, error_model="numpy")
-def _erf32(x):
-    """float32 erf: the rational approximation Eigen and XLA use (odd 9/even 12), within
-    ~4e-7 absolute, saturating to +-1 beyond |x| = 3.8325; vectorisable."""
-    x2 = x * x
-    p = np.float32(0.00022905065861350646)
-    p = p * x2 + np.float32(0.0034082910107109506)
-    p = p * x2 + np.float32(0.050955695062380861)
-    p = p * x2 + np.float32(0.18520832239976145)
-    p = p * x2 + np.float32(1.128379143519084)
-    q = np.float32(-1.1791602954361697e-7)
-    q = q * x2 + np.float32(0.000023547966471313185)
-    q = q * x2 + np.float32(0.0010179625278914885)
-    q = q * x2 + np.float32(0.014070470171167667)
-    q = q * x2 + np.float32(0.11098505178285362)
-    q = q * x2 + np.float32(0.49746925110067538)
-    q = q * x2 + np.float32(1.0)
-    y = x * p / q
-    s = np.float32(1.0) if x > np.float32(0.0) else np.float32(-1.0)
-    return s if abs(x) >= np.float32(3.832506856900711) else y''',
-    "tanh32": '''@numba.njit(fastmath={"contract", "nsz"}, error_model="numpy")
-def _tanh32(x):
-    """float32 tanh: Eigen's odd 13/6 rational approximation on [-7.9053, 7.9053], +-1 beyond
-    (within 3e-7 of tanh there), x itself below |x| = 4e-4; a few ulp, vectorisable."""
-    xc = min(max(x, np.float32(-7.90531110763549805)), np.float32(7.90531110763549805))
-    x2 = xc * xc
-    p = np.float32(-2.76076847742355e-16)
-    p = p * x2 + np.float32(2.00018790482477e-13)
-    p = p * x2 + np.float32(-8.60467152213735e-11)
-    p = p * x2 + np.float32(5.12229709037114e-08)
-    p = p * x2 + np.float32(1.48572235717979e-05)
-    p = p * x2 + np.float32(6.37261928875436e-04)
-    p = p * x2 + np.float32(4.89352455891786e-03)
-    q = np.float32(1.19825839466702e-06)
-    q = q * x2 + np.float32(1.18534705686654e-04)
-    q = q * x2 + np.float32(2.26843463243900e-03)
-    q = q * x2 + np.float32(4.89352518554385e-03)
-    y = xc * p / q
-    y = (np.float32(1.0) if x > np.float32(0.0) else np.float32(-1.0)) if abs(x) >= np.float32(7.90531110763549805) else y
-    y = x if abs(x) < np.float32(0.0004) else y
-    return x if x != x else y''',
-    "rsqrt32": '''@numba.njit(fastmath={"contract", "nsz"}, error_model="numpy")
-def _rsqrt32(x):
-    return np.float32(1.0) / math.sqrt(x)''',
-    "rsqrt64": '''@numba.njit(fastmath={"contract", "nsz"}, error_model="numpy")
-def _rsqrt64(x):
-    return 1.0 / math.sqrt(x)''',
-}
-
-
-def helper_sources(names) -> list[str]:
-    """The helpers named and those they depend on, dependencies first, in a fixed order."""
-    need: set[str] = set()
-    stack = list(names)
-    while stack:
-        h = stack.pop()
-        if h not in need:
-            need.add(h)
-            stack.extend(HELPERS[h])
-    return [HELPER_SRC[h] for h in HELPERS if h in need]
 CHUNK = 4096            # elements per row when a pointwise kernel has a single (flat) dim
 GRAIN = 1 << 16         # least work (elements x passes) worth handing to another thread
 
@@ -200,9 +64,84 @@ def _decompose(var: str, sizes: list[int], prefix: str) -> list[str]:
     return lines
 
 
+EXPENSIVE = {"exp", "exp2", "expm1", "log", "log2", "log10", "log1p", "erf", "tanh", "sigmoid", "gelu",
+             "gelu_tanh", "sin", "cos", "tan", "sinh", "cosh", "pow"}
+
+
+def _expensive(e) -> bool:
+    return isinstance(e, E) and (e.op.rstrip("_") in EXPENSIVE or any(_expensive(a) for a in e.args))
+
+
+def _stash(lk: LoopKernel, stages, final):
+    """Softmax-like kernels: the final pass over a row recomputes an expensive value (exp(x - max))
+    that the last reduction pass already computed. Instead, that pass writes the value into the
+    output row, and the final pass reads it back (from L1: a row is a few KiB) and overwrites
+    it. Returns (var, output access used as the row buffer, the final stage without the
+    recomputation), or None. Only for reductions (never run in place, so the output aliases no
+    input) whose final pass stores one xr output of the value's own dtype, walking every r dim."""
+    if final is None or not stages:
+        return None
+    last = stages[-1]
+    mine = {s.var: s for s in last.loop_stmts}
+    theirs = {s.var: s for s in final.loop_stmts}
+    common = set(mine) & set(theirs)
+    stores = [a for a in lk.stores if a.space == "xr"]
+    store_vars = {a.var for a in stores}
+    # values of the shared cone that the final pass uses directly (outside the shared cone)
+    used = {r for s in final.loop_stmts if s.var not in common for r in refs(s.expr)} | store_vars
+    cands = [v for v in common if v in used and v not in store_vars]
+    if len(cands) != 1:
+        return None
+    var = cands[0]
+
+    def cone_expensive(v, seen=None):
+        seen = seen if seen is not None else set()
+        if v in seen or v not in mine:
+            return False
+        seen.add(v)
+        e = mine[v].expr
+        return _expensive(e) or any(cone_expensive(r, seen) for r in refs(e))
+    if not cone_expensive(var):
+        return None
+    dt = compute_dtype(mine[var].dtype)
+    buf = next((a for a in stores if a.dtype == dt and all(a.rstrides)), None)
+    if buf is None:
+        return None
+    need: set[str] = set()
+    stack = [a.var for a in stores]
+    while stack:
+        v = stack.pop()
+        if v in need or v == var:
+            continue
+        need.add(v)
+        if v in theirs:
+            stack.extend(refs(theirs[v].expr))
+    new_final = Stage(None, [a for a in final.loop_loads if a.var in need],
+                      [s for s in final.loop_stmts if s.var in need], [])
+    return var, buf, new_final
+
+
+def _in_place_pairs(lk: LoopKernel) -> list[tuple[int, int]]:
+    """(output, input) pairs of a pointwise kernel that the memory planner may run in place:
+    every load of the input reads exactly the element the output's store writes, in its dtype.
+    When they share memory at run time, LLVM's run-time alias check fails and the loop runs
+    its scalar version (measured 13x slower for bias+GELU+residual); the entry point then calls a
+    variant that stores through the input's own array instead, which vectorises (same base, same
+    index). Variants compile lazily, on their first call, so a kernel never run in place pays
+    nothing for them."""
+    pairs = []
+    for st in lk.stores:
+        for i in sorted({a.arg for a in lk.loads}):
+            loads = [a for a in lk.loads if a.arg == i]
+            if all(a.dtype == st.dtype and a.xstrides == st.xstrides and a.rstrides == st.rstrides for a in loads):
+                pairs.append((st.arg, i))
+    return pairs
+
+
 def render(lk: LoopKernel) -> tuple[str, dict]:
     rnd = NumbaRenderer()
     L: list[str] = []
+    variants: list[tuple[int, int, list[str]]] = []      # (output, input it aliases, body)
     xvars = [f"x{i}" for i in range(len(lk.xsizes))]
     rvars = [f"r{i}" for i in range(len(lk.rsizes))]
     ind = "    "
@@ -211,8 +150,8 @@ def render(lk: LoopKernel) -> tuple[str, dict]:
         v = f"in{a.arg}[{_addr(a, xvars, rvars)}]"
         return f"{a.var} = {NP[compute_dtype(a.dtype)]}({v})" if a.dtype in NP else f"{a.var} = {v}"
 
-    def store(a):
-        return f"out{a.arg}[{_addr(a, xvars, rvars)}] = {a.var}"
+    def store(a, into=None):
+        return f"{into or f'out{a.arg}'}[{_addr(a, xvars, rvars)}] = {a.var}"
 
     def stmt(s):
         return f"{s.var} = {rnd.render(s.expr)}"
@@ -233,8 +172,13 @@ def render(lk: LoopKernel) -> tuple[str, dict]:
             L.append(f"{ind}for x{len(xs) - 1} in range({U(xs[-1])}):")
         if not lk.xsizes:
             xvars = []
-        body = [load(a) for a in lk.loads] + [stmt(s) for s in lk.stmts] + [store(a) for a in lk.stores]
-        L += [ind * 2 + line for line in body]
+        head = list(L)
+        body = [load(a) for a in lk.loads] + [stmt(s) for s in lk.stmts]
+        L += [ind * 2 + line for line in body + [store(a) for a in lk.stores]]
+        for j, i in _in_place_pairs(lk):
+            into = {j: f"in{i}"}
+            variants.append((j, i, head + [ind * 2 + line for line in
+                                           body + [store(a, into.get(a.arg)) for a in lk.stores]]))
         passes = 1
     else:
         pre, stages, final = plan_stages(lk)
@@ -244,13 +188,19 @@ def render(lk: LoopKernel) -> tuple[str, dict]:
         L += [ind + load(a) for a in lk.loads if a.space == "x"]
         L += [ind + stmt(s) for s in pre]
 
-        def loop(stage, tail):
+        def loop(stage, tail, head=()):
             depth = 1
             for rv, rs in zip(rvars, lk.rsizes):
                 L.append(f"{ind * depth}for {rv} in range({U(rs)}):")
                 depth += 1
-            inner = [load(a) for a in stage.loop_loads] + [stmt(s) for s in stage.loop_stmts] + tail
+            inner = list(head) + [load(a) for a in stage.loop_loads] + [stmt(s) for s in stage.loop_stmts] + tail
             L.extend(ind * depth + line for line in inner)
+
+        stash = _stash(lk, stages, final)
+        if stash is not None:
+            var, sa, final = stash
+            L_stash = f"out{sa.arg}[{_addr(sa, xvars, rvars)}] = {var}"
+            stash_load = f"{var} = {NP[compute_dtype(sa.dtype)]}(out{sa.arg}[{_addr(sa, xvars, rvars)}])"
 
         for st in stages:
             rd: Reduce = st.reduce.expr
@@ -266,14 +216,14 @@ def render(lk: LoopKernel) -> tuple[str, dict]:
                        "max": f"{a} = {src} if {src} > {a} else {a}",
                        "min": f"{a} = {src} if {src} < {a} else {a}",
                        "any": f"{a} = {a} | {src}", "all": f"{a} = {a} & {src}"}[rd.kind]
-            loop(st, [upd])
+            loop(st, [upd] + ([L_stash] if stash is not None and st is stages[-1] else []))
             if rd.kind == "mean":
                 cnt = rnd.literal(Const(float(rd.count), rd.acc_dtype)) if rd.acc_dtype.is_floating_point \
                     else repr(float(rd.count))
                 L.append(f"{ind}{a} = {NP[rd.acc_dtype]}({a} / {cnt})")
             L += [ind + stmt(s) for s in st.after]
         if final is not None:
-            loop(final, [store(a) for a in lk.stores if a.space == "xr"])
+            loop(final, [store(a) for a in lk.stores if a.space == "xr"], [stash_load] if stash is not None else [])
         L += [ind + store(a) for a in lk.stores if a.space == "x"]
         passes = len(stages) + (final is not None)
     # enough rows per thread that each chunk carries at least GRAIN element-passes
@@ -282,9 +232,9 @@ def render(lk: LoopKernel) -> tuple[str, dict]:
     text = "\n".join(L)
     if "_idiv_" in text:
         rnd.helpers.add("idiv")
-    helpers = helper_sources(rnd.helpers)
+    imports = sorted(n for h in rnd.helpers for n in EXPORTS[h])
     src = _ENV.get_template("numba_kernel.py.j2").render(
-        kind=lk.kind, ops=list(dict.fromkeys(lk.ops)), helpers=helpers, params=params, body=L,
-        entry=ENTRY, rows=rows, min_rows=min_rows, fastmath=FASTMATH,
-        llvm=_LLVM if any("@intrinsic" in h for h in helpers) else "")
+        kind=lk.kind, ops=list(dict.fromkeys(lk.ops)), imports=imports, math_hash=SOURCE_HASH,
+        params=params, body=L, entry=ENTRY, rows=rows, min_rows=min_rows, fastmath=FASTMATH,
+        variants=variants)
     return src, {"entry": ENTRY, "rows": rows, "min_rows": min_rows}

@@ -177,7 +177,7 @@ class NumbaRenderer(Renderer):
     """numba source. Every value stays in its compute dtype: each op's result is wrapped in its
     numpy type and float constants are typed too (a bare Python float is float64 in numba, and
     ``x * 0.5`` on a float32 ``x`` would be computed in float64 and narrowed). fp32 exp, erf and
-    tanh call vectorisable polynomial helpers (numba_gen.HELPER_SRC; recorded in
+    tanh call vectorisable polynomial helpers (codegen/numba_math.py; recorded in
     ``self.helpers``) instead of scalar libm calls that keep LLVM from vectorising the loop."""
     lang = "numba"
 
