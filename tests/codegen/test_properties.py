@@ -22,6 +22,11 @@ UNARY = {
     "relu": torch.relu, "exp": lambda x: torch.exp(x.clamp(-5, 5)), "sq": lambda x: x * x,
     "log1p_abs": lambda x: torch.log1p(x.abs()), "sqrt_abs": lambda x: torch.sqrt(x.abs() + 0.5),
     "gelu": torch.nn.functional.gelu, "silu": torch.nn.functional.silu, "scale": lambda x: x * 0.5 + 1.0,
+    # views inside a group, and reductions mid-chain (several reductions: group boundaries)
+    "transposed": lambda x: (x.transpose(0, -1) * 2).transpose(0, -1),
+    "unsqueezed": lambda x: (x.unsqueeze(0) + 1).squeeze(0),
+    "row_centred": lambda x: x - x.mean(-1, keepdim=True),
+    "col_max": lambda x: x - x.amax(0, keepdim=True),
 }
 BINARY = {
     "add": torch.add, "sub": torch.sub, "mul": torch.mul, "max": torch.maximum, "min": torch.minimum,
