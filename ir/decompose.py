@@ -64,6 +64,28 @@ def silu(x):
     return x * torch.sigmoid(x)
 
 
+def vector_norm(x, ord=2, dim=None, keepdim=False, *, dtype=None):
+    """p-norms as a reduction of a pointwise prologue (F.normalize, clip-by-norm ...)."""
+    if dtype is not None or not x.is_floating_point() or x.numel() == 0:
+        return NotImplemented
+    dims = _dims(x, dim)
+    xf = x.float() if _low(x) else x
+    a = torch.abs(xf)
+    if ord == 2:
+        r = torch.sqrt(aten.sum.dim_IntList(xf * xf, dims, keepdim))
+    elif ord == 1:
+        r = aten.sum.dim_IntList(a, dims, keepdim)
+    elif ord == math.inf:
+        r = aten.amax.default(a, dims, keepdim)
+    elif ord == -math.inf:
+        r = aten.amin.default(a, dims, keepdim)
+    elif ord == 0:
+        r = aten.sum.dim_IntList((xf != 0).to(xf.dtype), dims, keepdim)
+    else:
+        r = torch.pow(aten.sum.dim_IntList(torch.pow(a, ord), dims, keepdim), 1.0 / ord)
+    return r.to(x.dtype) if _low(x) else r
+
+
 def cat(tensors, dim=0):
     """Concatenation with empty inputs (legacy (0,) tensors, or zero-sized along ``dim``: a
     fresh KV cache) and one real input is a copy, which fuses; any other cat stays ATen."""
@@ -107,6 +129,7 @@ def _kiln_table():
     t[aten.std.correction] = std
     t[aten.silu.default] = silu
     t[aten.cat.default] = cat
+    t[aten.linalg_vector_norm.default] = vector_norm
     return t
 
 

@@ -1,5 +1,7 @@
 """kiln's own decompositions: what they turn into (so fusion sees through them) and that the
 result matches eager."""
+import math
+
 import pytest
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
@@ -57,3 +59,30 @@ def test_eval_batchnorm_is_functional():
     assert not any(getattr(o, "_schema", None) is not None and o._schema.is_mutable for o in ops), ops
     torch.testing.assert_close(gm(x, m.weight.detach(), m.bias.detach(), m.running_mean, m.running_var),
                                m(x))
+
+
+@pytest.mark.parametrize("ord_,dim,keep", [(2, None, False), (2, -1, True), (1, (0, 2), False),
+                                           (math.inf, 1, False), (-math.inf, 0, True), (0, -1, False),
+                                           (3.5, (1,), False)])
+def test_vector_norm_is_a_reduction(ord_, dim, keep):
+    """linalg_vector_norm (F.normalize, x.norm) becomes a pointwise prologue and a reduction."""
+    x = torch.randn(3, 4, 5)
+    x[0, 0, 0] = 0.0
+    fn = lambda x: torch.linalg.vector_norm(x, ord_, dim, keepdim=keep)  # noqa: E731
+    ops, gm = _ops(fn, x)
+    assert aten.linalg_vector_norm.default not in ops
+    torch.testing.assert_close(gm(x), fn(x))
+
+
+def test_vector_norm_gradient_matches_eager():
+    """Autograd differentiates the norm itself (the decomposition applies below autograd), so
+    the gradient at a zero row is eager's."""
+    import kiln
+    torch._dynamo.reset()
+    x = torch.randn(4, 6)
+    x[0] = 0
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    f = lambda x: (torch.nn.functional.normalize(x, dim=-1) * torch.arange(6.0)).sum() + x.norm(dim=0).sum()  # noqa: E731
+    f(xa).backward()
+    kiln.compile(f, target="cpu")(xb).backward()
+    torch.testing.assert_close(xb.grad, xa.grad)
