@@ -23,7 +23,7 @@ def parse_bytes(value: Any, what: str = "memory_budget") -> int:
     if isinstance(value, (int, float)):
         n = value
     elif isinstance(value, str):
-        m = re.fullmatch(r"\s*([-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([a-zA-Z]*)\s*", value)
+        m = re.fullmatch(r"\s*([-+]?[0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", value)
         if not m or m.group(2).lower() not in _UNITS:
             raise ValueError(f"{what}: cannot parse {value!r}; use bytes or a string like '6GiB', "
                              f"'512MB' (units: {', '.join(u for u in _UNITS if u)})")
