@@ -255,6 +255,9 @@ def main(argv=None):
                 row[f"{label}_kernels"] = kiln_kernels(rep)
                 row[f"{label}_tuning_s"] = rep.tuning_s
         out["cases"].append(row)
+        if args.json:                   # after every case, so a cut-off run keeps what it measured
+            with open(args.json, "w") as f:
+                json.dump(out, f, indent=1)
         pct = lambda ms: 100 * roof / ms  # noqa: E731
         print(f"\n{name}: roofline {roof:.4f} ms")
         for label in labels:

@@ -180,25 +180,30 @@ class _Analysis:
 
 
 def _segments(an: _Analysis, group: list[Node]) -> list[list[Node]]:
-    """Split matmuls sharing A into segments: those whose products meet in one pointwise group
-    (with equal B shapes) share a segment."""
-    first_group: dict[int, Node] = {}
+    """Split matmuls sharing A into segments: those whose products meet in a pointwise group
+    (directly, or through a chain of pointwise groups: fusion may split silu(gate) * up when
+    the merged group would hold the gate product in memory) share a segment if their B shapes
+    are equal; the others are one segment each."""
+    reach: dict[int, set[int]] = {}
     for m in group:
-        frontier, seen = [m.out.name], set()
-        while frontier:
-            name = frontier.pop()
-            for u in an.users.get(name, []):
-                if u.op in ORDER_VIEWS and u.out.name not in seen:
-                    seen.add(u.out.name)
-                    frontier.append(u.out.name)
-                elif _pointwise_group(u):
-                    first_group.setdefault(id(m), u)
-    segs: dict = {}
+        seen, frontier, groups = set(), [m.out.name], set()
+        while frontier and len(groups) < 8:
+            for u in an.users.get(frontier.pop(), []):
+                if (u.op in ORDER_VIEWS or _pointwise_group(u)) and id(u) not in seen:
+                    seen.add(id(u))
+                    frontier.extend(o.name for o in u.outputs)
+                    if _pointwise_group(u):
+                        groups.add(id(u))
+        reach[id(m)] = groups
+    segs: list[list[Node]] = []
     for m in group:
-        f = first_group.get(id(m))
-        key = (id(f), tuple(m.args[1].type.shape)) if f is not None else ("alone", id(m))
-        segs.setdefault(key, []).append(m)
-    return list(segs.values())
+        home = next((s for s in segs if reach[id(m)] & reach[id(s[0])]
+                     and tuple(m.args[1].type.shape) == tuple(s[0].args[1].type.shape)), None)
+        if home is None:
+            segs.append([m])
+        else:
+            home.append(m)
+    return segs
 
 
 def matmul_fusion(g: Graph, options=None) -> Graph:

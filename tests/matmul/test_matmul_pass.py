@@ -106,3 +106,17 @@ def test_plan_is_json_and_artifact_roundtrips(tmp_path):
     loaded = load(str(tmp_path / "a"))
     torch.testing.assert_close(loaded(X, W, B)[0], fn(X, W, B), rtol=1e-4, atol=1e-5)
     assert kiln.last_report() is not None
+
+
+def test_swiglu_pairs_when_fusion_splits_the_epilogue(monkeypatch):
+    """At LLM sizes fuse keeps silu(gate) and (.. * up) apart (merging would hold the gate product
+    in memory); the two matmuls still share a segment, and both groups become its epilogue."""
+    from kiln.passes import fuse as fuse_mod
+    monkeypatch.setattr(fuse_mod, "HOLD_BYTES", 0)
+    g_w, u_w, d_w = torch.randn(32, 48), torch.randn(32, 48), torch.randn(48, 32)
+    g = compile_graph(lambda x, a, b, c: F.linear(F.silu(F.linear(x, a)) * F.linear(x, b), c), X, g_w, u_w, d_w,
+                      tol=(1e-4, 1e-3))           # fp32 sums of O(100) terms: rounding order
+    [n] = matmuls(g)
+    [seg] = n.attrs["plan"]["segments"]
+    assert len(seg["acc"]) == 2 and len(seg["groups"]) == 2 and len(n.outputs) == 1
+    assert "aten.mm.default" in ops_of(g)             # the down projection stays with cuBLAS
