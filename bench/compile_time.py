@@ -6,7 +6,8 @@ carries over; prints kiln's per-pass timings.
     python bench/compile_time.py [--small] [--threads N] [--json PATH]
 
 Cold means fresh cache directories: TORCHINDUCTOR_CACHE_DIR (and Triton's) in a new temp dir for
-Inductor, a new KILN cache dir for kiln. Warm re-runs kiln in a second fresh process on the same
+Inductor; for kiln a new KILN_CACHE_DIR and NUMBA_CACHE_DIR (so numba compiles kiln's helper
+module too, not only the kernels). Warm re-runs kiln in a second fresh process on the same
 cache dir. The time measured is compile + first call (what a user waits for), after the model is
 built and after `import torch`, `torch._dynamo`, `torch._inductor` (the modules torch.compile
 itself imports, whichever backend) and `kiln`, which are reported separately.
@@ -83,9 +84,8 @@ def main(argv=None) -> int:
     base = dict(os.environ, BENCH_THREADS=str(a.threads))
     ienv = dict(base, TORCHINDUCTOR_CACHE_DIR=os.path.join(root, "inductor"),
                 TRITON_CACHE_DIR=os.path.join(root, "triton"))
-    kenv = dict(base, KILN_CACHE_DIR=os.path.join(root, "kiln"))
-    for k in ("NUMBA_CACHE_DIR",):          # numba caches next to kiln's sources unless told otherwise
-        kenv.pop(k, None)
+    # numba's disk cache in the same fresh root: kernels and kiln's numba_math helpers start cold
+    kenv = dict(base, KILN_CACHE_DIR=os.path.join(root, "kiln"), NUMBA_CACHE_DIR=os.path.join(root, "numba"))
     try:
         ind = run_child("inductor", a.small, ienv)
         cold = run_child("kiln_cold", a.small, kenv)
