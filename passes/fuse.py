@@ -13,6 +13,7 @@ from kiln.ir.scalar import is_lowerable
 from .loops import NotFusible, analyze
 
 MAX_GROUP = 64          # nodes per kernel: beyond this, register pressure outweighs saved traffic
+HOLD_BYTES = 1 << 20    # a merge may not keep this many bytes of inputs alive longer (see _holds)
 
 
 HALF = (torch.float16, torch.bfloat16)
@@ -109,13 +110,40 @@ class _Groups:
                         stack.append(k)
         return False
 
+    def _ready(self, group: set[int], merged: set[int]) -> int:
+        """Position of the last producer, outside ``merged``, of an input of ``group``."""
+        return max((self.pos[id(p)] for i in group for v in self.nodes[i].inputs()
+                    if (p := self.prod.get(v.name)) is not None and self.pos[id(p)] not in merged), default=-1)
+
+    def _holds(self, ma: set[int], mb: set[int]) -> bool:
+        """Would the merged kernel keep big tensors alive longer? It runs once the inputs of
+        both groups exist, so the group that was ready earlier now holds every input it was the
+        last reader of until then (e.g. per-layer bias-gradient sums merged across layers keep
+        every layer's gradient alive). For tensors this big the launch a merge saves is worth
+        less than the memory; pointwise chains and a reduction's prologue are never delayed."""
+        m = ma | mb
+        ra, rb = self._ready(ma, m), self._ready(mb, m)
+        if ra == rb:
+            return False
+        early, at = (ma, rb) if ra < rb else (mb, ra)
+        held: dict[str, int] = {}
+        for i in early:
+            for v in self.nodes[i].inputs():
+                p = self.prod.get(v.name)
+                if p is None or self.pos[id(p)] in m or v.type is None:
+                    continue                        # graph inputs and weights stay alive anyway
+                later = [k for u in self.users.get(v.name, []) if (k := self.pos[id(u)]) not in m]
+                if v.name not in self.out_names and (not later or max(later) < at):
+                    held[v.name] = v.type.storage_bytes
+        return sum(held.values()) >= HOLD_BYTES
+
     def try_merge(self, a: int, b: int) -> bool:
         ga, gb = self.gid[a], self.gid[b]
         if ga == gb:
             return False
         ma, mb = set(self.members[ga]), set(self.members[gb])
         first, second = (ma, mb) if min(ma) < min(mb) else (mb, ma)
-        if self._reaches(first, second) or self._reaches(second, first):
+        if self._reaches(first, second) or self._reaches(second, first) or self._holds(ma, mb):
             return False
         plan = self.plan(sorted(ma | mb))
         if plan is None:

@@ -3,9 +3,15 @@
 A buffer is the storage written by a generated kernel, or by an ATen op that has an ``out=``
 overload (matmuls: the runtime passes the arena view as ``out``). Views and ops that may alias
 their inputs extend the lifetime of the storage they read; storage that reaches a graph output
-escapes and is never placed in the arena (the caller keeps it). A pointwise kernel may write its
-output over an input whose last use it is (in-place reuse, recorded in ``MemoryPlan.aliases``).
-Offsets come from greedy-by-size, or from the CP-SAT model in memory_ilp (never worse)."""
+escapes and is never placed in the arena (the caller keeps it). A kernel may write its output
+over an input whose last use it is (inplace.py). Offsets come from greedy-by-size, or from the
+CP-SAT model in memory_ilp (never worse).
+
+The arena is held for the whole graph, so the device holds at worst the arena plus the peak of
+everything else (ATen outputs, escaping values); PyTorch's caching allocator, freeing each
+tensor at its last use, holds only the peak of all storage live at once. Where that is smaller
+by a clear margin (DYNAMIC_MARGIN), the plan's mode is "dynamic": no arena, every output taken
+from the allocator and freed at its last use (in-place reuse still applies)."""
 from __future__ import annotations
 
 import functools
@@ -15,6 +21,7 @@ from kiln.ir import Graph, Node, OpKind, op_kind, resolve
 from kiln.ir.ops import is_kernel_op
 
 ALIGN = 64
+DYNAMIC_MARGIN = (1 << 20, 0.05)    # dynamic mode must save >= 1 MiB and >= 5% of the arena plan's peak
 # ATen ops whose outputs the runtime writes into the arena through their out= overload.
 OUT_VARIANTS = {"aten.mm.default": "aten.mm.out", "aten.addmm.default": "aten.addmm.out",
                 "aten.bmm.default": "aten.bmm.out", "aten.baddbmm.default": "aten.baddbmm.out"}
@@ -39,6 +46,9 @@ class MemoryPlan:
     status: str = ""           # ilp: optimal | improved | greedy (no better plan in the time limit)
     greedy_bytes: int = 0      # greedy-by-size's arena for the same buffers
     solve_s: float = 0.0
+    overwrites: dict[str, str] = field(default_factory=dict)  # in-place: value -> input it is written over
+    mode: str = "arena"        # arena | dynamic (no arena: outputs from PyTorch's allocator)
+    device_bytes: int = 0      # estimated peak device bytes of the graph's own storage in this mode
 
     def buffer_of(self, value: str) -> Buffer | None:
         """The buffer a value is written into: its own, or the one it reuses in place."""
@@ -48,7 +58,8 @@ class MemoryPlan:
         return {"arena_bytes": self.arena_bytes, "peak_bytes": self.peak_bytes,
                 "buffers": {k: [b.offset, b.nbytes, b.start, b.end] for k, b in self.buffers.items()},
                 "aliases": dict(self.aliases), "planner": self.planner, "status": self.status,
-                "greedy_bytes": self.greedy_bytes, "solve_s": self.solve_s}
+                "greedy_bytes": self.greedy_bytes, "solve_s": self.solve_s, "overwrites": dict(self.overwrites),
+                "mode": self.mode, "device_bytes": self.device_bytes}
 
     @classmethod
     def from_dict(cls, d: dict) -> "MemoryPlan":
@@ -58,9 +69,13 @@ class MemoryPlan:
         aliases = {str(k): str(v) for k, v in d.get("aliases", {}).items()}
         if any(v not in bufs for v in aliases.values()):
             raise ValueError("an in-place alias names a buffer the plan does not have")
+        mode = str(d.get("mode", "arena"))
+        if mode not in ("arena", "dynamic"):
+            raise ValueError(f"unknown memory plan mode {mode!r}")
         return cls(bufs, int(d.get("arena_bytes", 0)), int(d.get("peak_bytes", 0)), aliases,
                    str(d.get("planner", "greedy")), str(d.get("status", "")), int(d.get("greedy_bytes", 0)),
-                   float(d.get("solve_s", 0.0)))
+                   float(d.get("solve_s", 0.0)), {str(k): str(v) for k, v in d.get("overwrites", {}).items()},
+                   mode, int(d.get("device_bytes", 0)))
 
 
 @functools.lru_cache(maxsize=None)
@@ -129,72 +144,6 @@ def liveness(g: Graph) -> dict[str, Buffer]:
     return {k: b for k, b in bufs.items() if k not in escaping and b.nbytes > 0}
 
 
-def _full_strides(t, dmap, nd) -> tuple:
-    st = [0] * nd
-    for s, stride, d in zip(t.shape, t.strides, dmap):
-        if d is not None and s != 1:
-            st[d] = stride
-    return tuple(st)
-
-
-def elementwise_safe(n: Node, out, inp) -> bool:
-    """Can output ``out`` of fused node ``n`` overwrite input ``inp``? Only for a pointwise
-    kernel in which every load of ``inp`` reads exactly the element the store of ``out`` writes
-    (same dtype, shape and strides; no broadcast or transposed read), so each element is read
-    before it is overwritten and never read again."""
-    plan = n.attrs.get("plan")
-    if n.op != "kiln.fused" or not plan or plan.get("kind") != "pointwise" or n.body is None:
-        return False
-    a, b = inp.type, out.type
-    if a is None or b is None or (a.shape, a.strides, a.dtype, a.offset) != (b.shape, b.strides, b.dtype, b.offset):
-        return False
-    maps, nd = plan["maps"], len(plan["domain"])
-    want = _full_strides(b, maps[out.name], nd)
-    reads = 0
-    for m in n.body.nodes:
-        for x in m.inputs():
-            if x.name != inp.name:
-                continue
-            om, oshape = maps[m.out.name], m.out.type.shape
-            off = len(oshape) - a.rank
-            dmap = [om[off + i] if a.shape[i] == oshape[off + i] and a.shape[i] != 1 else None
-                    for i in range(a.rank)]
-            if op_kind(m.op) != OpKind.POINTWISE or _full_strides(a, dmap, nd) != want:
-                return False
-            reads += 1
-    return reads > 0
-
-
-def reuse_in_place(g: Graph, bufs: dict[str, Buffer]) -> dict[str, str]:
-    """Merge each kernel output into the buffer of an input that dies at that kernel, where
-    elementwise_safe allows. Returns value -> buffer it reuses; ``bufs`` is updated."""
-    roots = storage_roots(g)
-    aliases: dict[str, str] = {}
-    home = lambda name: aliases.get(name, name)  # noqa: E731
-    for i, n in enumerate(g.nodes):
-        if n.op != "kiln.fused":
-            continue
-        taken: set[str] = set()
-        ins = n.inputs()
-        for v in n.outputs:
-            if v.name not in bufs:
-                continue
-            for u in ins:
-                r = home(u.name)
-                if r in taken or r not in bufs or roots.get(u.name) != {u.name} or bufs[r].end != i \
-                        or bufs[r].nbytes != bufs[v.name].nbytes:
-                    continue
-                if any(w is not u and r in {home(x) for x in roots.get(w.name, ())} for w in ins):
-                    continue            # the kernel also reads this storage through another value
-                if not elementwise_safe(n, v, u):
-                    continue
-                bufs[r].end = bufs.pop(v.name).end
-                aliases[v.name] = r
-                taken.add(r)
-                break
-    return aliases
-
-
 def greedy_by_size(bufs: dict[str, Buffer]) -> int:
     """Place largest buffers first at the lowest offset that overlaps no live-overlapping buffer."""
     placed: list[Buffer] = []
@@ -238,13 +187,62 @@ def plan_buffers(bufs: dict[str, Buffer], planner: str = "greedy", time_limit: f
     return plan
 
 
-def plan_memory(g: Graph, options=None) -> Graph:
+def storage_peaks(g: Graph, arena: set[str], overwrites: dict[str, str]) -> tuple[int, int]:
+    """(peak of storage outside ``arena``, peak of all storage) over the graph's steps, counting
+    every output that does not alias an input; an in-place output shares its input's storage."""
+    roots: dict[str, set[str]] = {}
+    size: dict[str, int] = {}
+    born: dict[str, int] = {}
+    last: dict[str, int] = {}
+    for i, n in enumerate(g.nodes):
+        for v in n.inputs():
+            for r in roots.get(v.name, ()):
+                last[r] = i
+        fresh = (fresh_outputs(n.op) and "callable" not in n.attrs) or plannable(n)
+        src = set().union(*(roots.get(v.name, set()) for v in n.inputs())) if n.inputs() else set()
+        for v in n.outputs:
+            if v.name in overwrites:
+                roots[v.name] = set(roots.get(overwrites[v.name], ()))
+            elif fresh:
+                roots[v.name], size[v.name], born[v.name] = {v.name}, v.type.storage_bytes if v.type else 0, i
+            else:
+                roots[v.name] = set(src)
+    end = len(g.nodes)
+    for v in g.output_values():
+        for r in roots.get(v.name, ()):
+            last[r] = end
+    delta = [[0, 0] for _ in range(end + 2)]
+    for r, nb in size.items():
+        k = int(r not in arena)
+        delta[born[r]][k] += nb
+        delta[last.get(r, born[r]) + 1][k] -= nb
+    cur, other, total = [0, 0], 0, 0
+    for d in delta:
+        cur = [cur[0] + d[0], cur[1] + d[1]]
+        other, total = max(other, cur[1]), max(total, cur[0] + cur[1])
+    return other, total
+
+
+def arena_plan(g: Graph, target: str = "cpu", planner: str = "greedy", time_limit: float = 2.0
+               ) -> tuple[MemoryPlan, int]:
+    """The arena-mode plan of a scheduled graph, and the peak of all its storage live at once
+    (what the dynamic mode would hold)."""
+    from .inplace import reuse_in_place
     bufs = liveness(g)
+    aliases, overwrites = reuse_in_place(g, bufs, storage_roots(g), target)
+    plan = plan_buffers(bufs, planner, time_limit)
+    plan.aliases, plan.overwrites = aliases, overwrites
+    other, total = storage_peaks(g, set(bufs) | set(aliases), overwrites)
+    plan.device_bytes = plan.arena_bytes + other
+    return plan, total
+
+
+def plan_memory(g: Graph, options=None) -> Graph:
     target = options.resolved_target() if options is not None and hasattr(options, "resolved_target") else "cpu"
-    # CUDA C kernels declare their pointers __restrict__, so they never run in place.
-    aliases = reuse_in_place(g, bufs) if target != "cuda" else {}
-    plan = plan_buffers(bufs, getattr(options, "planner", "greedy"), getattr(options, "ilp_time_limit", 2.0))
-    plan.aliases = aliases
+    plan, total = arena_plan(g, target, getattr(options, "planner", "greedy"), getattr(options, "ilp_time_limit", 2.0))
+    if plan.device_bytes - total >= max(DYNAMIC_MARGIN[0], DYNAMIC_MARGIN[1] * plan.device_bytes):
+        plan = MemoryPlan(overwrites=plan.overwrites, planner=plan.planner, status=plan.status,
+                          greedy_bytes=plan.greedy_bytes, solve_s=plan.solve_s, mode="dynamic", device_bytes=total)
     g2 = g.copy()
     g2.meta["memory_plan"] = plan
     return g2

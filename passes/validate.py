@@ -30,14 +30,49 @@ def _may_alias(n) -> bool:
 
 
 def _in_place_ok(g: Graph, i: int, old: str, new: str, types) -> bool:
+    """A fused kernel whose output ``new`` has the layout of its input ``old``, covers the whole
+    loop domain, and whose body reads ``old`` only through pointwise ops of that same shape."""
     n = g.nodes[i]
     plan = n.attrs.get("plan") or {}
-    if n.op != "kiln.fused" or plan.get("kind") != "pointwise" or old not in {v.name for v in n.inputs()}:
+    if n.op != "kiln.fused" or plan.get("kind") not in ("pointwise", "reduction") \
+            or old not in {v.name for v in n.inputs()}:
         return False
     a, b = types[old], types[new]
     if (a.shape, a.strides, a.dtype) != (b.shape, b.strides, b.dtype):
         return False
-    return all(m.out.type.shape == a.shape for m in n.body.nodes if old in {v.name for v in m.inputs()})
+    domain = 1
+    for d in plan.get("domain", ()):
+        domain *= d
+    return b.numel == domain and all(m.out.type.shape == a.shape and op_kind(m.op) == OpKind.POINTWISE
+                                     for m in n.body.nodes if old in {v.name for v in m.inputs()})
+
+
+def _check_overwrites(g: Graph, overwrites: dict[str, str], types, errs: list[str]) -> None:
+    """An output written over input u at step i: no value that may share u's storage and existed
+    before step i is read after it or returned, and the kernel is a legal in-place one."""
+    origin: dict[str, set[str]] = {v.name: {v.name} for v in g.leaves()}
+    born: dict[str, int] = {v.name: -1 for v in g.leaves()}
+    reads: dict[str, int] = {}
+    step: dict[str, int] = {}
+    for i, n in enumerate(g.nodes):
+        src = set().union(*(origin.get(x.name, set()) for x in n.inputs())) if n.inputs() else set()
+        for x in n.inputs():
+            reads[x.name] = i
+        for v in n.outputs:
+            born[v.name], step[v.name] = i, i
+            if v.name in overwrites:
+                origin[v.name] = set(origin.get(overwrites[v.name], ()))
+            else:
+                origin[v.name] = set(src) if _may_alias(n) else {v.name}
+    outs = {v.name for v in g.output_values()}
+    for v, u in overwrites.items():
+        i = step.get(v)
+        if i is None or u not in types or not _in_place_ok(g, i, u, v, types):
+            errs.append(f"{v}: written over {u}, which is not a same-layout input of a pointwise-safe kernel")
+            continue
+        for x, o in origin.items():
+            if x != v and born[x] <= i and o & origin[u] and (reads.get(x, -1) > i or x in outs):
+                errs.append(f"{v} overwrites {u} at step {i}, but {x} (same storage) is read later")
 
 
 def validate_plan(g: Graph, plan, capacity: int | None = None) -> list[str]:
@@ -50,6 +85,7 @@ def validate_plan(g: Graph, plan, capacity: int | None = None) -> list[str]:
         for v in n.outputs:
             types[v.name] = v.type
     leaves = {v.name for v in g.leaves()}
+    _check_overwrites(g, getattr(plan, "overwrites", {}) or {}, types, errs)
     for name in list(bufs) + list(aliases):
         if name in leaves:
             errs.append(f"{name} is a graph input or constant but has an arena buffer")

@@ -20,8 +20,12 @@ class InputError(ValueError):
 
 
 class CompiledGraph:
-    def __init__(self, graph: Graph, kernels: dict, check_inputs: bool = False):
+    def __init__(self, graph: Graph, kernels: dict, check_inputs: bool = False, transient_arena: bool = False):
+        """``transient_arena``: take the arena from PyTorch's allocator at each call and give it
+        back at the end (training: the forward's arena is free while the backward runs), at the
+        cost of making the views every call; otherwise the arena is kept between calls."""
         self.graph = graph
+        self.transient_arena = transient_arena
         self.kernels = kernels                      # node name (first output) -> Kernel
         self.plan: MemoryPlan = graph.meta.get("memory_plan") or MemoryPlan()
         self.check_inputs = check_inputs
@@ -75,10 +79,14 @@ class CompiledGraph:
         return a
 
     def _arena_views(self, device: torch.device) -> dict[str, torch.Tensor]:
-        """Typed views of the arena for every planned buffer, made once per device."""
+        """Typed views of the arena for every planned buffer, made once per device (every call
+        with a transient arena)."""
         views = self._views.get(device)
         if views is None:
-            arena = self._arena_for(device)
+            if self.transient_arena:
+                arena = torch.empty(self.plan.arena_bytes, dtype=torch.uint8, device=device)
+            else:
+                arena = self._arena_for(device)
             views = {}
             for n in self.graph.nodes:
                 for v in n.outputs:
@@ -86,7 +94,8 @@ class CompiledGraph:
                     if b is not None and b.offset >= 0:
                         t = v.type
                         views[v.name] = arena[b.offset: b.offset + b.nbytes].view(t.dtype).as_strided(t.shape, t.strides)
-            self._views[device] = views
+            if not self.transient_arena:
+                self._views[device] = views
         return views
 
     def _prepare(self) -> list:
@@ -97,7 +106,8 @@ class CompiledGraph:
         for node, frees in zip(self.graph.nodes, self._free_after):
             outs = [(v.name, v.type) for v in node.outputs]
             if is_kernel_op(node.op):
-                in_place = any(v.name in self.plan.aliases for v in node.outputs)
+                in_place = {v.name: self.plan.overwrites[v.name] for v in node.outputs
+                            if v.name in self.plan.overwrites}      # output -> input it overwrites
                 steps.append((KERNEL, self.kernels[node.outputs[0].name], [v.name for v in node.args],
                               in_place, outs, frees))
             elif self.plan.buffer_of(outs[0][0]) is not None and out_variant(node.op) and len(outs) == 1:
@@ -119,6 +129,13 @@ class CompiledGraph:
         self._steps[k] = (ATEN, node, args, kwargs, outs, frees)
         return run_aten(node, map_values(args, get), map_values(kwargs, get))
 
+    @staticmethod
+    def _in_place_tensor(x, t, device):
+        if isinstance(x, torch.Tensor) and x.dtype == t.dtype and x.stride() == t.strides \
+                and tuple(x.shape) == t.shape and x.device == device:
+            return x
+        return torch.empty_strided(t.shape, t.strides, dtype=t.dtype, device=device)
+
     def __call__(self, *inputs) -> list[Any]:
         if self.check_inputs:
             self._check(inputs)
@@ -135,9 +152,12 @@ class CompiledGraph:
         for k, (mode, what, args, extra, outs, frees) in enumerate(self._steps):
             if tiers is not None:
                 tiers.before(k, env)
-            if mode is KERNEL:                  # extra: does an output overwrite an input in place?
-                res = [views.get(name) if name in views else
-                       torch.empty_strided(t.shape, t.strides, dtype=t.dtype, device=device) for name, t in outs]
+            if mode is KERNEL:                  # extra: outputs written over inputs in place
+                if extra and not views:         # no arena: the output takes the input's tensor
+                    res = [self._in_place_tensor(env.get(extra.get(name)), t, device) for name, t in outs]
+                else:
+                    res = [views.get(name) if name in views else
+                           torch.empty_strided(t.shape, t.strides, dtype=t.dtype, device=device) for name, t in outs]
                 if res and res[0].numel() > 0:
                     if extra and first:         # the first launch may autotune (re-run) the kernel,
                         tmp = [torch.empty_like(r) for r in res]   # so it writes elsewhere once

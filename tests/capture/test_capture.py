@@ -16,17 +16,23 @@ def test_new_shapes_recompile_and_match():
 
 
 def test_training_compiles_forward_and_backward(tmp_path):
+    """Gradients against a float64 reference: the LayerNorm backward cancels terms ~1e3x larger
+    than the result, so eager fp32 itself is off by ~5e-6; kiln may differ by its own rounding."""
+    import copy
     torch._dynamo.reset()
     report = tmp_path / "r.jsonl"
     m = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.LayerNorm(16))
+    m64 = copy.deepcopy(m).double()
     x = torch.randn(4, 8)
     cm = torch.compile(m, backend="kiln", options={"target": "cpu", "report": str(report)})
     cm(x).pow(2).sum().backward()
     got = [p.grad.clone() for p in m.parameters()]
     m.zero_grad()
     m(x).pow(2).sum().backward()
-    for a, b in zip(got, [p.grad for p in m.parameters()]):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    m64(x.double()).pow(2).sum().backward()
+    for a, b, r in zip(got, [p.grad for p in m.parameters()], [p.grad for p in m64.parameters()]):
+        eager_err = (b.double() - r).abs().max().item()
+        assert (a.double() - r).abs().max().item() <= 4 * eager_err + 2e-6
     import json
     kinds = [json.loads(line)["graph_kind"] for line in report.read_text().splitlines()]
     assert kinds == ["forward", "backward"]

@@ -2,6 +2,7 @@
 compiled function is checked against eager; every plan against the independent validator."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 import kiln
@@ -71,7 +72,7 @@ def _compiled_graph(fn, args, **options):
     torch._dynamo.reset()
     with torch.no_grad():
         torch.compile(fn, backend=dynamo_backend(keep), dynamic=False)(*args)
-    g, _ = run_pipeline(graphs[0], kiln.Options(target="cpu", **options), verify=True)
+    g, _ = run_pipeline(graphs[0], kiln.Options(**{"target": "cpu", **options}), verify=True)
     return g
 
 
@@ -160,3 +161,72 @@ def test_artifact_keeps_in_place_plan(tmp_path):
     assert loaded.plan.to_dict() == compiled.plan.to_dict()
     with torch.no_grad():
         torch.testing.assert_close(loaded(x)[0], m(x), rtol=1e-4, atol=1e-5)
+
+
+def test_fusion_does_not_hold_big_tensors_alive():
+    """Per-layer reductions summed across layers: merging every sum into one kernel at the end
+    would keep each layer's 2 MiB activation alive until the last layer; fusion refuses."""
+    def f(x, w1, w2, w3, w4):
+        t, acc = x, 0
+        for w in (w1, w2, w3, w4):
+            m = t @ w
+            acc = acc + m.sum(0)
+            t = m.tanh()
+        return acc
+
+    g = torch.Generator().manual_seed(0)
+    args = [torch.randn(1024, 512, generator=g)] + [torch.randn(512, 512, generator=g) / 16 for _ in range(4)]
+    plan = _compiled_graph(f, args).meta["memory_plan"]
+    assert plan.peak_bytes <= 2 * 1024 * 512 * 4 + 4096, plan.peak_bytes     # 5 * 2 MiB when merged
+    _run(f, *args)
+
+
+def _ln_residual(x, w):
+    y = x @ w                                   # dies in the layer-norm kernel below
+    r = y * 2 + 1                               # stored per element: may overwrite y
+    n = torch.nn.functional.layer_norm(r, (w.shape[1],))
+    return n @ w.t() + r @ w.t()
+
+
+@pytest.mark.parametrize("d", [512, 9000], ids=["one_pass", "multi_pass"])
+def test_reduction_kernel_in_place_on_triton(d):
+    """Triton reduction kernels store per-element outputs only in their final pass over a row,
+    so one may overwrite an input there; checked against eager for rows kept in registers and
+    rows walked in several loops (d > RBLOCK_MAX)."""
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(4, 4, generator=g), torch.randn(4, d, generator=g)
+    gr = _compiled_graph(_ln_residual, [x, w], target="triton")
+    plan = gr.meta["memory_plan"]
+    kinds = {n.outputs[0].name: n.attrs.get("kind") for n in gr.nodes}
+    reduced = [v for v in plan.overwrites if any(v in [o.name for o in n.outputs] and n.attrs.get("kind") == "reduction"
+                                                  for n in gr.nodes)]
+    assert reduced, (plan.overwrites, kinds)
+    assert validate_plan(gr, plan) == []
+    torch._dynamo.reset()
+    got = kiln.compile(_ln_residual, target="triton")(x, w)
+    torch.testing.assert_close(got, _ln_residual(x, w), rtol=1e-4, atol=1e-3)
+    assert "mm" not in _compiled_graph(_ln_residual, [x, w], target="cpu").meta["memory_plan"].overwrites.values()
+
+
+def test_dynamic_mode_when_the_arena_would_cost_more():
+    """A held arena plus the 2 MiB output exceeds what freeing each tensor at its last use needs:
+    the plan has no arena, the kernel still writes over the dying matmul output, results match."""
+    def f(x, w1, w2):
+        h = torch.relu(x @ w1) * 2.0
+        return (h @ w2).sigmoid()
+
+    g = torch.Generator().manual_seed(0)
+    args = [torch.randn(2048, 256, generator=g), torch.randn(256, 1024, generator=g) / 16,
+            torch.randn(1024, 256, generator=g) / 16]
+    gr = _compiled_graph(f, args)
+    plan = gr.meta["memory_plan"]
+    assert plan.mode == "dynamic" and plan.arena_bytes == 0 and plan.overwrites == {"mul": "mm"}
+    peak = (2048 * 1024 + 2048 * 256) * 4              # h and h @ w2 live at once
+    assert plan.device_bytes == peak == plan.greedy_bytes   # the arena would add the output on top
+    assert validate_plan(gr, plan) == []
+    assert MemoryPlan.from_dict(plan.to_dict()).to_dict() == plan.to_dict()
+    from kiln.codegen import generate
+    from kiln.runtime import CompiledGraph
+    cg = CompiledGraph(gr, generate(gr, "cpu", kiln.Options().cache_dir))
+    for _ in range(2):
+        torch.testing.assert_close(cg(*args)[0], f(*args), rtol=1e-4, atol=1e-5)

@@ -1,0 +1,87 @@
+"""In-place reuse: a fused kernel writes an output over an input whose last use it is, so the two
+share one buffer. Legal only where every element of the input is read before the same element
+of the output is written and never read after; decided here from the kernel's loop plan and
+recorded in the MemoryPlan (``aliases``: output -> buffer, ``overwrites``: output -> input).
+
+What the renderers guarantee, and this pass relies on: a pointwise kernel loads a block, computes
+and stores it (each element handled by one program); a Triton reduction kernel stores its
+per-element (xr) outputs only at the end of a one-pass row or in the final loop over the row,
+after the loads of the same elements in that loop, and no later loop reads the row again. The
+numba renderer may stash a value in an output before its final loop, so on the cpu target only
+pointwise kernels run in place; CUDA C kernels declare pointers __restrict__, so none do."""
+from __future__ import annotations
+
+from kiln.ir import Graph, Node, OpKind, op_kind
+
+PLACES = {"triton": ("pointwise", "reduction"), "cpu": ("pointwise",), "cuda": ()}
+
+
+def _full_strides(t, dmap, nd) -> tuple:
+    st = [0] * nd
+    for s, stride, d in zip(t.shape, t.strides, dmap):
+        if d is not None and s != 1:
+            st[d] = stride
+    return tuple(st)
+
+
+def elementwise_safe(n: Node, out, inp, target: str = "cpu") -> bool:
+    """Can output ``out`` of fused node ``n`` overwrite input ``inp``? Only if every load of
+    ``inp`` (by a pointwise op of the body) reads exactly the element the store of ``out``
+    writes: same dtype, shape and strides, no broadcast or transposed read; in a reduction
+    kernel ``out`` must also walk the reduced dims (stored per element, in the final loop)."""
+    plan = n.attrs.get("plan")
+    if n.op != "kiln.fused" or not plan or n.body is None or plan.get("kind") not in PLACES.get(target, ()):
+        return False
+    a, b = inp.type, out.type
+    if a is None or b is None or (a.shape, a.strides, a.dtype, a.offset) != (b.shape, b.strides, b.dtype, b.offset):
+        return False
+    maps, domain = plan["maps"], plan["domain"]
+    nd = len(domain)
+    if {d for d in maps[out.name] if d is not None} != {i for i, s in enumerate(domain) if s != 1}:
+        return False
+    want = _full_strides(b, maps[out.name], nd)
+    reads = 0
+    for m in n.body.nodes:
+        for x in m.inputs():
+            if x.name != inp.name:
+                continue
+            om, oshape = maps[m.out.name], m.out.type.shape
+            off = len(oshape) - a.rank
+            dmap = [om[off + i] if a.shape[i] == oshape[off + i] and a.shape[i] != 1 else None
+                    for i in range(a.rank)]
+            if op_kind(m.op) != OpKind.POINTWISE or _full_strides(a, dmap, nd) != want:
+                return False
+            reads += 1
+    return reads > 0
+
+
+def reuse_in_place(g: Graph, bufs: dict, roots: dict[str, set[str]], target: str = "cpu"
+                   ) -> tuple[dict[str, str], dict[str, str]]:
+    """Merge each kernel output into the buffer of an input that dies at that kernel, where
+    elementwise_safe allows; ``bufs`` (name -> Buffer) is updated. Returns (aliases: output ->
+    buffer it reuses, overwrites: output -> input value it is written over)."""
+    aliases: dict[str, str] = {}
+    overwrites: dict[str, str] = {}
+    home = lambda name: aliases.get(name, name)  # noqa: E731
+    for i, n in enumerate(g.nodes):
+        if n.op != "kiln.fused":
+            continue
+        taken: set[str] = set()
+        ins = n.inputs()
+        for v in n.outputs:
+            if v.name not in bufs:
+                continue
+            for u in ins:
+                r = home(u.name)
+                if r in taken or r not in bufs or roots.get(u.name) != {u.name} or bufs[r].end != i \
+                        or bufs[r].nbytes != bufs[v.name].nbytes:
+                    continue
+                if any(w is not u and r in {home(x) for x in roots.get(w.name, ())} for w in ins):
+                    continue            # the kernel also reads this storage through another value
+                if not elementwise_safe(n, v, u, target):
+                    continue
+                bufs[r].end = bufs.pop(v.name).end
+                aliases[v.name], overwrites[v.name] = r, u.name
+                taken.add(r)
+                break
+    return aliases, overwrites

@@ -1,0 +1,65 @@
+"""Peak device memory of compiled models against eager PyTorch's caching allocator, inference and
+a training step (skipped without CUDA). bench/gpu_memory.py gives the figures at larger sizes."""
+import functools
+import gc
+
+import pytest
+import torch
+
+from kiln.api import kiln_backend     # not backend="kiln": a source checkout has no entry point
+
+pytestmark = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+class MLP(torch.nn.Module):
+    def __init__(self, d=1024, layers=4):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(d, d) for _ in range(layers))
+        self.norm = torch.nn.LayerNorm(d)
+
+    def forward(self, x):
+        for lin in self.layers:
+            x = x + torch.nn.functional.gelu(lin(self.norm(x)))
+        return x
+
+
+def _peak(fn, base):
+    torch.cuda.synchronize()
+    gc.collect()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+@needs_cuda
+@pytest.mark.parametrize("train", [False, True], ids=["inference", "train"])
+def test_peak_memory_not_above_eager(train):
+    torch.manual_seed(0)
+    model = MLP().cuda().train(train)
+    x = torch.randn(4096, 1024, device="cuda", requires_grad=train)
+
+    def step(f):
+        def run():
+            if train:
+                for p in model.parameters():
+                    p.grad = None
+                f(x).sum().backward()
+            else:
+                with torch.no_grad():
+                    f(x)
+        return run
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    step(model)()
+    eager = _peak(step(model), base)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=functools.partial(kiln_backend, options={"target": "triton"}))
+    step(compiled)()
+    step(compiled)()
+    ours = _peak(step(compiled), base)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-3, atol=1e-3)
+    print(f"peak bytes: eager {eager:,}, kiln {ours:,} ({ours / eager:.3f}x)")
+    assert ours <= eager
