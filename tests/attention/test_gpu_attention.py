@@ -36,7 +36,7 @@ def _tensors(b, h, hkv, sq, sk, d, mask, dtype):
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("case", CASES)
-def test_custom_op_forward_backward(case, dtype):
+def test_custom_op_forward_backward(case, dtype, caplog):
     b, h, hkv, sq, sk, d, causal, mask = case
     q, k, v, m = _tensors(b, h, hkv, sq, sk, d, mask, dtype)
     off = sk - sq if causal else 0
@@ -55,6 +55,12 @@ def test_custom_op_forward_backward(case, dtype):
     torch.testing.assert_close(out.float(), want, rtol=2e-2, atol=2e-2)
     for g, w in zip(grads, want_grads):
         torch.testing.assert_close(g.float(), w, rtol=5e-2, atol=5e-2)
+    _no_fallback(caplog)
+
+
+def _no_fallback(caplog):
+    """The Triton kernels ran (a kernel that fails to compile would fall back to PyTorch math)."""
+    assert not [r for r in caplog.records if r.name == "kiln.attention" and r.levelname == "WARNING"]
 
 
 def naive(q, k, v):
@@ -67,16 +73,17 @@ def naive(q, k, v):
 @needs_cuda
 @pytest.mark.parametrize("fn", [naive, lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)],
                          ids=["naive", "sdpa"])
-def test_compiled_patterns(fn):
+def test_compiled_patterns(fn, caplog):
     q, k, v, _ = _tensors(2, 8, 8, 512, 512, 128, None, torch.bfloat16)
     torch._dynamo.reset()
     got = kiln.compile(fn, target="triton")(q, k, v)
     assert [x["target"] for x in kiln.last_report().kernels if x["kind"] == "attention"] == ["triton"]
     torch.testing.assert_close(got, fn(q, k, v), rtol=2e-2, atol=2e-2)
+    _no_fallback(caplog)
 
 
 @needs_cuda
-def test_llama_training_step():
+def test_llama_training_step(caplog):
     transformers = pytest.importorskip("transformers")
     cfg = transformers.LlamaConfig(hidden_size=256, num_hidden_layers=2, num_attention_heads=8,
                                    num_key_value_heads=2, intermediate_size=512, vocab_size=256,
@@ -92,3 +99,25 @@ def test_llama_training_step():
     model(input_ids=ids).logits.float().square().mean().backward()
     for n, p in model.named_parameters():
         torch.testing.assert_close(got[n], p.grad, rtol=2e-2, atol=2e-4, msg=n)
+    _no_fallback(caplog)
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", ["gpt2", "bert"])
+def test_hf_inference(name, caplog):
+    transformers = pytest.importorskip("transformers")
+    if name == "gpt2":
+        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_embd=256, n_head=4, vocab_size=256))
+    else:
+        model = transformers.BertForMaskedLM(transformers.BertConfig(hidden_size=256, num_hidden_layers=2,
+                                                                     num_attention_heads=4, intermediate_size=512,
+                                                                     vocab_size=256))
+    model = model.cuda().eval().to(torch.bfloat16)
+    ids = torch.randint(0, 256, (2, 128), device="cuda")
+    torch._dynamo.reset()
+    with torch.no_grad():
+        got = torch.compile(model, backend="kiln", options={"target": "triton"})(input_ids=ids).logits
+        want = model(input_ids=ids).logits
+    assert [x["target"] for x in kiln.last_report().kernels if x["kind"] == "attention"] == ["triton"] * 2
+    torch.testing.assert_close(got.float(), want.float(), rtol=5e-2, atol=5e-2)
+    _no_fallback(caplog)
