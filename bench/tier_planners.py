@@ -137,6 +137,10 @@ def run_one(c, ilp_time_limit: float) -> dict:
             if name == "rl":
                 r["used"] = plan.info.get("used")
                 r["agent_time_s"] = plan.info.get("agent_sim_s")
+                r["argmax_time_s"] = plan.info.get("argmax_sim_s")
+                r["games"] = plan.info.get("games")
+                r["search_cut"] = plan.info.get("search_cut")
+                r["reason"] = plan.info.get("reason")
         except Exception as e:                        # noqa: BLE001  a failure is a result here
             r = {"time_s": None, "plan_s": time.perf_counter() - t0, "failed": True, "error": f"{type(e).__name__}: {e}"}
         row[name] = r
@@ -145,8 +149,12 @@ def run_one(c, ilp_time_limit: float) -> dict:
 
 def summarise(rows: list[dict]) -> list[dict]:
     out = []
-    for group in dict.fromkeys(r["group"] for r in rows):
-        rs = [r for r in rows if r["group"] == group]
+    groups = [(g, [r for r in rows if r["group"] == g]) for g in dict.fromkeys(r["group"] for r in rows)]
+    gen = [r for r in rows if r["group"].startswith("generated")]
+    models = [r for r in rows if not r["group"].startswith("generated")]
+    groups += [(name, rs) for name, rs in (("all generated", gen), ("all zoo + transformers", models),
+                                           ("all", rows)) if rs]
+    for group, rs in groups:
         ok = [r for r in rs if not r["greedy"]["failed"]]
         s = {"group": group, "problems": len(rs), "max_steps": max(r["steps"] for r in rs)}
         for name in PLANNERS:
@@ -161,23 +169,34 @@ def summarise(rows: list[dict]) -> list[dict]:
         s["ilp"]["optimal"] = sum(r["ilp"].get("status") == "OPTIMAL" for r in rs)
         s["ilp"]["timeouts"] = sum(r["ilp"].get("status") in ("FEASIBLE", "UNKNOWN") for r in rs)
         s["rl"]["fallbacks"] = sum(r["rl"].get("used") == "greedy" for r in rs)
-        agent = [r["rl"]["agent_time_s"] / r["greedy"]["time_s"] for r in ok
-                 if r["rl"].get("agent_time_s") not in (None, float("inf"))]
-        s["rl"]["agent_ratio_mean"] = float(np.mean(agent)) if agent else None
+        for key, col in (("agent_time_s", "agent"), ("argmax_time_s", "argmax")):
+            # the agent's own plan (search: best of its games; argmax: its first game alone),
+            # before the safety net; an overflowing game counts as a failure, not in the mean
+            vals = [r["rl"].get(key) for r in ok]
+            ratios = [v / r["greedy"]["time_s"] for v, r in zip(vals, ok) if v not in (None, float("inf"))]
+            s["rl"][f"{col}_ratio_mean"] = float(np.mean(ratios)) if ratios else None
+            s["rl"][f"{col}_better"] = sum(x < 1 - 1e-9 for x in ratios)
+            s["rl"][f"{col}_worse"] = sum(x > 1 + 1e-9 for x in ratios)
+            s["rl"][f"{col}_failed"] = sum(v == float("inf") for v in vals)
+        s["rl"]["used_agent"] = sum(r["rl"].get("used") == "rl" for r in rs)
+        s["rl"]["search_cut"] = sum(bool(r["rl"].get("search_cut")) for r in rs)
         out.append(s)
     return out
 
 
 def table(summary: list[dict]) -> str:
-    lines = ["| problems | n | max steps | ILP / greedy (mean, best) | RL / greedy (mean, best) | RL agent alone / greedy "
-             "| RL better / fallbacks | plan s greedy / ILP / RL (mean; max) | ILP optimal / time-outs | failures g / ILP / RL |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| problems | n | max steps | ILP / greedy (mean, best) | RL / greedy, safety-netted (mean, best) "
+             "| RL agent alone / greedy: search (better/worse) | agent argmax game / greedy (better/worse) "
+             "| agent's plan used / greedy's (net) | plan s greedy / ILP / RL (mean; max) | ILP optimal / time-outs "
+             "| failures g / ILP / RL |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in summary:
         g, i, r = s["greedy"], s["ilp"], s["rl"]
         f = (lambda x: "-" if x is None else f"{x:.3f}")
         lines.append(
             f"| {s['group']} | {s['problems']} | {s['max_steps']} | {f(i['ratio_mean'])}, {f(i['ratio_min'])} | "
-            f"{f(r['ratio_mean'])}, {f(r['ratio_min'])} | {f(r['agent_ratio_mean'])} | {r['better']} / {r['fallbacks']} | "
+            f"{f(r['ratio_mean'])}, {f(r['ratio_min'])} | {f(r['agent_ratio_mean'])} ({r['agent_better']}/{r['agent_worse']}) | "
+            f"{f(r['argmax_ratio_mean'])} ({r['argmax_better']}/{r['argmax_worse']}) | {r['used_agent']} / {r['fallbacks']} | "
             f"{g['plan_s_mean']:.3f} / {i['plan_s_mean']:.2f} / {r['plan_s_mean']:.3f}; "
             f"{g['plan_s_max']:.3f} / {i['plan_s_max']:.2f} / {r['plan_s_max']:.3f} | "
             f"{i['optimal']} / {i['timeouts']} | {g['failures']} / {i['failures']} / {r['failures']} |")

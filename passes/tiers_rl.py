@@ -51,7 +51,8 @@ class Game(PlanningEnv):
         self.ASAP, self.FOLLOW, self.PERSIST = L + 1, L + 2, L + 3
         self.n_actions = L + 4
         n = problem.n_steps
-        self.cum = np.concatenate([[0.0], np.cumsum(problem.compute_s)]).tolist()
+        self.cum_np = np.concatenate([[0.0], np.cumsum(problem.compute_s)])
+        self.cum = self.cum_np.tolist()
         self.step_s = max(self.cum[-1] / max(n, 1), 1e-12)
         host_bw = tiers["host"].bandwidth if "host" in tiers else tiers["device"].bandwidth
         disk_bw = tiers["disk"].bandwidth if "disk" in tiers else host_bw
@@ -153,19 +154,23 @@ class Game(PlanningEnv):
         ], dtype=np.float32)
         act = np.zeros((self.n_actions, N_ACTFEAT), dtype=np.float32)
         kinds = self._kinds(it.name, k)
+        fs, fk, cum, li, log1p = starts[self.FOLLOW], kinds[self.FOLLOW], self.cum, self.last_issue, math.log1p
         for j, s in enumerate(starts):
             if s is None:
                 continue
-            act[j, kinds[j]] = 1.0
+            row = [0.0] * N_ACTFEAT
+            row[kinds[j]] = 1.0
             if s >= 0:
-                act[j, 4] = _lg(self._compute(s, a) / d)
-                act[j, 5] = (a - s) / n
-                act[j, 6] = (b - s + 1) * size / (n * cap_a)
+                x = (cum[a] - cum[s]) / d if a > s else 0.0
+                row[4] = log1p(x) if x >= 0 else -log1p(-x)
+                row[5] = (a - s) / n
+                row[6] = (b - s + 1) * size / (n * cap_a)
+                row[9] = float(s < li)
             else:
-                act[j, 6] = size / cap_a
-            act[j, 7] = float(kinds[j] == kinds[self.FOLLOW] and s == starts[self.FOLLOW])
-            act[j, 8] = float(j == self.FOLLOW)
-            act[j, 9] = float(0 <= s < self.last_issue)
+                row[6] = size / cap_a
+            row[7] = float(kinds[j] == fk and s == fs)
+            row[8] = float(j == self.FOLLOW)
+            act[j] = row
         return st, act, legal
 
     def _kinds(self, name: str, k: int) -> list[int]:
@@ -272,8 +277,20 @@ class NumpyPolicy:
         return x[:, 0]
 
     def __call__(self, st, act, legal) -> np.ndarray:
-        z = self.logits(policy_inputs(st, act))
-        return np.where(legal, z, -np.inf)
+        """Masked logits of one decision. The first layer is split by input block (state,
+        action features, one-hot action) so the state's share is computed once."""
+        w0, b0 = self.layers[0]
+        if getattr(self, "_split", (None,))[0] is not w0:
+            ns, na = st.shape[0], act.shape[1]
+            self._split = (w0, np.ascontiguousarray(w0[:, :ns].T), np.ascontiguousarray(w0[:, ns:ns + na].T),
+                           np.ascontiguousarray(w0[:, ns + na:].T) + b0)
+        _, ws, wa, we = self._split
+        x = np.tanh(st @ ws + act @ wa + we[:act.shape[0]])
+        for j, (w, b) in enumerate(self.layers[1:]):
+            x = x @ w.T + b
+            if j < len(self.layers) - 2:
+                x = np.tanh(x)
+        return np.where(legal, x[:, 0], -np.inf)
 
 
 @functools.lru_cache(maxsize=4)
@@ -320,11 +337,13 @@ def effects(act: np.ndarray, legal) -> list[list[int]]:
     return list(groups.values())
 
 
-def search(game: Game, policy, n_alt: int) -> dict:
+def search(game: Game, policy, n_alt: int, deadline: float | None = None) -> dict:
     """The argmax game, then up to ``n_alt`` games that each take, at one decision, the action the
     policy ranks highest among those it did not choose (most probable first) and play argmax
     after it; the fastest plan wins. Deterministic: a small policy-guided search, as the learned
-    policy is what makes a few tries enough (mallocMuZero searches with its policy too)."""
+    policy is what makes a few tries enough (mallocMuZero searches with its policy too).
+    ``deadline`` (a time.perf_counter() value) stops it from starting another game after it:
+    a guard for slow machines (``cut`` says it fired); the decision budget normally binds first."""
     def argmax(st, act, legal):
         z = policy(st, act, legal)
         return int(np.argmax(z)), z
@@ -342,11 +361,15 @@ def search(game: Game, policy, n_alt: int) -> dict:
             if a not in g:
                 cands.append((-float(p[g].sum()), t, g[0]))
     cands.sort()
+    best["cut"] = False
     for _, t, alt in cands[:n_alt]:
+        if deadline is not None and time.perf_counter() > deadline:
+            best["cut"] = True
+            break
         res = play(game, argmax, prefix=actions[:t] + [alt])
         best["tries"] += 1
         if res["time_s"] < best["time_s"]:
-            res["tries"] = best["tries"]
+            res["tries"], res["cut"] = best["tries"], best["cut"]
             best = res
     best["argmax_time_s"] = first
     return best
@@ -355,11 +378,12 @@ def search(game: Game, policy, n_alt: int) -> dict:
 @register_planner("rl")
 class RLPlanner:
     """The shipped policy's search (argmax game + a few policy-ranked alternatives, at most
-    ``search_decisions`` decisions in all, ``max_alt`` games); greedy's plan when the agent's
-    fails or is slower."""
+    ``search_decisions`` decisions in all, ``max_alt`` games, no new game once ``time_budget``
+    seconds have passed since planning began); greedy's plan when the agent's fails or is slower."""
     weights = WEIGHTS
     max_alt = 8
     search_decisions = 2500
+    time_budget = 0.6
 
     def plan(self, problem: Problem, tiers: dict, budget: int) -> TierPlan:
         t0 = time.perf_counter()
@@ -377,8 +401,9 @@ class RLPlanner:
         if policy is not None:
             game = Game(problem, tiers, budget, hint=greedy)
             n_alt = min(self.max_alt, self.search_decisions // max(len(game.segs), 1))
-            res = search(game, policy, n_alt)
+            res = search(game, policy, n_alt, deadline=t0 + self.time_budget)
             info["agent_sim_s"] = res["time_s"]
+            info["search_cut"] = res.get("cut", False)
             info["games"], info["argmax_sim_s"] = res["tries"], res["argmax_time_s"]
             info["overflow"] = res["overflow"]
             if not res["overflow"] and res["time_s"] <= g_time:
