@@ -23,6 +23,14 @@ def compile_graph(graph: Graph, options: Options, kind: str = "inference",
     after every pass."""
     if verify is None:
         verify = os.environ.get("KILN_VERIFY", "0") not in ("", "0")
+    # AOTAutograd calls its compilers inside FakeTensorMode; kiln computes on real tensors
+    # (constant folding, masks known at compile time, tuning), so it runs outside any such mode.
+    from torch.utils._python_dispatch import _disable_current_modes
+    with _disable_current_modes():
+        return _compile_graph(graph, options, kind, verify)
+
+
+def _compile_graph(graph: Graph, options: Options, kind: str, verify: bool) -> tuple[CompiledGraph, CompileReport]:
     t0 = time.perf_counter()
     n_nodes = len(graph.nodes)
     target = options.resolved_target()
@@ -97,14 +105,30 @@ class _ShapeSpecialized:
         return fn(*args)
 
 
-def _compile_fx(gm, example_inputs, kind, options: Options, params=()):
+def _compile_fx(gm, example_inputs, kind, options: Options, params=(), pair: dict | None = None):
     if is_symbolic(gm):
         return _ShapeSpecialized(gm, options, kind)
     g = from_fx(gm)
-    if kind != "backward":
-        g.meta["weight_inputs"] = _parameter_inputs(g, params)
+    mark_weight_inputs(g, kind, params, {} if pair is None else pair)
     compiled, _ = compile_graph(g, options, kind)
     return compiled
+
+
+def mark_weight_inputs(g: Graph, kind: str, params=(), pair: dict | None = None) -> None:
+    """``g.meta['weight_inputs']``: the inputs that are weights, which the tier planner may keep
+    off the device. Forward and inference graphs: the module's parameters. A backward graph reads
+    the weights as saved tensors (a parameter or a view of it, such as its transpose) that the
+    forward of the same ``pair`` returned; their names carry over from the forward's outputs."""
+    pair = {} if pair is None else pair
+    if kind != "backward":
+        g.meta["weight_inputs"] = _parameter_inputs(g, params)
+        if kind == "forward":
+            from kiln.passes.tiers import weight_views
+            types = {v.name: v.type for v in g.output_values()}
+            pair["weight_views"] = {name: types[name] for name in weight_views(g)}
+    else:
+        saved = pair.get("weight_views", {})
+        g.meta["weight_inputs"] = [v.name for v in g.inputs if v.name in saved and saved[v.name] == v.type]
 
 
 def _parameter_inputs(g: Graph, params=()) -> list[str]:
@@ -123,7 +147,8 @@ def kiln_backend(gm, example_inputs, options=None, **kw):
     opts = Options.make(options, **kw)
     from kiln.passes.attention_fx import rewrite_fx
     params = [i for i, x in enumerate(example_inputs) if isinstance(x, torch.nn.Parameter)]
-    inner = dynamo_backend(lambda g, ex, kind: _compile_fx(g, ex, kind, opts, params), rewrite=rewrite_fx)
+    pair: dict = {}                      # what this graph's forward tells its backward (weight views)
+    inner = dynamo_backend(lambda g, ex, kind: _compile_fx(g, ex, kind, opts, params, pair), rewrite=rewrite_fx)
     return inner(gm, example_inputs)
 
 

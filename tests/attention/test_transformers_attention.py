@@ -10,6 +10,8 @@ import json
 import pytest
 import torch
 
+import kiln
+
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
 
@@ -72,3 +74,35 @@ def test_model_attention_fused(name, impl, target, train, pad, tmp_path):
     want_kinds = {"forward": [target] * LAYERS, "backward": [target] * LAYERS} if train else \
         {"inference": [target] * LAYERS}
     assert kinds == want_kinds
+
+
+@pytest.mark.parametrize("name", ["gpt2", "bert"])
+def test_bf16_layer_sdpa_fused(name):
+    """One bf16 layer (the benchmark suite's model cases, small): on the CPU PyTorch runs bf16
+    SDPA as fp32 math on cast copies of Q/K/V, sliced out of the fused QKV projection with
+    as_strided; attention must still become one kernel, and compiling must not trip over
+    AOTAutograd's FakeTensorMode when it evaluates the causal mask."""
+    from transformers.models.bert.modeling_bert import BertLayer
+    from transformers.models.gpt2.modeling_gpt2 import GPT2Block
+    torch.manual_seed(0)
+    if name == "gpt2":
+        cfg = transformers.GPT2Config(n_embd=128, n_head=2, n_layer=1, n_positions=64, resid_pdrop=0.0,
+                                      embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="sdpa")
+        layer = GPT2Block(cfg, layer_idx=0)
+    else:
+        cfg = transformers.BertConfig(hidden_size=128, num_attention_heads=2, intermediate_size=256,
+                                      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                                      attn_implementation="sdpa")
+        layer = BertLayer(cfg)
+    layer = layer.to(torch.bfloat16).eval()
+    x = torch.randn(2, 32, 128, dtype=torch.bfloat16)
+
+    def fn(h):
+        out = layer(h)
+        return out[0] if isinstance(out, tuple) else out
+    torch._dynamo.reset()
+    with torch.no_grad():
+        got = torch.compile(fn, backend="kiln", options={"target": "triton"})(x)
+        want = fn(x)
+    assert [k["kind"] for k in kiln.last_report().kernels].count("attention") == 1
+    torch.testing.assert_close(got.float(), want.float(), rtol=3e-2, atol=3e-2)
