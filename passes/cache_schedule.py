@@ -5,7 +5,9 @@ that never overlap in time share bytes) and three steps: prefetch(item) before s
 from its home tier, a wait before its first reader, and evict after step ``evict`` (write-back
 first only for dirty items; weights are clean and never go back). A copy lands in memory an
 earlier stay used, so it waits for the end of that stay's last step (``wait``): the exact event
-the runtime's side stream waits on, and what the simulator scores the final schedule with."""
+the runtime's side stream waits on, and what the simulator scores the final schedule with.
+``spills`` are outputs (a training step's gradients, saved activations) the runtime copies to the
+host tier after their last read in the graph, which the caller then receives."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
@@ -42,6 +44,7 @@ class CacheSchedule:
     planner: str = "greedy"
     sim: dict = field(default_factory=dict)        # simulated time_s, transfer_bytes ...
     n_steps: int = 0
+    spills: list = field(default_factory=list)     # [storage, step, nbytes, [values viewing it]]: to the host after step
 
     def per_step(self):
         """(prefetch, ready, evict) slot indices per step."""
@@ -74,7 +77,9 @@ class CacheSchedule:
         for s in self.slots:
             it = items.setdefault(s.item, Item(s.item, s.nbytes, [], source=self.sources.get(s.item, "constant")))
             it.segments.append((s.first, s.evict))
-        prob = Problem(self.n_steps, list(items.values()), list(self.compute_s), list(self.fixed_bytes), self.device)
+        prob = Problem(self.n_steps, list(items.values()), list(self.compute_s), list(self.fixed_bytes), self.device,
+                       spillable={r: (nb, step, step, list(outs)) for r, step, nb, outs in self.spills},
+                       spills=[r for r, *_ in self.spills])
         plan = TierPlan({s.item: s.home for s in self.slots}, [Stay(s.item, s.load, s.first, s.evict) for s in self.slots],
                         self.planner)
         tiers = {k: Tier(k, v[0], v[1]) for k, v in self.tiers.items()}
@@ -129,7 +134,9 @@ def build_schedule(problem, plan, tiers, budget: int) -> CacheSchedule:
     return CacheSchedule(problem.device, int(budget), int(pool), slots,
                          {it.name: it.source for it in problem.items}, list(map(int, problem.fixed_bytes)),
                          [float(x) for x in problem.compute_s],
-                         {k: [t.capacity, t.bandwidth] for k, t in tiers.items()}, plan.planner, sim, problem.n_steps)
+                         {k: [t.capacity, t.bandwidth] for k, t in tiers.items()}, plan.planner, sim, problem.n_steps,
+                         [[r, problem.spillable[r][2], problem.spillable[r][0], list(problem.spillable[r][3])]
+                          for r in problem.spills])
 
 
 def schedule_cache(g: Graph, options=None) -> Graph:

@@ -5,8 +5,10 @@ ended and every item t reads has arrived; copies run on FIFO channels at each ti
 (CUDA: a copy stream, plus a disk-read thread feeding it; CPU: one background worker). A copy
 issued before step s starts once the memory it lands in is free (the end of step ``wait``,
 s-1 unless the packed schedule knows better) and, on the CPU, once the host reaches step s.
-Dirty items are written back when evicted. Returns the time per call, stalls, bytes moved and
-the occupancy of each tier; a plan that overflows the device budget fails."""
+Dirty items are written back when evicted; spilled outputs (Problem.spills) are copied to the
+host after the last step that touches them (on the CPU by the host thread, before the next
+step). Returns the time per call, stalls, bytes moved and the occupancy of each tier; a plan
+that overflows the device budget fails."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -119,6 +121,9 @@ def simulate(problem: Problem, plan: TierPlan, tiers: dict, budget: int | None =
         if it.dirty and it.name not in seen_dirty and s.evict < n - 1:
             seen_dirty.add(it.name)
             wb_at.setdefault(s.evict + 1, []).append(k)
+    spill_at: dict[int, list] = {}
+    for name in getattr(problem, "spills", ()):
+        spill_at.setdefault(problem.spillable[name][2], []).append(name)
     chan = {"copy": 0.0, "disk": 0.0}
     ready = {}
     start, end = np.zeros(n), np.zeros(n)
@@ -152,11 +157,23 @@ def simulate(problem: Problem, plan: TierPlan, tiers: dict, budget: int | None =
                               "nbytes": nb, "issue": t})
         st = max([prev] + [ready[k] for k in arrive.get(t, [])])
         start[t], end[t] = st, st + problem.compute_s[t]
+        for name in spill_at.get(t, []):            # an output handed to the host after its last read:
+            nb = problem.spillable[name][0]         # the host thread copies it before the next step
+            c0 = end[t] if not cuda else max(chan["copy"], end[t])
+            c1 = c0 + nb / host_bw
+            if cuda:
+                chan["copy"] = c1
+            else:
+                end[t] = c1
+            transfers.append({"item": name, "kind": "writeback", "tier": "host", "start": c0, "end": c1,
+                              "nbytes": nb, "issue": t})
+            wb_bytes += nb
     fixed = np.asarray(problem.fixed_bytes or [0] * n, dtype=np.int64)
     dev = fixed + occ
     warm = sum(items[s.item].nbytes for s in plan.stays if s.load < 0)
     peak = {"device": int(dev.max(initial=0)),
-            "host": sum(it.nbytes for it in problem.items if plan.homes.get(it.name, "host") == "host"),
+            "host": sum(it.nbytes for it in problem.items if plan.homes.get(it.name, "host") == "host")
+            + sum(problem.spillable[x][0] for x in getattr(problem, "spills", ())),
             "disk": sum(it.nbytes for it in problem.items if plan.homes.get(it.name) == "disk")}
     compute = float(np.sum(problem.compute_s))
     total = float(end[-1]) if n else 0.0

@@ -65,6 +65,23 @@ class Problem:
     step_names: list[str] = field(default_factory=list)
     activations: list = field(default_factory=list)   # (name, nbytes, first, last) device-resident
     fixed_parts: dict = field(default_factory=dict)    # arena / inputs / activations peak, for messages
+    # outputs the device may hand to the host tier early (CPU): storage -> (nbytes, producer step,
+    # last step that reads it in the graph, output names that are views of it); and those chosen
+    spillable: dict = field(default_factory=dict)
+    spills: list = field(default_factory=list)         # storages written to the host after their last read
+
+    def spill(self, names) -> None:
+        """Hand these outputs' storage to the host tier after its last read in the graph (they
+        counted as device bytes to the end of the call): fixed bytes drop from that step on."""
+        fixed = np.asarray(self.fixed_bytes, dtype=np.int64)
+        for name in names:
+            if name in self.spills or name not in self.spillable:
+                continue
+            nb, _, last, _ = self.spillable[name]
+            fixed[last + 1:] -= nb
+            self.spills.append(name)
+        self.fixed_bytes = [int(x) for x in fixed]
+        self.fixed_parts["peak_step"] = int(fixed.argmax()) if self.n_steps else 0
 
     def item_capacity(self, budget: int) -> np.ndarray:
         fixed = np.asarray(self.fixed_bytes or [0] * self.n_steps, dtype=np.int64)
@@ -175,10 +192,17 @@ def build_problem(g: Graph, device: str = "cpu", compute_s=None) -> Problem:
     # (runtime.tiers rebases it); anything else that escapes keeps its storage on the device
     rebased = {v for v in escaping if v in chain} if device == "cpu" else set()
     live: dict[str, list] = {}               # storage -> intervals over which something reads it
+    inner: dict[str, int] = {}               # storage -> last step that writes or reads its data
+    view_steps = {i for i, nd in enumerate(g.nodes) if not is_kernel_op(nd.op) and op_kind(nd.op) == OpKind.VIEW}
     for name, rs in roots.items():
         esc = name in escaping and name not in rebased
         if name in define:
             ivs = [(define[name], n - 1 if esc else max(uses.get(name, [define[name]])))]
+            touch = [i for i in uses.get(name, []) if i not in view_steps]
+            if define[name] not in view_steps:
+                touch.append(define[name])
+            for r in rs:
+                inner[r] = max([inner.get(r, -1)] + touch)
         else:                                # a leaf: its own reads
             ivs = [(i, i) for i in uses.get(name, [])] + ([(0, n - 1)] if esc else [])
         for r in rs:
@@ -206,11 +230,53 @@ def build_problem(g: Graph, device: str = "cpu", compute_s=None) -> Problem:
         if nb:
             fixed[a:b + 1] += nb
             acts.append((name, nb, a, b))
+    spillable = _spillable(owned, define, inner, roots, escaping - rebased, n, device)
     times = list(compute_s) if compute_s is not None else estimate_step_times(g, device)
     return Problem(n, items, times, [int(x) for x in fixed], device,
                    step_names=[nd.outputs[0].name if nd.outputs else nd.op for nd in g.nodes],
                    activations=acts, fixed_parts={"arena": arena_bytes, "inputs": in_bytes,
-                                                  "peak_step": int(fixed.argmax()) if n else 0})
+                                                  "peak_step": int(fixed.argmax()) if n else 0},
+                   spillable=spillable)
+
+
+def _spillable(owned: dict, define: dict, inner: dict, roots: dict, escaping: set, n: int, device: str) -> dict:
+    """Storages made in the graph that reach its outputs (a training step's gradients, the
+    activations a forward saves for the backward): on the CPU the runtime can copy such a storage
+    to the host tier after the last step that touches its data and hand the caller the host copy
+    (views made later are made of the copy), rather than hold it on the device to the end of the
+    call. name -> (bytes, producer step, that last step, the values that view it alone); only
+    storages whose every escaping view views it alone; not on CUDA, where autograd wants
+    gradients on the parameter's device."""
+    if device != "cpu":
+        return {}
+    esc_roots: set = set()
+    bad = set()
+    for v in escaping:
+        rs = roots.get(v, set())
+        (esc_roots if len(rs) == 1 else bad).update(rs)
+    alias: dict[str, list] = {}
+    for v, rs in roots.items():
+        if len(rs) == 1 and next(iter(rs)) in esc_roots:
+            alias.setdefault(next(iter(rs)), []).append(v)
+    out = {}
+    for r in esc_roots - bad:
+        nb = owned.get(r, 0)
+        last = inner.get(r, define.get(r, n - 1))
+        if nb and r in define and last < n - 1:
+            out[r] = (nb, define[r], last, sorted(alias.get(r, [r])))
+    return out
+
+
+def weight_views(g: Graph) -> list[str]:
+    """Outputs of a (training forward) graph that are a weight input, or a chain of views of one
+    (``g.meta['weight_inputs']``): the backward reads them as inputs, and they are the weights."""
+    weights = set(g.meta.get("weight_inputs", ())) | {v.name for v in g.constant_values}
+    chain = set(weights)
+    for node in g.nodes:
+        ins = node.inputs()
+        if op_kind(node.op) == OpKind.VIEW and len(ins) == 1 and ins[0].name in chain:
+            chain.update(v.name for v in node.outputs)
+    return [v.name for v in g.output_values() if v.name in chain]
 
 
 # ---- homes, validation ------------------------------------------------------------------------
@@ -471,6 +537,11 @@ def map_tiers(g: Graph, options=None) -> Graph:
     dev_cap = tiers["device"].capacity
     budget = min(x for x in (getattr(options, "memory_budget", None), dev_cap, 2**62) if x is not None)
     problem = build_problem(g, device)
+    choose_spills(problem, budget)
+    if smallest_budget(problem) > budget:
+        choose_spills(problem, 0)               # the least memory spilling can reach
+        if smallest_budget(problem) > budget:
+            raise budget_error(problem, budget)
     planner = get_planner(getattr(options, "planner", "greedy"))
     if hasattr(planner, "time_limit") and getattr(options, "ilp_time_limit", None):
         planner.time_limit = options.ilp_time_limit
@@ -495,6 +566,29 @@ def map_tiers(g: Graph, options=None) -> Graph:
     g2.meta["tier_tiers"] = tiers
     g2.meta["tier_budget"] = budget
     return g2
+
+
+def choose_spills(problem: Problem, budget: int) -> list[str]:
+    """Outputs to hand to the host tier early (Problem.spillable): while the device's fixed peak
+    plus room for the weights one step reads and a prefetch of the next (twice the most any step
+    reads) exceeds the budget, spill the largest output the peak step holds only because it
+    escapes. ``budget=0`` spills all that lower the peak (the least memory). Nothing is chosen
+    where the budget leaves room, so the problem is then unchanged."""
+    if not problem.spillable or not problem.n_steps:
+        return []
+    want = 2 * int(problem.need().max(initial=0))
+    while True:
+        fixed = np.asarray(problem.fixed_bytes, dtype=np.int64)
+        peak = int(fixed.max(initial=0))
+        if peak + want <= budget:
+            break
+        at = int(fixed.argmax())
+        cands = [(nb, name) for name, (nb, a, last, _) in problem.spillable.items()
+                 if name not in problem.spills and a <= at and last < at]
+        if not cands:
+            break                      # nothing left that is live (and unread) at the peak step
+        problem.spill([max(cands)[1]])  # the largest one the peak step holds for nothing
+    return list(problem.spills)
 
 
 def on_demand(problem: Problem, homes: dict) -> TierPlan:

@@ -7,7 +7,9 @@ stream waits on before the first reader; disk reads run on a background thread i
 staging buffers first. On the CPU one background thread does every copy, so transfers overlap
 compute there too, and the device tier is a separate arena whose capacity is enforced: after
 every step the runtime counts what the device holds (pool, arena, inputs, live activations) and
-raises TierOverflow if that exceeds the budget."""
+raises TierOverflow if that exceeds the budget. Outputs the schedule spills (a training step's
+gradients, saved activations) are copied to host buffers after their last read in the graph,
+and the caller receives the host copies."""
 from __future__ import annotations
 
 import os
@@ -54,6 +56,10 @@ class TierRuntime:
         self.trace: list | None = None   # set to [] to record (step, start, end) host times per call
         self.copies: list = []           # with trace on the CPU: (slot, start, end) of each copy
         self.rebase = self._rebased_outputs(graph)
+        self.spill_at: dict = {}         # step -> values (one storage each) to hand to the host after it
+        for _, step, _, names in getattr(self.s, "spills", ()):
+            self.spill_at.setdefault(int(step), []).append(list(names))
+        self._host: list = []            # this call's spilled host buffers
 
     def _rebased_outputs(self, graph) -> list:
         """Outputs that are a planned weight or a chain of views of one: on the CPU they are
@@ -148,6 +154,7 @@ class TierRuntime:
             self._skip |= {x.untyped_storage().data_ptr() for x in inputs if isinstance(x, torch.Tensor)}
             self._skip |= {c.untyped_storage().data_ptr() for c in self.graph.constants.values()
                            if isinstance(c, torch.Tensor)}
+        self._host = []
         self.stats["calls"] += 1
 
     @staticmethod
@@ -219,12 +226,33 @@ class TierRuntime:
         for k in self.evict[i]:
             env.pop(self.s.slots[k].item, None)
             self.resident -= self.s.slots[k].nbytes
+        for names in self.spill_at.get(i, ()):
+            self._spill(names, env)
         if self.resident > self.s.pool_bytes:
             raise TierOverflow(f"device pool holds {self.resident} B > {self.s.pool_bytes} B after step {i}")
         used = self.device_bytes(env)
         self.stats["max_device_bytes"] = max(self.stats["max_device_bytes"], used)
         if used > self.s.budget:
             raise TierOverflow(f"device tier holds {used} B > memory_budget {self.s.budget} B after step {i}")
+
+    def _spill(self, names: list, env: dict) -> None:
+        """Copy the storage these values view to a host buffer and put views of the copy (same
+        offsets and strides) in place of every value that views it: later views are made of the
+        copy, the caller receives it, and the device storage is free."""
+        x = next((env[a] for a in names if isinstance(env.get(a), torch.Tensor)), None)
+        if x is None:
+            return
+        st = x.untyped_storage()
+        ptr = st.data_ptr()
+        h = torch.empty(st.nbytes(), dtype=torch.uint8)
+        h.copy_(torch.empty(0, dtype=torch.uint8, device=x.device).set_(st))
+        self._host.append(h)                 # held for the call: its address never names device bytes
+        self._skip.add(h.untyped_storage().data_ptr())
+        self.stats["spilled_bytes"] = self.stats.get("spilled_bytes", 0) + st.nbytes()
+        for k, v in list(env.items()):
+            if isinstance(v, torch.Tensor) and v.device == x.device and v.untyped_storage().data_ptr() == ptr:
+                env[k] = torch.empty(0, dtype=v.dtype).set_(h.untyped_storage(), v.storage_offset(), v.shape,
+                                                            v.stride())
 
     def device_bytes(self, env: dict) -> int:
         """What the device tier holds now: pool + arena + inputs + live activations."""
@@ -245,6 +273,7 @@ class TierRuntime:
             if not isinstance(p, torch.cuda.Event):
                 p.result()
         self.pending = {}
+        self._host = []                      # the caller's outputs hold what they view
         if self.cuda:
             return
         for out, item, nodes in self.rebase:

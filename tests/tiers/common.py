@@ -60,6 +60,34 @@ def planned_graph(model, inputs, **options):
     return run_pipeline(g, kiln.Options.make(None, **options))[0]
 
 
+def training_graphs(model, inputs=(), kwargs=None) -> list:
+    """(kind, graph) of one training step under torch.compile (forward, then backward; loss =
+    sum of the first output), with the weight inputs marked as kiln's backend marks them."""
+    import kiln.api
+    from kiln.ir.capture import dynamo_backend, from_fx
+    graphs = []
+
+    def backend(gm, ex):
+        params = [i for i, x in enumerate(ex) if isinstance(x, torch.nn.Parameter)]
+        pair: dict = {}
+
+        def keep(fx, _, kind):
+            g = from_fx(fx)
+            kiln.api.mark_weight_inputs(g, kind, params, pair)
+            graphs.append((kind, g))
+            return fx.forward
+        return dynamo_backend(keep)(gm, ex)
+
+    torch._dynamo.reset()
+    model.train()
+    xs = [x.clone().requires_grad_(x.is_floating_point()) for x in inputs]
+    out = torch.compile(model, backend=backend, dynamic=False)(*xs, **(kwargs or {}))
+    out = out if isinstance(out, torch.Tensor) else out[0]
+    out.float().sum().backward()
+    torch._dynamo.reset()
+    return graphs
+
+
 def check_against_graph(g) -> None:
     """Independent of the planner's own problem: walk the nodes; every read of a planned
     weight, or of a view made of it, happens while one stay of that weight holds it, and a

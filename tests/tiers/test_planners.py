@@ -1,6 +1,7 @@
 """Tier planners (greedy, ILP, the RL game's interface) on the zoo, transformers and generated
-problems: every plan passes the planner-independent checker, ILP never simulates slower than
-greedy, and an impossible budget fails with the smallest budget that works."""
+problems, inference and training graphs (forward and backward of a step): every plan passes the
+planner-independent checker, ILP never simulates slower than greedy, and an impossible budget
+fails with the smallest budget that works."""
 from __future__ import annotations
 
 import numpy as np
@@ -11,7 +12,7 @@ from kiln.passes.simulate import PlanningEnv, simulate
 from kiln.passes.tiers import (BudgetError, Item, Problem, Tier, get_planner, on_demand, smallest_budget as sb,
                                validate_plan)
 from tests.models.zoo import ZOO, build
-from .common import check_against_graph, planned_graph, smallest_budget, stack, weight_bytes
+from .common import check_against_graph, planned_graph, smallest_budget, stack, training_graphs, weight_bytes
 
 TIERS = {"device": Tier("device", None, 20e9), "host": Tier("host", None, 8e9)}
 
@@ -110,6 +111,58 @@ def test_transformers_plans_are_valid(name):
             assert g.meta["tier_problem"].items, "the parameters should be planned"
             assert validate_plan(g.meta["tier_problem"], g.meta["tier_plan"], least, g.meta["tier_tiers"]) == []
             check_against_graph(g)
+
+
+def _plans_valid_from_least(g0) -> int:
+    """Plan a captured graph at the smallest budget its BudgetError names and 1.5x that, with
+    greedy and ILP; every plan valid, checked against the graph, within the budget."""
+    import kiln
+    from kiln.passes import run_pipeline
+    with pytest.raises(BudgetError) as e:
+        run_pipeline(g0, kiln.Options.make(target="cpu", memory_budget=1))
+    least = smallest_budget(e.value)
+    for budget in (least, int(least * 1.5)):
+        for planner in ("greedy", "ilp"):
+            g = run_pipeline(g0, kiln.Options.make(target="cpu", memory_budget=budget, planner=planner))[0]
+            problem, plan = g.meta["tier_problem"], g.meta["tier_plan"]
+            assert validate_plan(problem, plan, budget, g.meta["tier_tiers"]) == []
+            check_against_graph(g)
+            assert g.meta["cache_schedule"].sim["device_peak"] <= budget
+            assert set(problem.spills) <= set(problem.spillable)
+    with pytest.raises(BudgetError, match=f"use memory_budget >= {least}"):
+        run_pipeline(g0, kiln.Options.make(target="cpu", memory_budget=least - 1))
+    return least
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_zoo_training_plans_are_valid(name):
+    """The forward and backward of a training step: the backward's weights (the saved
+    parameters and views of them) are planned items, not inputs held on the device."""
+    model, inputs = build(name)
+    graphs = training_graphs(model, inputs)
+    assert [k for k, _ in graphs] == ["forward", "backward"]
+    for kind, g0 in graphs:
+        _plans_valid_from_least(g0)
+    bw = graphs[1][1]
+    assert bw.meta["weight_inputs"], "the backward reads the weights"
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_transformers_training_plans_are_valid(name):
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    cfgs = {"gpt2": lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(
+                n_layer=2, n_embd=64, n_head=4, vocab_size=128, n_positions=64, bos_token_id=0, eos_token_id=0)),
+            "llama": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(
+                hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                intermediate_size=128, vocab_size=128, max_position_embeddings=64))}
+    torch.manual_seed(0)
+    graphs = training_graphs(cfgs[name](), (), {"input_ids": torch.randint(0, 128, (2, 8))})
+    assert {"forward", "backward"} <= {k for k, _ in graphs}
+    for kind, g0 in graphs:
+        if kind == "backward":
+            assert g0.meta["weight_inputs"]
+        _plans_valid_from_least(g0)
 
 
 # ---- generated problems and the placement game ---------------------------------------------------

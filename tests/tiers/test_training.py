@@ -1,0 +1,118 @@
+"""Training under a memory budget (issue 4): at 30% of the weights a few SGD steps through
+torch.compile match eager (outputs, gradients, updated weights) while the runtime holds the
+device tier (a separate arena on the CPU) within the budget on the forward and on the backward.
+The backward reads the weights as saved tensors (a parameter or its transpose) and plans them
+like the forward's; the gradients it returns, weight-sized, are handed to the host tier after
+their last read instead of being held on the device to the end of the call."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import kiln
+from kiln.passes.tiers import BudgetError
+from kiln.runtime.tiers import TierOverflow, TierRuntime
+from .common import smallest_budget, stack, weight_bytes
+
+
+@pytest.fixture
+def runtimes(monkeypatch):
+    """Every TierRuntime made while the test runs (one per compiled graph with a tier plan)."""
+    made = []
+    init = TierRuntime.__init__
+
+    def record(self, *a, **kw):
+        init(self, *a, **kw)
+        made.append(self)
+    monkeypatch.setattr(TierRuntime, "__init__", record)
+    return made
+
+
+def _train(model, x, options, steps=3, lr=0.1):
+    """``steps`` SGD steps of a kiln-compiled copy and of eager; asserts they agree throughout."""
+    ref = copy.deepcopy(model)
+    torch._dynamo.reset()
+    f = torch.compile(model, backend="kiln", options=options)
+    opt, ropt = torch.optim.SGD(model.parameters(), lr=lr), torch.optim.SGD(ref.parameters(), lr=lr)
+    for _ in range(steps):
+        out, rout = f(x), ref(x)
+        torch.testing.assert_close(out, rout)
+        (out ** 2).mean().backward()
+        (rout ** 2).mean().backward()
+        for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, msg=lambda m: f"{name}.grad: {m}")
+        opt.step(), ropt.step(), opt.zero_grad(), ropt.zero_grad()
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q)
+
+
+@pytest.mark.parametrize("target,planner", [("cpu", "greedy"), ("cpu", "ilp"), ("triton", "greedy")])
+def test_training_at_30_percent_matches_eager(target, planner, runtimes):
+    model, (x,) = stack(layers=6)
+    model.train()
+    wb = weight_bytes(model)
+    budget = int(0.3 * wb)
+    _train(model, x, {"target": target, "memory_budget": budget, "planner": planner})
+    assert len(runtimes) == 2, "forward and backward both run with a tier schedule"
+    fw, bw = runtimes
+    for rt in runtimes:
+        assert rt.stats["calls"] == 3
+        assert 0 < rt.stats["max_device_bytes"] <= budget
+        assert rt.s.budget == budget
+    assert fw.stats["loaded_bytes"] >= 3 * 0.5 * wb and bw.stats["loaded_bytes"] >= 3 * 0.5 * wb  # weights moved
+    # most gradients (as many bytes as the weights) left the device soon after they were made
+    spilled = sum(nb for _, _, nb, _ in bw.s.spills)
+    assert spilled >= 0.5 * wb and bw.stats["spilled_bytes"] == 3 * spilled
+    mem = kiln.last_report().memory                          # the backward's
+    assert mem["per_tier"]["device"] <= budget and mem["per_tier"]["host"] >= 0.8 * wb + spilled   # weights + gradients
+    assert mem["transfers_bytes"] >= 0.8 * wb + spilled
+
+
+def test_training_runtime_enforces_the_budget(runtimes):
+    model, (x,) = stack(layers=6)
+    model.train()
+    budget = int(0.3 * weight_bytes(model))
+    torch._dynamo.reset()
+    f = torch.compile(model, backend="kiln", options={"target": "cpu", "memory_budget": budget})
+    f(x).sum().backward()
+    bw = runtimes[1]
+    bw.s.budget = bw.stats["max_device_bytes"] - 1          # pretend a smaller device
+    with pytest.raises(TierOverflow, match="device tier holds .* > memory_budget"):
+        f(x).sum().backward()
+
+
+def test_training_smallest_budget_is_named_and_works(runtimes):
+    """A budget too small for the forward or the backward names the smallest that works for
+    that graph; raising it to what the errors name compiles and trains both."""
+    model, (x,) = stack(layers=4)
+    model.train()
+    budget, named = 1, []
+    for _ in range(4):
+        torch._dynamo.reset()
+        f = torch.compile(copy.deepcopy(model), backend="kiln", options={"target": "cpu", "memory_budget": budget})
+        try:
+            f(x).sum().backward()
+            break
+        except Exception as e:                  # Dynamo wraps the forward's BudgetError
+            cause = e
+            while cause is not None and not isinstance(cause, BudgetError):
+                cause = getattr(cause, "inner_exception", None) or cause.__cause__
+            assert cause is not None, e
+            assert "smallest budget that would work" in str(cause) and "\n" not in str(cause)
+            budget = smallest_budget(cause)
+            named.append(budget)
+    else:
+        raise AssertionError(f"budgets named {named} never compiled")
+    assert len(named) >= 1 and budget < weight_bytes(model)
+    assert all(rt.stats["max_device_bytes"] <= budget for rt in runtimes[-2:])
+    _train(model, x, {"target": "cpu", "memory_budget": budget}, steps=2)
+
+
+def test_inference_keeps_outputs_on_the_device_when_there_is_room():
+    """Spilling outputs to the host costs copies: only where the budget needs it."""
+    from .common import planned_graph
+    model, inputs = stack(layers=4)
+    g = planned_graph(model, inputs, target="cpu", memory_budget=int(0.5 * weight_bytes(model)))
+    assert g.meta["tier_problem"].spills == [] and g.meta["cache_schedule"].spills == []
