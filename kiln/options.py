@@ -16,22 +16,31 @@ _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb
           "tb": 1e12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 
-def parse_bytes(value: Any, what: str = "memory_budget") -> int:
-    """'6GiB', '512MB', 1<<30 -> bytes. Rejects negative or unparsable values."""
+def parse_bytes(value: Any, what: str = "memory_budget", rate: bool = False) -> int:
+    """'6GiB', '512MB', 1<<30 -> bytes (``rate``: bytes per second, '25GB/s' too). Rejects
+    negative, zero, infinite or unparsable values with a one-line error naming what works."""
+    example = "25e9 or '25GB/s'" if rate else "6442450944 or '6GiB'"
+    kind = "bytes per second" if rate else "bytes"
     if isinstance(value, bool):
-        raise ValueError(f"{what}: expected bytes (int) or a string like '6GiB', got {value!r}")
+        raise ValueError(f"{what}: expected {kind} (a number) or a string like {example.split(' or ')[1]}, "
+                         f"got {value!r}")
     if isinstance(value, (int, float)):
         n = value
     elif isinstance(value, str):
-        m = re.fullmatch(r"\s*([-+]?[0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", value)
+        m = re.fullmatch(r"\s*([-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([a-zA-Z]*)\s*" + (r"(?:/\s*s\s*)?" if rate else ""),
+                         value)
         if not m or m.group(2).lower() not in _UNITS:
-            raise ValueError(f"{what}: cannot parse {value!r}; use bytes or a string like '6GiB', "
-                             f"'512MB' (units: {', '.join(u for u in _UNITS if u)})")
+            raise ValueError(f"{what}: cannot parse {value!r}; use {kind}, e.g. {example} "
+                             f"(units: {', '.join(u for u in _UNITS if u)})")
         n = float(m.group(1)) * _UNITS[m.group(2).lower()]
     else:
-        raise ValueError(f"{what}: expected bytes (int) or a string like '6GiB', got {type(value).__name__}")
+        raise ValueError(f"{what}: expected {kind} (a number) or a string like {example.split(' or ')[1]}, "
+                         f"got {type(value).__name__}")
     if not n > 0 or n == float("inf"):
-        raise ValueError(f"{what}: must be a positive, finite number of bytes, got {value!r}")
+        raise ValueError(f"{what}: must be a positive, finite number of {kind}, got {value!r}; "
+                         f"use e.g. {example}")
+    if int(n) == 0:
+        raise ValueError(f"{what}: {value!r} is less than one byte; use e.g. {example}")
     return int(n)
 
 
@@ -54,9 +63,10 @@ class TierSpec:
             cap = spec.get("capacity")
             bw = spec.get("bandwidth")
             t = TierSpec(spec["name"], None if cap is None else parse_bytes(cap, f"tiers[{spec['name']}].capacity"),
-                         None if bw is None else float(parse_bytes(bw, f"tiers[{spec['name']}].bandwidth")))
+                         None if bw is None else float(parse_bytes(bw, f"tiers[{spec['name']}].bandwidth", rate=True)))
         else:
-            raise ValueError(f"tiers: expected a tier name or dict, got {spec!r}")
+            raise ValueError(f"tiers: expected a tier name or dict, e.g. 'host' or "
+                             f"{{'name': 'host', 'capacity': '64GiB', 'bandwidth': '25GB/s'}}, got {spec!r}")
         if t.name not in TIER_NAMES:
             raise ValueError(f"tiers: unknown tier {t.name!r}; valid: {', '.join(TIER_NAMES)}")
         return t
@@ -123,8 +133,11 @@ class Options:
         if isinstance(self.tiers, (str, dict)) or not hasattr(self.tiers, "__iter__"):
             raise ValueError("tiers: expected a list of tier specs, e.g. ['device', {'name': 'host', 'capacity': '64GiB'}]")
         tiers = tuple(TierSpec.parse(t) for t in self.tiers)
-        if len({t.name for t in tiers}) != len(tiers):
-            raise ValueError("tiers: each tier may be given once")
+        names = [t.name for t in tiers]
+        twice = sorted({x for x in names if names.count(x) > 1})
+        if twice:
+            raise ValueError(f"tiers: {', '.join(map(repr, twice))} given more than once; give each of "
+                             f"{', '.join(TIER_NAMES)} at most once")
         object.__setattr__(self, "tiers", tiers)
         if self.quantize not in QUANTIZE:
             raise ValueError(f"quantize: {self.quantize!r} is not valid; choose one of "

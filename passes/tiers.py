@@ -295,12 +295,14 @@ def assign_homes(problem: Problem, tiers: dict) -> dict[str, str]:
         elif host is None:
             homes[it.name] = "device"
         else:
-            raise BudgetError(f"host tier capacity {fmt_bytes(cap)} cannot hold the weights "
-                              f"({fmt_bytes(sum(i.nbytes for i in problem.items))}); add 'disk' to tiers or raise it")
+            need = sum(i.nbytes for i in problem.items if i.source == "constant")
+            raise BudgetError(f"host tier capacity {fmt_bytes(cap)} cannot hold the weights ({fmt_bytes(need)}); "
+                              f"add 'disk' to tiers or raise the host capacity to >= {need}")
     disk = tiers.get("disk")
     on_disk = sum(it.nbytes for it in problem.items if homes[it.name] == "disk")
     if disk is not None and disk.capacity is not None and on_disk > disk.capacity:
-        raise BudgetError(f"disk tier capacity {fmt_bytes(disk.capacity)} cannot hold {fmt_bytes(on_disk)} of weights")
+        raise BudgetError(f"disk tier capacity {fmt_bytes(disk.capacity)} cannot hold {fmt_bytes(on_disk)} of weights "
+                          f"the host tier leaves over; raise the disk capacity to >= {on_disk} or the host's")
     return homes
 
 
@@ -363,11 +365,11 @@ def smallest_budget(problem: Problem) -> int:
     return max(problem.min_budget(), max(problem.fixed_bytes, default=0) + pack(problem, plan)[1])
 
 
-def budget_error(problem: Problem, budget: int, need: int | None = None) -> BudgetError:
+def budget_error(problem: Problem, budget: int, need: int | None = None, what: str = "memory_budget") -> BudgetError:
     need = smallest_budget(problem) if need is None else need
     fp = problem.fixed_parts
     return BudgetError(
-        f"memory_budget {fmt_bytes(budget)} ({budget} B) is too small for this graph: the smallest budget "
+        f"{what} {fmt_bytes(budget)} ({budget} B) is too small for this graph: the smallest budget "
         f"that would work is {fmt_bytes(need)} ({need} B; activations, arena and inputs take "
         f"{fmt_bytes(max(problem.fixed_bytes, default=0))} at step {fp.get('peak_step', 0)}, the rest is "
         f"weights one step reads at once); use memory_budget >= {need}")
@@ -536,12 +538,13 @@ def map_tiers(g: Graph, options=None) -> Graph:
     tiers = resolve_tiers(options, device)
     dev_cap = tiers["device"].capacity
     budget = min(x for x in (getattr(options, "memory_budget", None), dev_cap, 2**62) if x is not None)
+    what = "memory_budget" if budget == getattr(options, "memory_budget", None) else "the device tier's capacity"
     problem = build_problem(g, device)
     choose_spills(problem, budget)
     if smallest_budget(problem) > budget:
         choose_spills(problem, 0)               # the least memory spilling can reach
         if smallest_budget(problem) > budget:
-            raise budget_error(problem, budget)
+            raise budget_error(problem, budget, what=what)
     planner = get_planner(getattr(options, "planner", "greedy"))
     if hasattr(planner, "time_limit") and getattr(options, "ilp_time_limit", None):
         planner.time_limit = options.ilp_time_limit
@@ -559,7 +562,7 @@ def map_tiers(g: Graph, options=None) -> Graph:
         homes = assign_homes(problem, tiers)
         plan = on_demand(problem, homes)            # the least memory any plan needs
         if fixed + pack(problem, plan)[1] > budget:
-            raise budget_error(problem, budget)
+            raise budget_error(problem, budget, what=what)
     g2 = g.copy()
     g2.meta["tier_problem"] = problem           # not serialised (no to_dict): the schedule carries what runs
     g2.meta["tier_plan"] = plan

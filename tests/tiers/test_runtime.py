@@ -101,10 +101,33 @@ def test_artifact_keeps_the_schedule(tmp_path):
     ({"tiers": [{"name": "host", "capacity": "-3GB"}]}, "positive"),
     ({"tiers": [{"name": "host", "bandwidth": "fast"}]}, "cannot parse"),
     ({"tiers": [{"name": "host", "speed": 1}]}, "keys name, capacity, bandwidth"),
-    ({"tiers": ["host", "host"]}, "once"), ({"planner": "magic"}, "planner")])
+    ({"tiers": ["host", "host"]}, "once"), ({"planner": "magic"}, "planner"),
+    ({"memory_budget": 0.5}, "less than one byte"), ({"memory_budget": True}, "like '6GiB'"),
+    ({"tiers": [{"name": "host", "bandwidth": -2}]}, r"bytes per second.*'25GB/s'"),
+    ({"tiers": [7]}, "tier name or dict, e.g. 'host'")])
 def test_bad_budgets_and_tier_specs(opts, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ValueError, match=match) as e:
         kiln.Options.make(None, **opts)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.split(":")[0] in ("memory_budget", "tiers", "planner") or msg.startswith("tiers[")
+    if "positive" in msg or "cannot parse" in msg or "less than" in msg:
+        assert "e.g." in msg                             # names what would work
+
+
+def test_good_budgets_and_tier_specs():
+    o = kiln.Options.make(memory_budget="1.5GiB", tiers=["device", {"name": "host", "capacity": "8GB",
+                                                                     "bandwidth": "25GB/s"}, "disk"])
+    assert o.memory_budget == int(1.5 * 2**30) and o.tiers[1].bandwidth == 25e9 and o.tiers[1].capacity == 8e9
+    assert kiln.Options.make(memory_budget="1e9").memory_budget == 10**9
+
+
+def test_device_tier_capacity_names_itself_when_too_small():
+    model, (x,) = stack(layers=2)
+    with pytest.raises(ValueError, match=r"the device tier's capacity .* use memory_budget >= \d+"):
+        compile_ahead(model, (x,), {"target": "cpu", "tiers": [{"name": "device", "capacity": 1024}, "host"]})
+    with pytest.raises(ValueError, match=r"raise the host capacity to >= \d+"):
+        compile_ahead(model, (x,), {"target": "cpu", "memory_budget": weight_bytes(model),
+                                    "tiers": ["device", {"name": "host", "capacity": 1024}]})
 
 
 def test_machine_defaults():
