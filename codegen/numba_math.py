@@ -54,16 +54,58 @@ def _idiv_fmod(a, b):
 
 
 # -- LLVM intrinsics ------------------------------------------------------------------------------
+def _bitcast(src, dst):
+    """The ``dst`` whose bits are those of ``src`` (int32 <-> float32, int64 <-> float64): one
+    LLVM bitcast, which vectorises (lane-wise ``vpslld``/``vpaddd`` on the integer side)."""
+    llvm_ty = {_nbt.float32: _llvm_ir.FloatType(), _nbt.float64: _llvm_ir.DoubleType(),
+               _nbt.int32: _llvm_ir.IntType(32), _nbt.int64: _llvm_ir.IntType(64)}[dst]
+
+    @intrinsic
+    def f(typingctx, v):
+        if not isinstance(v, (_nbt.Integer, _nbt.Float)):
+            return None
+
+        def codegen(context, builder, sig, args):
+            return builder.bitcast(context.cast(builder, args[0], sig.args[0], src), llvm_ty)
+        return dst(v), codegen
+    return f
+
+
+_i32_as_f32 = _bitcast(_nbt.int32, _nbt.float32)
+_f32_as_i32 = _bitcast(_nbt.float32, _nbt.int32)
+_i64_as_f64 = _bitcast(_nbt.int64, _nbt.float64)
+_f64_as_i64 = _bitcast(_nbt.float64, _nbt.int64)
+
+
 @intrinsic
-def _i32_as_f32(typingctx, i):
-    """The float32 whose bits are the int32 ``i`` (a bitcast; vectorises)."""
-    if not isinstance(i, _nbt.Integer):
+def _ldexp(typingctx, x, n):
+    """x * 2^n (llvm.ldexp): one ``vscalefps``/``vscalefpd`` per vector on AVX-512, rounding
+    once, with overflow to inf and subnormal results handled by the instruction. Elsewhere LLVM
+    lowers it to a scalar libm call, so only used when ``_SCALEF``."""
+    if not (isinstance(x, _nbt.Float) and isinstance(n, _nbt.Integer)):
         return None
 
     def codegen(context, builder, sig, args):
-        v = context.cast(builder, args[0], sig.args[0], _nbt.int32)
-        return builder.bitcast(v, _llvm_ir.FloatType())
-    return _nbt.float32(i), codegen
+        ty = args[0].type
+        nv = context.cast(builder, args[1], sig.args[1], _nbt.int32)
+        fn = _cgutils.get_or_insert_function(builder.module, _llvm_ir.FunctionType(ty, [ty, _llvm_ir.IntType(32)]),
+                                             f"llvm.ldexp.f{x.bitwidth}.i32")
+        return builder.call(fn, [args[0], nv])
+    return x(x, n), codegen
+
+
+def _host_has_scalef() -> bool:
+    """Does numba compile for a host with AVX-512 (``vscalef``)?"""
+    try:
+        from llvmlite import binding as llvm
+        if numba.config.CPU_NAME not in (None, "host"):
+            return False
+        return "+avx512f" in llvm.get_host_cpu_features().flatten().split(",")
+    except Exception:                               # noqa: BLE001 - no feature query: the portable path
+        return False
+
+
+_SCALEF = _host_has_scalef()
 
 
 def _llvm_binary(name):
@@ -87,31 +129,210 @@ _fmaximum = _llvm_binary("maximum")
 _fminimum = _llvm_binary("minimum")
 
 
-# -- fp32 transcendental functions --------------------------------------------------------------
+# -- exp, expm1, tanh ----------------------------------------------------------------------------
+# x = n ln2 + r with n = round(x / ln2) taken from the low mantissa bits of x / ln2 + 1.5 * 2^p
+# (no float->int conversion, no floor), |r| <= ln2 / 2, e^r = 1 + r + r^2 P(r), and 2^n built
+# from its exponent bits. Clamping x first (a select that lets NaN through, so NaN propagates
+# with no test of its own) bounds n; splitting 2^n into 2^(n//2) * 2^(n - n//2) makes overflow
+# (inf) and subnormal results come out of the two multiplications by themselves, so exp needs
+# no special-value selects at all.
+_SHIFT32 = np.float32(12582912.0)                  # 1.5 * 2^23
+_SHIFT32_BITS = np.int32(0x4B400000)
+_SHIFT64 = 6755399441055744.0                      # 1.5 * 2^52
+_SHIFT64_BITS = np.int64(0x4338000000000000)
+
+
 @numba.njit(fastmath=_FM, error_model="numpy", cache=True)
-def _exp32(x):
-    """float32 exp (Cephes expf: Cody-Waite reduction, degree-5 polynomial, 2^n built from its
-    bits in two halves so subnormal results come out right): < 1 ulp; exp(-inf) = 0,
-    exp(+inf) = inf, NaN propagates."""
-    xc = min(max(x, np.float32(-104.0)), np.float32(88.75))
-    fx = np.floor(xc * np.float32(1.4426950408889634) + np.float32(0.5))
-    r = xc - fx * np.float32(0.693359375)
-    r = r - fx * np.float32(-2.12194440e-4)
-    p = np.float32(1.9875691500e-4)
+def _expm1r32(x):
+    """(n, e^r - 1) for float32 x, clamped to [-104, 89]."""
+    xc = np.float32(-104.0) if x < np.float32(-104.0) else x
+    xc = np.float32(89.0) if xc > np.float32(89.0) else xc
+    k = xc * np.float32(1.4426950408889634) + _SHIFT32
+    fn = k - _SHIFT32
+    r = xc - fn * np.float32(0.693359375)            # Cody-Waite: n * ln2_hi is exact
+    r = r - fn * np.float32(-2.12194440e-4)
+    p = np.float32(1.9875691500e-4)                  # Cephes expf, < 1 ulp
     p = p * r + np.float32(1.3981999507e-3)
     p = p * r + np.float32(8.3334519073e-3)
     p = p * r + np.float32(4.1665795894e-2)
     p = p * r + np.float32(1.6666665459e-1)
     p = p * r + np.float32(5.0000001201e-1)
-    y = p * (r * r) + r + np.float32(1.0)
-    n = np.int32(fx)
+    return _f32_as_i32(k) - _SHIFT32_BITS, p * (r * r) + r
+
+
+@numba.njit(fastmath=_FM, error_model="numpy", cache=True)
+def _scale32(q, n):
+    """(1 + q) 2^n without ``vscalef``: exact, subnormal and overflowing results included."""
     n1 = n >> np.int32(1)
-    y = y * _i32_as_f32((n1 + np.int32(127)) << np.int32(23)) * _i32_as_f32((n - n1 + np.int32(127)) << np.int32(23))
-    y = np.float32(0.0) if x < np.float32(-104.0) else y
-    y = np.float32(np.inf) if x > np.float32(88.72283935546875) else y
-    return x if x != x else y
+    s1 = _i32_as_f32((n1 + np.int32(127)) << np.int32(23))
+    s2 = _i32_as_f32((n - n1 + np.int32(127)) << np.int32(23))
+    return (q * s1 + s1) * s2
 
 
+@numba.njit(fastmath=_FM, error_model="numpy", cache=True)
+def _exp32(x):
+    """float32 exp, < 1 ulp; exp(-inf) = 0, exp(+inf) = inf, subnormal results exact to 1 ulp,
+    NaN propagates. Branch- and select-free after the clamp: 2^n is one ``vscalefps`` on
+    AVX-512 (18 instructions per 16 lanes), two multiplications by 2^(n//2) and 2^(n - n//2)
+    elsewhere."""
+    n, q = _expm1r32(x)
+    if _SCALEF:
+        return _ldexp(q + np.float32(1.0), n)
+    return _scale32(q, n)
+
+
+@numba.njit(fastmath=_FM, error_model="numpy", cache=True)
+def _expm1_neg32(x):
+    """float32 expm1 for x <= 64: 2^n - 1 + 2^n (e^r - 1), no cancellation for small x (n = 0
+    gives e^r - 1 itself); -1 below -18."""
+    n, q = _expm1r32(np.float32(-18.0) if x < np.float32(-18.0) else x)
+    s = _i32_as_f32((n + np.int32(127)) << np.int32(23))
+    return q * s + (s - np.float32(1.0))
+
+
+@numba.njit(fastmath=_FM, error_model="numpy", cache=True)
+def _expm1_32(x):
+    """float32 expm1, < 2 ulp: as _expm1_neg32, with 2^n split as 2^(n-64) * 2^64 above n = 64
+    so results up to FLT_MAX (and inf beyond) come out right."""
+    n, q = _expm1r32(np.float32(-18.0) if x < np.float32(-18.0) else x)
+    h = np.int32(64) if n > np.int32(64) else np.int32(0)
+    s = _i32_as_f32((n - h + np.int32(127)) << np.int32(23))
+    t = _i32_as_f32((np.int32(127) - h) << np.int32(23))
+    y = (q * s + (s - t)) * _i32_as_f32((h + np.int32(127)) << np.int32(23))
+    return x if abs(x) < np.float32(5.9604645e-08) else y          # x itself below 2^-24 (keeps -0.0)
+
+
+@numba.njit(fastmath=_FM, error_model="numpy", cache=True)
+def _expm1r64(x):
+    """(n, e^r - 1) for float64 x, clamped to [-746, 710]; e^r - 1 by its Taylor series to
+    r^13 (the next term is below 5e-18 for |r| <= ln2 / 2)."""
+    xc = -746.0 if x < -746.0 else x
+    xc = 710.0 if xc > 710.0 else xc
+    k = xc * 1.4426950408889634 + _SHIFT64
+    fn = k - _SHIFT64
+    r = xc - fn * 6.93147180369123816490e-01         # fdlibm ln2_hi: n * ln2_hi is exact
+    r = r - fn * 1.90821492927058770002e-10
+    p = 1.6059043836821613e-10
+    p = p * r + 2.08767569878681e-09
+    p = p * r + 2.505210838544172e-08
+    p = p * r + 2.755731922398589e-07
+    p = p * r + 2.7557319223985893e-06
+    p = p * r + 2.48015873015873e-05
+    p = p * r + 0.0001984126984126984
+    p = p * r + 0.001388888888888889
+    p = p * r + 0.008333333333333333
+    p = p * r + 0.041666666666666664
+    p = p * r + 0.16666666666666666
+    p = p * r + 0.5
+    return _f64_as_i64(k) - _SHIFT64_BITS, p * (r * r) + r
+
+
+@numba.njit(fastmath=_FM, error_model="numpy", cache=True)
+def _scale64(q, n):
+    """(1 + q) 2^n without ``vscalef``, as _scale32."""
+    n1 = n >> np.int64(1)
+    s1 = _i64_as_f64((n1 + np.int64(1023)) << np.int64(52))
+    s2 = _i64_as_f64((n - n1 + np.int64(1023)) << np.int64(52))
+    return (q * s1 + s1) * s2
+
+
+@numba.njit(fastmath=_FM, error_model="numpy", cache=True)
+def _exp64(x):
+    """float64 exp, ~1 ulp, same special values as _exp32."""
+    n, q = _expm1r64(x)
+    if _SCALEF:
+        return _ldexp(q + 1.0, n)
+    return _scale64(q, n)
+
+
+@numba.njit(fastmath=_FM, error_model="numpy", cache=True)
+def _expm1_neg64(x):
+    """float64 expm1 for x <= 512, as _expm1_neg32; -1 below -40."""
+    n, q = _expm1r64(-40.0 if x < -40.0 else x)
+    s = _i64_as_f64((n + np.int64(1023)) << np.int64(52))
+    return q * s + (s - 1.0)
+
+
+@numba.njit(fastmath=_FM, error_model="numpy", cache=True)
+def _expm1_64(x):
+    """float64 expm1, as _expm1_32 (2^n split above n = 512)."""
+    n, q = _expm1r64(-40.0 if x < -40.0 else x)
+    h = np.int64(512) if n > np.int64(512) else np.int64(0)
+    s = _i64_as_f64((n - h + np.int64(1023)) << np.int64(52))
+    t = _i64_as_f64((np.int64(1023) - h) << np.int64(52))
+    y = (q * s + (s - t)) * _i64_as_f64((h + np.int64(1023)) << np.int64(52))
+    return x if abs(x) < 1.1102230246251565e-16 else y               # x itself below 2^-53
+
+
+@numba.njit(fastmath=_FM, error_model="numpy", cache=True)
+def _tanh32(x):
+    """float32 tanh(|x|) = -t / (t + 2) with t = expm1(-2|x|) (no cancellation: t + 2 is in
+    [1, 2]), sign restored; x itself below |x| = 2^-12 (keeps -0.0), +-1 for +-inf, NaN
+    propagates."""
+    t = _expm1_neg32(np.float32(-2.0) * abs(x))
+    y = -t / (t + np.float32(2.0))
+    y = y if x >= np.float32(0.0) else -y
+    return x if abs(x) < np.float32(0.000244140625) else y
+
+
+@numba.njit(fastmath=_FM, error_model="numpy", cache=True)
+def _tanh64(x):
+    """float64 tanh, as _tanh32; x itself below |x| = 2^-27."""
+    t = _expm1_neg64(-2.0 * abs(x))
+    y = -t / (t + 2.0)
+    y = y if x >= 0.0 else -y
+    return x if abs(x) < 7.450580596923828e-09 else y
+
+
+# -- log ------------------------------------------------------------------------------------------
+# x = 2^e m with m in [sqrt(2)/2, sqrt(2)) from the exponent and mantissa bits (subnormal x
+# scaled up first), f = m - 1 exactly, and fdlibm's log(1 + f) = f - f^2/2 + s (f^2/2 + R(s^2)),
+# s = f / (2 + f): the division's error only touches the small correction term.
+@numba.njit(fastmath=_FM, error_model="numpy", cache=True)
+def _log32(x):
+    """float32 log (musl logf's polynomial), < 1 ulp; log(0) = -inf, log(x < 0) = NaN,
+    log(inf) = inf, NaN propagates, subnormal x exact."""
+    sub = x < np.float32(1.1754943508222875e-38)
+    xs = x * np.float32(8388608.0) if sub else x
+    i = _f32_as_i32(xs) - np.int32(0x3F3504F3)       # bits of sqrt(2)/2
+    e = (i >> np.int32(23)) - (np.int32(23) if sub else np.int32(0))
+    f = _i32_as_f32((i & np.int32(0x7FFFFF)) + np.int32(0x3F3504F3)) - np.float32(1.0)
+    s = f / (np.float32(2.0) + f)
+    z = s * s
+    w = z * z
+    t1 = w * (np.float32(0.40000972152) + w * np.float32(0.24279078841))
+    t2 = z * (np.float32(0.66666662693) + w * np.float32(0.28498786688))
+    hfsq = np.float32(0.5) * f * f
+    dk = np.float32(e)
+    y = s * (hfsq + t2 + t1) + dk * np.float32(9.0580006145e-06) - hfsq + f + dk * np.float32(6.9313812256e-01)
+    y = y if x < np.float32(np.inf) else x            # inf
+    y = np.float32(-np.inf) if x == np.float32(0.0) else y
+    return np.float32(np.nan) if not (x >= np.float32(0.0)) else y      # x < 0 and NaN
+
+
+@numba.njit(fastmath=_FM, error_model="numpy", cache=True)
+def _log64(x):
+    """float64 log (fdlibm's polynomial), < 1 ulp; special values as _log32."""
+    sub = x < 2.2250738585072014e-308
+    xs = x * 18014398509481984.0 if sub else x       # 2^54
+    i = _f64_as_i64(xs) - np.int64(0x3FE6A09E667F3BCD)   # bits of sqrt(2)/2
+    e = (i >> np.int64(52)) - (np.int64(54) if sub else np.int64(0))
+    f = _i64_as_f64((i & np.int64(0xFFFFFFFFFFFFF)) + np.int64(0x3FE6A09E667F3BCD)) - 1.0
+    s = f / (2.0 + f)
+    z = s * s
+    w = z * z
+    t1 = w * (3.999999999940941908e-01 + w * (2.222219843214978396e-01 + w * 1.531383769920937332e-01))
+    t2 = z * (6.666666666666735130e-01 + w * (2.857142874366239149e-01
+                                             + w * (1.818357216161805012e-01 + w * 1.479819860511658591e-01)))
+    hfsq = 0.5 * f * f
+    dk = np.float64(e)
+    y = dk * 6.93147180369123816490e-01 - ((hfsq - (s * (hfsq + t2 + t1) + dk * 1.90821492927058770002e-10)) - f)
+    y = y if x < np.inf else x
+    y = -np.inf if x == 0.0 else y
+    return np.nan if not (x >= 0.0) else y
+
+
+# -- erf ------------------------------------------------------------------------------------------
 @numba.njit(fastmath=_FM, error_model="numpy", cache=True)
 def _erf32(x):
     """float32 erf: the rational approximation Eigen and XLA use (odd degree 9 over even degree
@@ -135,29 +356,6 @@ def _erf32(x):
 
 
 @numba.njit(fastmath=_FM, error_model="numpy", cache=True)
-def _tanh32(x):
-    """float32 tanh: Eigen's odd 13/6 rational approximation on [-7.9053, 7.9053], +-1 beyond
-    (within 3e-7 of tanh there), x itself below |x| = 4e-4; a few ulp."""
-    xc = min(max(x, np.float32(-7.90531110763549805)), np.float32(7.90531110763549805))
-    x2 = xc * xc
-    p = np.float32(-2.76076847742355e-16)
-    p = p * x2 + np.float32(2.00018790482477e-13)
-    p = p * x2 + np.float32(-8.60467152213735e-11)
-    p = p * x2 + np.float32(5.12229709037114e-08)
-    p = p * x2 + np.float32(1.48572235717979e-05)
-    p = p * x2 + np.float32(6.37261928875436e-04)
-    p = p * x2 + np.float32(4.89352455891786e-03)
-    q = np.float32(1.19825839466702e-06)
-    q = q * x2 + np.float32(1.18534705686654e-04)
-    q = q * x2 + np.float32(2.26843463243900e-03)
-    q = q * x2 + np.float32(4.89352518554385e-03)
-    y = xc * p / q
-    y = (np.float32(1.0) if x > np.float32(0.0) else np.float32(-1.0)) if abs(x) >= np.float32(7.90531110763549805) else y
-    y = x if abs(x) < np.float32(0.0004) else y
-    return x if x != x else y
-
-
-@numba.njit(fastmath=_FM, error_model="numpy", cache=True)
 def _rsqrt32(x):
     """1/sqrt(x) without ``arcp``: under it LLVM uses a reciprocal-sqrt estimate plus a Newton
     step, which is NaN at 0 and inf and 1 ulp off elsewhere."""
@@ -173,6 +371,8 @@ def _rsqrt64(x):
 EXPORTS = {
     "idiv": ("_idiv_trunc", "_idiv_floor", "_idiv_mod", "_idiv_fmod"),
     "fminmax": ("_fmaximum", "_fminimum"),
-    "exp32": ("_exp32",), "erf32": ("_erf32",), "tanh32": ("_tanh32",),
+    "exp32": ("_exp32",), "exp64": ("_exp64",), "expm1_32": ("_expm1_32",), "expm1_64": ("_expm1_64",),
+    "tanh32": ("_tanh32",), "tanh64": ("_tanh64",), "log32": ("_log32",), "log64": ("_log64",),
+    "erf32": ("_erf32",),
     "rsqrt32": ("_rsqrt32",), "rsqrt64": ("_rsqrt64",),
 }

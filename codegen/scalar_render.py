@@ -176,9 +176,10 @@ class TritonRenderer(Renderer):
 class NumbaRenderer(Renderer):
     """numba source. Every value stays in its compute dtype: each op's result is wrapped in its
     numpy type and float constants are typed too (a bare Python float is float64 in numba, and
-    ``x * 0.5`` on a float32 ``x`` would be computed in float64 and narrowed). fp32 exp, erf and
-    tanh call vectorisable polynomial helpers (codegen/numba_math.py; recorded in
-    ``self.helpers``) instead of scalar libm calls that keep LLVM from vectorising the loop."""
+    ``x * 0.5`` on a float32 ``x`` would be computed in float64 and narrowed). exp, expm1, log,
+    tanh (fp32 and fp64) and erf (fp32) call vectorisable helpers (codegen/numba_math.py;
+    recorded in ``self.helpers``) instead of scalar libm calls that keep LLVM from vectorising
+    the loop; sigmoid, gelu, exp2 are built on them."""
     lang = "numba"
 
     def nan(self): return "math.nan"
@@ -205,24 +206,20 @@ class NumbaRenderer(Renderer):
             return f"{NP[compute_dtype(e.dtype)]}({s})"       # keep every value in its compute dtype
         return s
 
-    # transcendental functions: vectorisable helpers in fp32, libm otherwise
-    def op_exp(self, a, dt=None, **k):
-        if self.f32(dt):
-            self.helpers.add("exp32")
-            return f"_exp32({a})"
-        return f"math.exp({a})"
+    # transcendental functions: vectorisable helpers (codegen/numba_math.py) in fp32 and fp64
+    def _helper(self, name, a, dt):
+        from .numba_math import EXPORTS     # numba only where numba kernels are rendered
+        bits = {torch.float32: "32", torch.float64: "64"}.get(compute_dtype(dt)) if dt is not None else None
+        if bits is None or f"{name}{bits}" not in EXPORTS:
+            return None
+        self.helpers.add(f"{name}{bits}")
+        return f"{EXPORTS[f'{name}{bits}'][0]}({a})"
 
-    def op_erf(self, a, dt=None, **k):
-        if self.f32(dt):
-            self.helpers.add("erf32")
-            return f"_erf32({a})"
-        return f"math.erf({a})"
-
-    def op_tanh(self, a, dt=None, **k):
-        if self.f32(dt):
-            self.helpers.add("tanh32")
-            return f"_tanh32({a})"
-        return f"math.tanh({a})"
+    def op_exp(self, a, dt=None, **k): return self._helper("exp", a, dt) or f"math.exp({a})"
+    def op_expm1(self, a, dt=None, **k): return self._helper("expm1_", a, dt) or f"math.expm1({a})"
+    def op_log(self, a, dt=None, **k): return self._helper("log", a, dt) or f"math.log({a})"
+    def op_erf(self, a, dt=None, **k): return self._helper("erf", a, dt) or f"math.erf({a})"
+    def op_tanh(self, a, dt=None, **k): return self._helper("tanh", a, dt) or f"math.tanh({a})"
 
     def op_sigmoid(self, a, dt=None, **k):
         one = self.k(1.0, dt)
@@ -258,11 +255,9 @@ class NumbaRenderer(Renderer):
     def convert(self, s, src, dt):
         return self.cast(s, src, dt)
 
-    def op_log(self, a, **k): return f"math.log({a})"
     def op_sqrt(self, a, **k): return f"math.sqrt({a})"
     def op_sin(self, a, **k): return f"math.sin({a})"
     def op_cos(self, a, **k): return f"math.cos({a})"
-    def op_expm1(self, a, **k): return f"math.expm1({a})"
     def op_log1p(self, a, **k): return f"math.log1p({a})"
     def op_floor(self, a, **k): return f"np.floor({a})"
     def op_ceil(self, a, **k): return f"np.ceil({a})"
