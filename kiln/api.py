@@ -74,8 +74,12 @@ def make_report(g: Graph, kernels: dict, n_nodes: int, timings, kind: str, targe
         if kind_ != OpKind.MATMUL and n.op not in fallbacks:
             fallbacks.append(n.op)
     plan = g.meta.get("memory_plan")
-    mem = {"peak_bytes": plan.peak_bytes if plan else 0, "arena_bytes": plan.arena_bytes if plan else 0,
-           "per_tier": {"device": plan.arena_bytes if plan else 0, "host": 0, "disk": 0}, "transfers_bytes": 0}
+    # peak: the plan's estimate of the graph's own device storage at its fullest (arena + what
+    # lives outside it, or every tensor freed at its last use in dynamic mode)
+    peak = max(plan.peak_bytes, plan.device_bytes) if plan else 0
+    mem = {"peak_bytes": peak, "arena_bytes": plan.arena_bytes if plan else 0,
+           "per_tier": {"device": peak, "host": 0, "disk": 0}, "transfers_bytes": 0,
+           "mode": plan.mode if plan else "arena"}
     sched = g.meta.get("cache_schedule")
     if sched is not None:           # weights visit the device: the device tier holds the pool too
         mem["per_tier"] = {"device": sched.sim["device_peak"], "host": sched.sim["peak"]["host"],

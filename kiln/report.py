@@ -32,7 +32,8 @@ class CompileReport:
         lines = [f"{self.graph_kind} graph: {self.graph_nodes} nodes -> {generated} generated kernels "
                  f"({self.target}), {len(self.fallback_ops)} fallback op kinds, compile {self.compile_s:.2f}s",
                  "passes: " + ", ".join(f"{p['name']} {p['ms']:.1f}ms" for p in self.passes),
-                 f"memory: peak {self.memory['peak_bytes']:,} B, arena {self.memory['arena_bytes']:,} B"]
+                 f"memory: peak {self.memory['peak_bytes']:,} B, arena {self.memory['arena_bytes']:,} B"
+                 + (" (no arena: tensors freed at their last use)" if self.memory.get("mode") == "dynamic" else "")]
         if self.fallback_ops:
             lines.append("fallbacks: " + ", ".join(self.fallback_ops))
         return "\n".join(lines)

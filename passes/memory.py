@@ -22,6 +22,10 @@ from kiln.ir.ops import is_kernel_op
 
 ALIGN = 64
 DYNAMIC_MARGIN = (1 << 20, 0.05)    # dynamic mode must save >= 1 MiB and >= 5% of the arena plan's peak
+# Devices whose allocator caches freed blocks, so dynamic mode costs no more than an arena. On the
+# CPU a fresh large tensor is a new mmap whose pages fault on first touch (~10 ms per 32 MiB on a
+# 2-core machine, more than the kernel that fills it): there the arena is kept.
+DYNAMIC_DEVICES = ("cuda",)
 # ATen ops whose outputs the runtime writes into the arena through their out= overload.
 OUT_VARIANTS = {"aten.mm.default": "aten.mm.out", "aten.addmm.default": "aten.addmm.out",
                 "aten.bmm.default": "aten.bmm.out", "aten.baddbmm.default": "aten.baddbmm.out"}
@@ -240,7 +244,9 @@ def arena_plan(g: Graph, target: str = "cpu", planner: str = "greedy", time_limi
 def plan_memory(g: Graph, options=None) -> Graph:
     target = options.resolved_target() if options is not None and hasattr(options, "resolved_target") else "cpu"
     plan, total = arena_plan(g, target, getattr(options, "planner", "greedy"), getattr(options, "ilp_time_limit", 2.0))
-    if plan.device_bytes - total >= max(DYNAMIC_MARGIN[0], DYNAMIC_MARGIN[1] * plan.device_bytes):
+    devices = {v.type.device.split(":")[0] for n in g.nodes for v in n.outputs if v.type is not None}
+    if devices and devices <= set(DYNAMIC_DEVICES) and \
+            plan.device_bytes - total >= max(DYNAMIC_MARGIN[0], DYNAMIC_MARGIN[1] * plan.device_bytes):
         plan = MemoryPlan(overwrites=plan.overwrites, planner=plan.planner, status=plan.status,
                           greedy_bytes=plan.greedy_bytes, solve_s=plan.solve_s, mode="dynamic", device_bytes=total)
     g2 = g.copy()
