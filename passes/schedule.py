@@ -170,8 +170,38 @@ def memory_order(g: Graph, w_other: int = 1) -> list[Node]:
     return order
 
 
+def sink_leaf_views(g: Graph, nodes: list[Node]) -> list[Node]:
+    """``nodes`` with every view of a graph input or constant (or a chain of such views) moved
+    down to just before its first reader, never across a barrier. A view allocates nothing, so
+    the device cost does not change; but a weight the tier planner streams (map_tiers) must be
+    on the device from the step that views it, and AOTAutograd's backward takes the transposes
+    of all saved weights at its top."""
+    from kiln.ir import OpKind, op_kind
+    leaves = {v.name for v in g.leaves()}
+    order = list(nodes)
+    movable = set()
+    for n in order:
+        ins = n.inputs()
+        if not is_kernel_op(n.op) and op_kind(n.op) == OpKind.VIEW and ins and not _is_barrier(n) \
+                and all(v.name in leaves for v in ins):
+            movable.add(id(n))
+            leaves |= {v.name for v in n.outputs}      # views of it are views of a leaf too
+    for i in range(len(order) - 1, -1, -1):            # last first: a chain's later views sink first
+        n = order[i]
+        if id(n) not in movable:
+            continue
+        outs = {v.name for v in n.outputs}
+        j = i + 1
+        while j < len(order) and not _is_barrier(order[j]) and not any(v.name in outs for v in order[j].inputs()):
+            j += 1
+        if j > i + 1:
+            order.insert(j - 1, order.pop(i))
+    return order
+
+
 def schedule(g: Graph, options=None) -> Graph:
     """Reorder for a lower device peak; keep the captured order unless a candidate is lower.
+    Views of inputs and constants then move down to their first reader (sink_leaf_views).
     meta["schedule"] records the device cost and the peak of all storage before and after."""
     before = device_cost(g)
     best, best_cost = None, before
@@ -180,6 +210,9 @@ def schedule(g: Graph, options=None) -> Graph:
         cost = device_cost(g, order)
         if cost < best_cost:
             best, best_cost = order, cost
+    sunk = sink_leaf_views(g, best if best is not None else g.nodes)
+    if any(a is not b for a, b in zip(sunk, best if best is not None else g.nodes)):
+        best = sunk
     g2 = g.copy(best)
     g2.meta["schedule"] = {"cost_before": before, "cost_after": best_cost, "reordered": best is not None,
                            "peak_before": peak_bytes(g), "peak_after": peak_bytes(g2)}

@@ -104,3 +104,30 @@ def test_compiled_reordered_graph_matches_eager():
     assert meta["reordered"] and meta["peak_after"] < meta["peak_before"]
     plan = g.meta["memory_plan"]
     assert plan.peak_bytes <= (64 * 256 + 64) * 4             # one matmul output at a time (+ a row)
+
+
+def test_views_of_inputs_sink_to_their_first_reader():
+    """A transposed weight taken at the top of a graph (as AOTAutograd's backward does for every
+    saved weight) moves down to the step that reads it; chains of views move together; the
+    device cost is unchanged and the results are the same."""
+    x, w1, w2 = Value("x", tt([64, 32])), Value("w1", tt([32, 32])), Value("w2", tt([64, 32]))
+    t1, t2, t2b = Value("t1", tt([32, 32])), Value("t2", tt([32, 64])), Value("t2b", tt([32, 64]))
+    a, b, out = Value("a", tt([64, 32])), Value("b", tt([64, 32])), Value("out", tt([64, 64]))
+    g = Graph(inputs=[x, w1, w2], nodes=[
+        Node("aten.t.default", (w1,), {}, [t1]),
+        Node("aten.t.default", (w2,), {}, [t2]),
+        Node("aten.alias.default", (t2,), {}, [t2b]),
+        Node("aten.mm.default", (x, t1), {}, [a]),
+        Node("aten.relu.default", (a,), {}, [b]),
+        Node("aten.mm.default", (b, t2b), {}, [out])], outputs=[out])
+    s = schedule(g)
+    assert [n.outputs[0].name for n in s.nodes] == ["t1", "a", "b", "t2", "t2b", "out"]
+    assert s.meta["schedule"]["cost_after"] == s.meta["schedule"]["cost_before"]
+    xs = _inputs_for([(64, 32), (32, 32), (64, 32)])
+    ref = torch.relu(xs[0] @ xs[1].t()) @ xs[2].t()
+    torch.testing.assert_close(CompiledGraph(s, {})(*xs)[0], ref)
+
+
+def _inputs_for(shapes):
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(s, generator=g) for s in shapes]
