@@ -23,6 +23,8 @@ Shape of the generated code (every choice measured on a 2-core AVX-512 CPU, fp32
 """
 from __future__ import annotations
 
+import re
+
 import jinja2
 
 from kiln.ir.scalar import Const, E, neutral
@@ -121,6 +123,21 @@ def _stash(lk: LoopKernel, stages, final):
     return var, buf, new_final
 
 
+def _next_row_stage(stages, final, stash) -> bool | None:
+    """Can row x + 1's first reduction pass run inside row x's final pass? The first pass reads
+    the row from memory (the later ones find it in L1), so on its own it waits on DRAM while the
+    final pass only computes; run together, the next row's loads overlap the current row's
+    arithmetic (softmax: 3.06 -> 2.55 ms on one core, fp32 4096x2048). Only when that pass
+    depends on nothing but its own loads (no per-row values), and is not where the stash is
+    written. Returns True or None."""
+    if final is None or not stages or (stash is not None and len(stages) == 1):
+        return None
+    st0 = stages[0]
+    own = {a.var for a in st0.loop_loads} | {s.var for s in st0.loop_stmts}
+    used = {r for s in st0.loop_stmts for r in refs(s.expr)} | {st0.reduce.expr.src}
+    return True if used <= own else None
+
+
 def _in_place_pairs(lk: LoopKernel) -> list[tuple[int, int]]:
     """(output, input) pairs of a pointwise kernel that the memory planner may run in place:
     every load of the input reads exactly the element the output's store writes, in its dtype.
@@ -183,18 +200,19 @@ def render(lk: LoopKernel) -> tuple[str, dict]:
     else:
         pre, stages, final = plan_stages(lk)
         rows, per_row = max(lk.xnumel, 1), lk.rnumel
+        row_loop = len(L)
         L.append(f"for x in range(np.uint64(lo), np.uint64(hi)):")
         L += [ind + line for line in _decompose("x", lk.xsizes, "x")]
         L += [ind + load(a) for a in lk.loads if a.space == "x"]
         L += [ind + stmt(s) for s in pre]
 
-        def loop(stage, tail, head=()):
-            depth = 1
+        def loop(stage, tail, head=(), base=1, out=L):
+            depth = base
             for rv, rs in zip(rvars, lk.rsizes):
-                L.append(f"{ind * depth}for {rv} in range({U(rs)}):")
+                out.append(f"{ind * depth}for {rv} in range({U(rs)}):")
                 depth += 1
             inner = list(head) + [load(a) for a in stage.loop_loads] + [stmt(s) for s in stage.loop_stmts] + tail
-            L.extend(ind * depth + line for line in inner)
+            out.extend(ind * depth + line for line in inner)
 
         stash = _stash(lk, stages, final)
         if stash is not None:
@@ -202,28 +220,60 @@ def render(lk: LoopKernel) -> tuple[str, dict]:
             L_stash = f"out{sa.arg}[{_addr(sa, xvars, rvars)}] = {var}"
             stash_load = f"{var} = {NP[compute_dtype(sa.dtype)]}(out{sa.arg}[{_addr(sa, xvars, rvars)}])"
 
-        for st in stages:
-            rd: Reduce = st.reduce.expr
-            a = st.reduce.var
-            lit = rnd.literal(Const(neutral(rd.kind, rd.acc_dtype), rd.acc_dtype))
-            L.append(f"{ind}{a} = {lit}")
-            src = f"{NP[rd.acc_dtype]}({rd.src})"
+        def update(rd: Reduce, a: str, src_var: str) -> str:
+            src = f"{NP[rd.acc_dtype]}({src_var})"
             if rd.kind in ("max", "min") and rd.acc_dtype.is_floating_point:
                 rnd.helpers.add("fminmax")
-                upd = f"{a} = _f{'maximum' if rd.kind == 'max' else 'minimum'}({a}, {src})"
+                return f"{a} = _f{'maximum' if rd.kind == 'max' else 'minimum'}({a}, {src})"
+            return {"sum": f"{a} += {src}", "mean": f"{a} += {src}", "prod": f"{a} *= {src}",
+                    "max": f"{a} = {src} if {src} > {a} else {a}",
+                    "min": f"{a} = {src} if {src} < {a} else {a}",
+                    "any": f"{a} = {a} | {src}", "all": f"{a} = {a} & {src}"}[rd.kind]
+
+        nxt = _next_row_stage(stages, final, stash)
+        if nxt is not None:
+            # the first reduction of row x + 1 runs inside row x's final pass (see _next_row_stage)
+            st0, rd0 = stages[0], stages[0].reduce.expr
+            yvars = [f"y{i}" for i in range(len(lk.xsizes))]
+            names = {a.var for a in st0.loop_loads} | {s.var for s in st0.loop_stmts} | {st0.reduce.var}
+            ren = re.compile(r"\b(" + "|".join(map(re.escape, sorted(names, key=len, reverse=True))) + r")\b")
+
+            def renamed(line: str) -> str:
+                return ren.sub(lambda m: m.group(1) + "_nx", line)
+            a0, lit0 = st0.reduce.var, rnd.literal(Const(neutral(rd0.kind, rd0.acc_dtype), rd0.acc_dtype))
+            body0 = [f"{a.var}_nx = " + load(a).split(" = ", 1)[1].replace(_addr(a, xvars, rvars), _addr(a, yvars, rvars))
+                     for a in st0.loop_loads] + [renamed(stmt(s)) for s in st0.loop_stmts] + \
+                [renamed(update(rd0, a0, rd0.src))]
+            first = [f"{a0}_nx = {lit0}", "if np.uint64(lo) < np.uint64(hi):"]
+            first += [ind + line for line in _decompose("np.uint64(lo)", lk.xsizes, "y")]
+            loop(Stage(None, [], [], []), body0, base=1, out=first)
+            L[row_loop:row_loop] = first
+
+        for i, st in enumerate(stages):
+            rd: Reduce = st.reduce.expr
+            a = st.reduce.var
+            if nxt is not None and i == 0:
+                L.append(f"{ind}{a} = {a}_nx")
             else:
-                upd = {"sum": f"{a} += {src}", "mean": f"{a} += {src}", "prod": f"{a} *= {src}",
-                       "max": f"{a} = {src} if {src} > {a} else {a}",
-                       "min": f"{a} = {src} if {src} < {a} else {a}",
-                       "any": f"{a} = {a} | {src}", "all": f"{a} = {a} & {src}"}[rd.kind]
-            loop(st, [upd] + ([L_stash] if stash is not None and st is stages[-1] else []))
+                L.append(f"{ind}{a} = {rnd.literal(Const(neutral(rd.kind, rd.acc_dtype), rd.acc_dtype))}")
+                loop(st, [update(rd, a, rd.src)] + ([L_stash] if stash is not None and st is stages[-1] else []))
             if rd.kind == "mean":
                 cnt = rnd.literal(Const(float(rd.count), rd.acc_dtype)) if rd.acc_dtype.is_floating_point \
                     else repr(float(rd.count))
                 L.append(f"{ind}{a} = {NP[rd.acc_dtype]}({a} / {cnt})")
             L += [ind + stmt(s) for s in st.after]
         if final is not None:
-            loop(final, [store(a) for a in lk.stores if a.space == "xr"], [stash_load] if stash is not None else [])
+            tail = [store(a) for a in lk.stores if a.space == "xr"]
+            head = [stash_load] if stash is not None else []
+            if nxt is None:
+                loop(final, tail, head)
+            else:
+                L.append(f"{ind}if x + np.uint64(1) < np.uint64(hi):")
+                L += [ind * 2 + line for line in _decompose("(x + np.uint64(1))", lk.xsizes, "y")]
+                L.append(f"{ind * 2}{a0}_nx = {lit0}")
+                loop(final, tail + body0, head, base=2)
+                L.append(f"{ind}else:")
+                loop(final, tail, head, base=2)
         L += [ind + store(a) for a in lk.stores if a.space == "x"]
         passes = len(stages) + (final is not None)
     # enough rows per thread that each chunk carries at least GRAIN element-passes
