@@ -1,9 +1,10 @@
 """Render a LoopKernel as a numba CPU kernel (jinja2 template).
 
 Shape of the generated code (every choice measured on a 2-core AVX-512 CPU, fp32 4096x2048):
-- a serial ``nogil`` numba function over a row range ``[lo, hi)``; the module's entry point hands
-  row chunks to threads (numba_runtime.parallel_for). Serial kernels compile ~2x faster than
-  ``parallel=True`` ones (no parfor lowering, no gufunc wrapper).
+- a serial ``nogil`` numba function that takes row ranges ``[lo, hi)`` from a shared atomic
+  counter; the module's entry point runs it on several threads (numba_runtime.parallel_for).
+  Serial kernels compile ~2x faster than ``parallel=True`` ones (no parfor lowering, no gufunc
+  wrapper).
 - all index arithmetic in uint64: numba wraps negative indices for signed ones, and that check
   on ``x * stride + r`` (whose sign LLVM cannot prove) turned every load into a gather and cost
   10-15x on a row sum. Strides are never negative in PyTorch.

@@ -108,6 +108,21 @@ def _host_has_scalef() -> bool:
 _SCALEF = _host_has_scalef()
 
 
+@intrinsic
+def _claim(typingctx, ctr):
+    """Atomically add 1 to ``ctr[0]`` (an int64 array) and return its old value: threads running
+    one kernel take row chunks from a shared counter, so a thread that starts late (its core
+    busy with another process, or with OpenMP threads still spinning after an eager op) leaves
+    its chunks to the others instead of making them wait."""
+    if not (isinstance(ctr, _nbt.Array) and ctr.dtype == _nbt.int64):
+        return None
+
+    def codegen(context, builder, sig, args):
+        ary = context.make_array(sig.args[0])(context, builder, args[0])
+        return builder.atomic_rmw("add", ary.data, _llvm_ir.Constant(_llvm_ir.IntType(64), 1), "monotonic")
+    return _nbt.int64(ctr), codegen
+
+
 def _llvm_binary(name):
     @intrinsic
     def f(typingctx, a, b):
