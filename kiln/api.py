@@ -113,8 +113,11 @@ def _compile_fx(gm, example_inputs, kind, options: Options, params=(), pair: dic
     if is_symbolic(gm):
         return _ShapeSpecialized(gm, options, kind)
     g = from_fx(gm)
-    mark_weight_inputs(g, kind, params, {} if pair is None else pair)
+    pair = {} if pair is None else pair
+    mark_weight_inputs(g, kind, params, pair)
     compiled, _ = compile_graph(g, options, kind)
+    if kind == "forward":
+        note_host_outputs(getattr(compiled, "graph", g), pair)
     return compiled
 
 
@@ -122,7 +125,10 @@ def mark_weight_inputs(g: Graph, kind: str, params=(), pair: dict | None = None)
     """``g.meta['weight_inputs']``: the inputs that are weights, which the tier planner may keep
     off the device. Forward and inference graphs: the module's parameters. A backward graph reads
     the weights as saved tensors (a parameter or a view of it, such as its transpose) that the
-    forward of the same ``pair`` returned; their names carry over from the forward's outputs."""
+    forward of the same ``pair`` returned; their names carry over from the forward's outputs.
+    A training forward also hands what it saves for the backward to the host tier under a
+    budget (``meta['spill_outputs']``; see note_host_outputs), and the backward plans those
+    saved tensors (``meta['host_inputs']``) like weights: on the device only when read."""
     pair = {} if pair is None else pair
     if kind != "backward":
         g.meta["weight_inputs"] = _parameter_inputs(g, params)
@@ -130,9 +136,20 @@ def mark_weight_inputs(g: Graph, kind: str, params=(), pair: dict | None = None)
             from kiln.passes.tiers import weight_views
             types = {v.name: v.type for v in g.output_values()}
             pair["weight_views"] = {name: types[name] for name in weight_views(g)}
+            g.meta["spill_outputs"] = True
     else:
         saved = pair.get("weight_views", {})
         g.meta["weight_inputs"] = [v.name for v in g.inputs if v.name in saved and saved[v.name] == v.type]
+        host = pair.get("host_outputs", {})
+        g.meta["host_inputs"] = [v.name for v in g.inputs if v.name in host and host[v.name] == v.type]
+
+
+def note_host_outputs(g: Graph, pair: dict) -> None:
+    """After a training forward compiles: which of its outputs its tier schedule hands to the
+    host tier (the backward receives them there, under the same names)."""
+    sched = g.meta.get("cache_schedule")
+    spilled = {name for _, _, _, names in (sched.spills if sched is not None else ()) for name in names}
+    pair["host_outputs"] = {v.name: v.type for v in g.output_values() if v.name in spilled}
 
 
 def _parameter_inputs(g: Graph, params=()) -> list[str]:
@@ -151,8 +168,18 @@ def kiln_backend(gm, example_inputs, options=None, **kw):
     opts = Options.make(options, **kw)
     from kiln.passes.attention_fx import rewrite_fx
     params = [i for i, x in enumerate(example_inputs) if isinstance(x, torch.nn.Parameter)]
-    pair: dict = {}                      # what this graph's forward tells its backward (weight views)
-    inner = dynamo_backend(lambda g, ex, kind: _compile_fx(g, ex, kind, opts, params, pair), rewrite=rewrite_fx)
+    pair: dict = {"params": params}      # what this graph's forward tells its backward (weight views)
+
+    def rewrite(gm, ex):
+        """AOTAutograd puts the graph module's own parameters and buffers (such as the masks
+        the attention rewrite registers) before Dynamo's inputs: module state too, and they
+        shift the parameters' positions."""
+        gm = rewrite_fx(gm, ex)
+        lifted = len(dict(gm.named_parameters(remove_duplicate=False))) + \
+            len(dict(gm.named_buffers(remove_duplicate=False)))
+        pair["params"] = list(range(lifted)) + [lifted + i for i in params]
+        return gm
+    inner = dynamo_backend(lambda g, ex, kind: _compile_fx(g, ex, kind, opts, pair["params"], pair), rewrite=rewrite)
     return inner(gm, example_inputs)
 
 

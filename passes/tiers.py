@@ -162,7 +162,7 @@ def build_problem(g: Graph, device: str = "cpu", compute_s=None) -> Problem:
     """Items, segments and fixed device bytes of a scheduled, memory-planned graph."""
     from .simulate import estimate_step_times
     n = len(g.nodes)
-    weight_inputs = set(g.meta.get("weight_inputs", ()))
+    weight_inputs = set(g.meta.get("weight_inputs", ())) | set(g.meta.get("host_inputs", ()))
     weights = {v.name: ("constant", v) for v in g.constant_values if _span_bytes(v.type) > 0}
     for v in g.inputs:
         if v.name in weight_inputs and _span_bytes(v.type) > 0 and not (device == "cuda" and v.type.device == "cuda"):
@@ -540,6 +540,8 @@ def map_tiers(g: Graph, options=None) -> Graph:
     budget = min(x for x in (getattr(options, "memory_budget", None), dev_cap, 2**62) if x is not None)
     what = "memory_budget" if budget == getattr(options, "memory_budget", None) else "the device tier's capacity"
     problem = build_problem(g, device)
+    if g.meta.get("spill_outputs"):             # a training forward: what it saves goes to the host
+        problem.spill(list(problem.spillable))
     choose_spills(problem, budget)
     if smallest_budget(problem) > budget:
         choose_spills(problem, 0)               # the least memory spilling can reach

@@ -13,6 +13,12 @@ from kiln.ir.ops import is_kernel_op, resolve, run as run_aten
 from kiln.passes.memory import MemoryPlan, out_variant
 
 KERNEL, OUT, ATEN = "kernel", "out", "aten"
+# ATen ops that copy the whole storage of their first argument to keep its strides
+# (clone_preserve_strides): given a view of the arena or of the tier pool they would allocate
+# that much. The runtime hands them a compact copy of a contiguous view first (same strides, so
+# the same output type; as_strided_scatter is left alone: its offsets index the storage).
+STORAGE_CLONING = frozenset({"aten.slice_scatter.default", "aten.select_scatter.default",
+                             "aten.diagonal_scatter.default"})
 
 
 class InputError(ValueError):
@@ -169,7 +175,11 @@ class CompiledGraph:
             elif mode is OUT:
                 res = [self._run_out(k, views, get)]
             else:
-                r = run_aten(what, map_values(args, get), map_values(extra, get))
+                a = map_values(args, get)
+                if what.op in STORAGE_CLONING and a and isinstance(a[0], torch.Tensor) and a[0].is_contiguous() \
+                        and a[0].untyped_storage().nbytes() > a[0].numel() * a[0].element_size():
+                    a = (a[0].clone(),) + tuple(a[1:])
+                r = run_aten(what, a, map_values(extra, get))
                 res = list(r) if isinstance(r, (tuple, list)) and len(outs) != 1 else [r]
             for (name, _), r in zip(outs, res):
                 env[name] = r
