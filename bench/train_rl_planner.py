@@ -12,6 +12,12 @@ kiln ships (passes/data/rl_planner.pt):
    sum_a pi(a|s) (Q(s, a) - V(s)) grad log pi(a|s), V(s) = sum_a pi(a|s) Q(s, a), plus an
    entropy bonus. Reward relative to greedy puts every problem on one scale.
 Keeps the weights that do best on a held-out set (mean agent time / greedy time, argmax play).
+3. Calibration (--calibrate, or alone with --calibrate-only on the weights at --out): the
+   planner's own search (RLPlanner: argmax game + policy-ranked alternatives) on another held-out
+   set (CAL_SEEDS, ~24-200 steps, plus a few 500/1,000-step problems) for a few values of the
+   policy's ``follow_margin`` (leave greedy's choice only when the best logit beats FOLLOW's by
+   that much); the one with the lowest mean agent time / greedy time ships with the weights.
+   The safety net plays no part: this is the agent's own plan.
 """
 from __future__ import annotations
 
@@ -27,6 +33,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 TRAIN_SEEDS = range(100_000, 100_600)
 EVAL_SEEDS = range(200_000, 200_060)
+CAL_SEEDS = range(200_000, 200_150)
+CAL_LARGE = [(210_000 + i, ("stack", "chain", "branch")[i % 3], (500, 1000)[i % 2]) for i in range(12)]
+MARGINS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
 
 _games: dict = {}
 
@@ -160,6 +169,41 @@ def _logp(model, x, mask):
     return torch.log_softmax(z, -1)
 
 
+def calibrate(path: str) -> None:
+    """Pick the shipped follow_margin (module doc, step 3) and record the calibration in ``path``."""
+    import torch
+    from kiln.passes.tiers import GreedyPlanner
+    from kiln.passes.tiers_gen import case
+    from kiln.passes.tiers_rl import Game, NumpyPolicy, RLPlanner, search
+    t0 = time.perf_counter()
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    pol = NumpyPolicy({k: v.numpy() for k, v in blob["state_dict"].items()})
+    probs = [_case(s) for s in CAL_SEEDS] + [case(s, family=f, n=n) for s, f, n in CAL_LARGE]
+    games = []
+    for c in probs:
+        g = GreedyPlanner().plan(c.problem, c.tiers, c.budget)
+        game = Game(c.problem, c.tiers, c.budget, hint=g)
+        n_alt = min(RLPlanner.max_alt, RLPlanner.search_decisions // max(len(game.segs), 1))
+        games.append((game, g.info["sim_s"], n_alt))
+    table = {}
+    for m in MARGINS:
+        pol.follow_margin = m
+        rs = [search(game, pol, n_alt) for game, _, n_alt in games]
+        agent = np.array([r["time_s"] / gt for r, (_, gt, _) in zip(rs, games)])
+        first = np.array([r["argmax_time_s"] / gt for r, (_, gt, _) in zip(rs, games)])
+        table[m] = {"search": float(np.mean(agent)), "argmax": float(np.mean(first)),
+                    "search_better": int(np.sum(agent < 1 - 1e-9)), "search_worse": int(np.sum(agent > 1 + 1e-9)),
+                    "argmax_better": int(np.sum(first < 1 - 1e-9)), "argmax_worse": int(np.sum(first > 1 + 1e-9))}
+        print(f"[calibrate {time.perf_counter() - t0:5.0f}s] follow_margin {m}: " + ", ".join(
+            f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in table[m].items()), flush=True)
+    # the agent's own plan on average; the argmax game breaks near-ties
+    best = min(MARGINS, key=lambda m: (round(table[m]["search"], 4), table[m]["argmax"]))
+    blob.update(follow_margin=float(best), calibration={str(k): v for k, v in table.items()},
+                calibration_problems=len(probs))
+    torch.save(blob, path)
+    print(f"follow_margin {best} written to {path}")
+
+
 def main():
     import torch
     from kiln.passes.tiers_rl import N_ACTFEAT, N_STATE, WEIGHTS, make_policy
@@ -179,7 +223,13 @@ def main():
     ap.add_argument("--entropy", type=float, default=0.01)
     ap.add_argument("--eval-every", type=int, default=10)
     ap.add_argument("--out", default=WEIGHTS)
+    ap.add_argument("--calibrate", action="store_true", help="calibrate follow_margin after training")
+    ap.add_argument("--calibrate-only", action="store_true", help="only calibrate the weights at --out")
     args = ap.parse_args()
+    if args.calibrate_only:
+        torch.set_num_threads(1)
+        calibrate(args.out)
+        return
     torch.manual_seed(args.seed)
     torch.set_num_threads(1)
     rng = np.random.default_rng(args.seed)
@@ -271,6 +321,8 @@ def main():
                 "heldout_score": best[0], "iterations": it, "minutes": (time.perf_counter() - t0) / 60,
                 "train_seeds": [TRAIN_SEEDS.start, TRAIN_SEEDS.stop]}, args.out)
     print(f"wrote {args.out} (held-out score: agent/greedy + with the net = {best[0]:.4f})")
+    if args.calibrate:
+        calibrate(args.out)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,10 @@ where the action would put it, a running estimate of the copy stream's backlog, 
 transfer demand against the remaining compute, bandwidths, position) and the action's own
 (type, lead, memory it holds, whether greedy did the same); it learns where deviating from
 greedy pays (bench/train_rl_planner.py, policy gradient on generated problems). Inference is
-deterministic (argmax) and runs in numpy; the weights ship in ``passes/data/rl_planner.pt``.
+deterministic (argmax, except that the agent keeps FOLLOW unless its best action's logit beats
+FOLLOW's by the calibrated ``follow_margin``) and runs in numpy; the weights and the margin ship
+in ``passes/data/rl_planner.pt``. The planner plays the argmax game and a few games that deviate
+from it at the decisions the policy ranks next (``search``) and keeps the fastest.
 
 Safety net: the planner always computes greedy's plan (it needs it for FOLLOW anyway) and
 returns greedy's plan when the agent's would overflow or simulates slower; ``info["used"]``
@@ -263,7 +266,12 @@ def policy_inputs(st: np.ndarray, act: np.ndarray) -> np.ndarray:
 
 
 class NumpyPolicy:
-    """The trained MLP evaluated in numpy (a decision costs microseconds, not a torch call)."""
+    """The trained MLP evaluated in numpy (a decision costs microseconds, not a torch call).
+    ``follow_margin``: the agent leaves greedy's own choice (FOLLOW) only where its best action's
+    logit beats FOLLOW's by at least this much (0: plain argmax); chosen on held-out problems
+    after training (bench/train_rl_planner.py --calibrate) and shipped with the weights."""
+    follow_margin = 0.0
+
     def __init__(self, state_dict: dict):
         ws = [(k, v) for k, v in state_dict.items()]
         self.layers = [(np.asarray(ws[i][1], dtype=np.float32), np.asarray(ws[i + 1][1], dtype=np.float32))
@@ -292,6 +300,14 @@ class NumpyPolicy:
                 x = np.tanh(x)
         return np.where(legal, x[:, 0], -np.inf)
 
+    def choose(self, st, act, legal, follow: int | None = None) -> tuple[int, np.ndarray]:
+        """The agent's action (argmax, or FOLLOW within ``follow_margin`` of it) and the logits."""
+        z = self(st, act, legal)
+        a = int(np.argmax(z))
+        if follow is not None and self.follow_margin > 0 and legal[follow] and z[a] - z[follow] < self.follow_margin:
+            a = follow
+        return a, z
+
 
 @functools.lru_cache(maxsize=4)
 def load_policy(path: str = WEIGHTS) -> NumpyPolicy:
@@ -300,7 +316,9 @@ def load_policy(path: str = WEIGHTS) -> NumpyPolicy:
     blob = torch.load(path, map_location="cpu", weights_only=True)
     if blob.get("n_state") != N_STATE or blob.get("n_actfeat") != N_ACTFEAT:
         raise ValueError(f"{path}: weights were trained for other features; retrain with bench/train_rl_planner.py")
-    return NumpyPolicy({k: v.numpy() for k, v in blob["state_dict"].items()})
+    pol = NumpyPolicy({k: v.numpy() for k, v in blob["state_dict"].items()})
+    pol.follow_margin = float(blob.get("follow_margin", 0.0))
+    return pol
 
 
 def play(game: Game, choose, prefix=()) -> dict:
@@ -345,6 +363,8 @@ def search(game: Game, policy, n_alt: int, deadline: float | None = None) -> dic
     ``deadline`` (a time.perf_counter() value) stops it from starting another game after it:
     a guard for slow machines (``cut`` says it fired); the decision budget normally binds first."""
     def argmax(st, act, legal):
+        if hasattr(policy, "choose"):
+            return policy.choose(st, act, legal, game.FOLLOW)
         z = policy(st, act, legal)
         return int(np.argmax(z)), z
 
@@ -381,8 +401,8 @@ class RLPlanner:
     ``search_decisions`` decisions in all, ``max_alt`` games, no new game once ``time_budget``
     seconds have passed since planning began); greedy's plan when the agent's fails or is slower."""
     weights = WEIGHTS
-    max_alt = 8
-    search_decisions = 2500
+    max_alt = 24
+    search_decisions = 4000
     time_budget = 0.6
 
     def plan(self, problem: Problem, tiers: dict, budget: int) -> TierPlan:
@@ -404,6 +424,7 @@ class RLPlanner:
             res = search(game, policy, n_alt, deadline=t0 + self.time_budget)
             info["agent_sim_s"] = res["time_s"]
             info["search_cut"] = res.get("cut", False)
+            info["follow_margin"] = getattr(policy, "follow_margin", 0.0)
             info["games"], info["argmax_sim_s"] = res["tries"], res["argmax_time_s"]
             info["overflow"] = res["overflow"]
             if not res["overflow"] and res["time_s"] <= g_time:
