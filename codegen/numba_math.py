@@ -109,18 +109,21 @@ _SCALEF = _host_has_scalef()
 
 
 @intrinsic
-def _claim(typingctx, ctr):
-    """Atomically add 1 to ``ctr[0]`` (an int64 array) and return its old value: threads running
-    one kernel take row chunks from a shared counter, so a thread that starts late (its core
-    busy with another process, or with OpenMP threads still spinning after an eager op) leaves
-    its chunks to the others instead of making them wait."""
-    if not (isinstance(ctr, _nbt.Array) and ctr.dtype == _nbt.int64):
+def _claim(typingctx, ctr, i):
+    """Atomically add 1 to ``ctr[i]`` (an int64 array, a constant index) and return its old
+    value. Threads running one kernel take row chunks from ``ctr[0]`` and count the chunks they
+    finish in ``ctr[1]``: a thread that starts late (its core busy with another process, or
+    with OpenMP threads still spinning after an eager op) finds no chunk left and touches
+    nothing, so the launching thread waits for finished work, not for late threads."""
+    if not (isinstance(ctr, _nbt.Array) and ctr.dtype == _nbt.int64 and isinstance(i, _nbt.IntegerLiteral)):
         return None
+    idx = i.literal_value
 
     def codegen(context, builder, sig, args):
         ary = context.make_array(sig.args[0])(context, builder, args[0])
-        return builder.atomic_rmw("add", ary.data, _llvm_ir.Constant(_llvm_ir.IntType(64), 1), "monotonic")
-    return _nbt.int64(ctr), codegen
+        ptr = builder.gep(ary.data, [_llvm_ir.Constant(_llvm_ir.IntType(64), idx)])
+        return builder.atomic_rmw("add", ptr, _llvm_ir.Constant(_llvm_ir.IntType(64), 1), "seq_cst")
+    return _nbt.int64(ctr, i), codegen
 
 
 def _llvm_binary(name):
