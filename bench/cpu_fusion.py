@@ -116,7 +116,8 @@ def versions() -> dict:
     from kiln.codegen.numba_runtime import threads
     return {"torch": torch.__version__, "numba": numba.__version__, "python": platform.python_version(),
             "cpu": cpu, "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "kiln_threads": threads(),
-            "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
+            "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+            "kiln_pool": os.environ.get("KILN_CPU_POOL", "threads"), "loadavg_1min": os.getloadavg()[0]}
 
 
 def main(argv=None) -> int:
@@ -197,7 +198,8 @@ def main(argv=None) -> int:
     fresh = fresh_output_ms(a.rows, a.cols, a.runs)
     info = versions()
     print(f"\nCPU: {info['cpu']} ({info['cpus']} CPUs), torch {info['torch']} ({info['threads']} threads), "
-          f"numba {info['numba']} (kiln: {info['kiln_threads']} threads); "
+          f"numba {info['numba']} (kiln: {info['kiln_threads']} threads, pool {info['kiln_pool']}); "
+          f"1-min load average {info['loadavg_1min']:.2f} after the run; "
           f"fp32 {a.rows}x{a.cols}, median of {a.runs} calls each (round-robin) after {a.warmup} warm-up; "
           f"allocator: {'glibc, freed blocks kept in the heap (--heap-reuse)' if info['glibc_tunables'] == HEAP_REUSE else 'glibc defaults'}\n")
     print("| case | eager ms | Inductor ms | kiln ms | Inductor vs eager | kiln vs eager | kiln / Inductor time | "

@@ -6,13 +6,18 @@ kernel module calls ``parallel_for`` here, which runs the kernel on up to ``thre
 of a small pool (the caller is one of them), several chunks per thread, so a thread that starts
 late or loses its core for a while costs one chunk, not half the kernel.
 
-The threads are PyTorch's own OpenMP team where ATen runs on OpenMP (the libgomp the wheel
-ships, entered through ``GOMP_parallel`` with a ctypes callback): after an eager or Inductor op
-those threads spin for a while waiting for more work, and a separate kiln thread on the same
-cores would share its core with a spinning one. Elsewhere (or with ``KILN_CPU_POOL=threads``)
-kiln's own daemon threads run the chunks, waiting on plain locks (a futex each way, no Future
-or queue per launch). Serial kernels compile about twice as fast as numba's ``parallel=True`` (no parfor lowering, no gufunc wrapper) and this keeps the
-thread count and the grain under kiln's control: ``torch.get_num_threads()`` threads, as eager
+The threads are kiln's own daemon threads, waiting on plain locks (a futex each way, no Future
+or queue per launch); the launcher waits for finished chunks, never for a thread that has not
+started. ``KILN_CPU_POOL=omp`` runs the chunks on PyTorch's own OpenMP team instead
+(``GOMP_parallel`` of the libgomp torch loaded, through a ctypes callback): no separate thread
+shares a core with an OpenMP thread still spinning after an eager op, but GOMP_parallel ends
+in a barrier, so on a machine where other processes hold the cores a launch waits for a
+descheduled team thread (measured on 2 shared cores: kiln's median 8-12 ms where the own pool
+gave 2.4-5 ms, fp32 4096x2048 softmax/RMSNorm/GELU; eager and Inductor showed the same
+8-50 ms stalls).
+
+Serial kernels compile about twice as fast as numba's ``parallel=True`` (no parfor lowering,
+no gufunc wrapper) and this keeps the thread count and the grain under kiln's control: ``torch.get_num_threads()`` threads, as eager
 and Inductor use, and no thread for a launch too small to pay for the hand-off (~10 us).
 Nothing here is compiled into a kernel, so changing it never invalidates numba's disk cache.
 """
@@ -95,7 +100,7 @@ def _openmp():
     if _omp is None:
         _omp = False
         try:
-            if os.environ.get("KILN_CPU_POOL", "omp") == "omp" and \
+            if os.environ.get("KILN_CPU_POOL", "threads") == "omp" and \
                     "parallel backend: OpenMP" in _torch.__config__.parallel_info():
                 path = os.path.join(os.path.dirname(_torch.__file__), "lib", "libgomp.so.1")
                 with open("/proc/self/maps") as f:
