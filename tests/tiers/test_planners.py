@@ -15,6 +15,7 @@ from tests.models.zoo import ZOO, build
 from .common import check_against_graph, planned_graph, smallest_budget, stack, training_graphs, weight_bytes
 
 TIERS = {"device": Tier("device", None, 20e9), "host": Tier("host", None, 8e9)}
+PLANNERS = ("greedy", "ilp", "rl")              # every tier planner
 
 
 def _min_budget(model, inputs) -> int:
@@ -28,7 +29,7 @@ def test_zoo_plans_are_valid(name):
     model, inputs = build(name)
     least = _min_budget(model, inputs)
     for budget in (least, int(least * 1.5)):
-        for planner in ("greedy", "ilp"):
+        for planner in PLANNERS:
             g = planned_graph(model, inputs, target="cpu", memory_budget=budget, planner=planner)
             problem, plan = g.meta["tier_problem"], g.meta["tier_plan"]
             assert validate_plan(problem, plan, budget, g.meta["tier_tiers"]) == []
@@ -106,7 +107,7 @@ def test_transformers_plans_are_valid(name):
         with pytest.raises(BudgetError) as e:
             run_pipeline(g0, kiln.Options.make(target="cpu", memory_budget=1))
         least = smallest_budget(e.value)
-        for planner in ("greedy", "ilp"):
+        for planner in PLANNERS:
             g = run_pipeline(g0, kiln.Options.make(target="cpu", memory_budget=least, planner=planner))[0]
             assert g.meta["tier_problem"].items, "the parameters should be planned"
             assert validate_plan(g.meta["tier_problem"], g.meta["tier_plan"], least, g.meta["tier_tiers"]) == []
@@ -115,14 +116,14 @@ def test_transformers_plans_are_valid(name):
 
 def _plans_valid_from_least(g0) -> int:
     """Plan a captured graph at the smallest budget its BudgetError names and 1.5x that, with
-    greedy and ILP; every plan valid, checked against the graph, within the budget."""
+    every planner; every plan valid, checked against the graph, within the budget."""
     import kiln
     from kiln.passes import run_pipeline
     with pytest.raises(BudgetError) as e:
         run_pipeline(g0, kiln.Options.make(target="cpu", memory_budget=1))
     least = smallest_budget(e.value)
     for budget in (least, int(least * 1.5)):
-        for planner in ("greedy", "ilp"):
+        for planner in PLANNERS:
             g = run_pipeline(g0, kiln.Options.make(target="cpu", memory_budget=budget, planner=planner))[0]
             problem, plan = g.meta["tier_problem"], g.meta["tier_plan"]
             assert validate_plan(problem, plan, budget, g.meta["tier_tiers"]) == []
