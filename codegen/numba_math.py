@@ -350,6 +350,26 @@ def _log64(x):
     return np.nan if not (x >= 0.0) else y
 
 
+@numba.njit(fastmath=_FM, error_model="numpy", cache=True)
+def _log1p32(x):
+    """float32 log1p = log(u) x / (u - 1) with u = 1 + x rounded (u - 1 is exact, so the ratio
+    puts back what the rounding of 1 + x lost; Goldberg's trick), x itself where u == 1 (keeps
+    -0.0 and tiny x exact), inf at inf; < 2 ulp."""
+    u = np.float32(1.0) + x
+    y = _log32(u) * (x / (u - np.float32(1.0)))
+    y = x if u == np.float32(1.0) else y
+    return x if x == np.float32(np.inf) else y
+
+
+@numba.njit(fastmath=_FM, error_model="numpy", cache=True)
+def _log1p64(x):
+    """float64 log1p, as _log1p32."""
+    u = 1.0 + x
+    y = _log64(u) * (x / (u - 1.0))
+    y = x if u == 1.0 else y
+    return x if x == np.inf else y
+
+
 # -- erf ------------------------------------------------------------------------------------------
 @numba.njit(fastmath=_FM, error_model="numpy", cache=True)
 def _erf32(x):
@@ -391,6 +411,7 @@ EXPORTS = {
     "fminmax": ("_fmaximum", "_fminimum"),
     "exp32": ("_exp32",), "exp64": ("_exp64",), "expm1_32": ("_expm1_32",), "expm1_64": ("_expm1_64",),
     "tanh32": ("_tanh32",), "tanh64": ("_tanh64",), "log32": ("_log32",), "log64": ("_log64",),
+    "log1p32": ("_log1p32",), "log1p64": ("_log1p64",),
     "erf32": ("_erf32",),
     "rsqrt32": ("_rsqrt32",), "rsqrt64": ("_rsqrt64",),
 }

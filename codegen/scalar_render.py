@@ -177,7 +177,7 @@ class NumbaRenderer(Renderer):
     """numba source. Every value stays in its compute dtype: each op's result is wrapped in its
     numpy type and float constants are typed too (a bare Python float is float64 in numba, and
     ``x * 0.5`` on a float32 ``x`` would be computed in float64 and narrowed). exp, expm1, log,
-    tanh (fp32 and fp64) and erf (fp32) call vectorisable helpers (codegen/numba_math.py;
+    log1p, tanh (fp32 and fp64) and erf (fp32) call vectorisable helpers (codegen/numba_math.py;
     recorded in ``self.helpers``) instead of scalar libm calls that keep LLVM from vectorising
     the loop; sigmoid, gelu, exp2 are built on them."""
     lang = "numba"
@@ -218,6 +218,7 @@ class NumbaRenderer(Renderer):
     def op_exp(self, a, dt=None, **k): return self._helper("exp", a, dt) or f"math.exp({a})"
     def op_expm1(self, a, dt=None, **k): return self._helper("expm1_", a, dt) or f"math.expm1({a})"
     def op_log(self, a, dt=None, **k): return self._helper("log", a, dt) or f"math.log({a})"
+    def op_log1p(self, a, dt=None, **k): return self._helper("log1p", a, dt) or f"math.log1p({a})"
     def op_erf(self, a, dt=None, **k): return self._helper("erf", a, dt) or f"math.erf({a})"
     def op_tanh(self, a, dt=None, **k): return self._helper("tanh", a, dt) or f"math.tanh({a})"
 
@@ -258,7 +259,6 @@ class NumbaRenderer(Renderer):
     def op_sqrt(self, a, **k): return f"math.sqrt({a})"
     def op_sin(self, a, **k): return f"math.sin({a})"
     def op_cos(self, a, **k): return f"math.cos({a})"
-    def op_log1p(self, a, **k): return f"math.log1p({a})"
     def op_floor(self, a, **k): return f"np.floor({a})"
     def op_ceil(self, a, **k): return f"np.ceil({a})"
     def op_trunc(self, a, **k): return f"np.trunc({a})"

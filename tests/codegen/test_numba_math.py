@@ -13,10 +13,10 @@ import pytest
 
 from kiln.codegen import numba_math as M
 
-SPECIAL32 = [math.nan, math.inf, -math.inf, 0.0, -0.0, 1e-45, -1e-45, 1.1754943508222875e-38, 3e-39,
+SPECIAL32 = [math.nan, math.inf, -math.inf, 0.0, -0.0, 1e-45, -1e-45, -0.5, -0.99999994, 1e-8, -1e-8, 1.1754943508222875e-38, 3e-39,
              88.72283935546875, 88.7228432, 88.8, 89.5, -87.3, -103.0, -103.9, -104.0, -104.5, -200.0,
              1.0, -1.0, 0.5, 3.0, -3.0, 9.0, -9.0, 20.0, -20.0, 3.4028234663852886e38]
-SPECIAL64 = [math.nan, math.inf, -math.inf, 0.0, -0.0, 5e-324, -5e-324, 2.2250738585072014e-308, 1e-310,
+SPECIAL64 = [math.nan, math.inf, -math.inf, 0.0, -0.0, 5e-324, -5e-324, -0.5, -0.9999999999999999, 1e-17, 2.2250738585072014e-308, 1e-310,
              709.782712893384, 709.79, 710.5, -708.4, -745.13, -745.2, -746.0, -800.0, 1.0, -1.0, 0.5,
              3.0, -3.0, 19.0, -19.0, 40.0, -40.0, 1.7976931348623157e308]
 
@@ -51,11 +51,13 @@ def _run(h, x):
     return out, f
 
 
-REF = {"exp": np.exp, "expm1": np.expm1, "log": np.log, "tanh": np.tanh, "erf": np.vectorize(math.erf)}
+REF = {"exp": np.exp, "expm1": np.expm1, "log": np.log, "log1p": np.log1p, "tanh": np.tanh, "erf": np.vectorize(math.erf)}
 # (helper, reference, max ulp over the float32 sweep, max ulp over the float64 samples)
-CASES32 = [("_exp32", "exp", 1), ("_expm1_32", "expm1", 1), ("_log32", "log", 1), ("_tanh32", "tanh", 2),
+CASES32 = [("_exp32", "exp", 1), ("_expm1_32", "expm1", 1), ("_log32", "log", 1), ("_log1p32", "log1p", 2),
+           ("_tanh32", "tanh", 2),
            ("_erf32", "erf", 6)]        # erf: Eigen's rational approximation, 4e-7 absolute
-CASES64 = [("_exp64", "exp", 1), ("_expm1_64", "expm1", 2), ("_log64", "log", 1), ("_tanh64", "tanh", 3)]
+CASES64 = [("_exp64", "exp", 1), ("_expm1_64", "expm1", 2), ("_log64", "log", 1), ("_log1p64", "log1p", 2),
+           ("_tanh64", "tanh", 3)]
 
 
 def _sweep32() -> np.ndarray:
@@ -81,12 +83,12 @@ def test_float32_ulp(name, ref, max_ulp):
 @pytest.mark.parametrize("name,ref,max_ulp", CASES64)
 def test_float64_ulp(name, ref, max_ulp):
     rng = np.random.default_rng(0)
-    lo = {"exp": -750.0, "expm1": -50.0, "log": 0.0, "tanh": -25.0}[ref]
-    hi = {"exp": 715.0, "expm1": 715.0, "log": 1e6, "tanh": 25.0}[ref]
+    lo = {"exp": -750.0, "expm1": -50.0, "log": 0.0, "log1p": -1.0, "tanh": -25.0}[ref]
+    hi = {"exp": 715.0, "expm1": 715.0, "log": 1e6, "log1p": 1e6, "tanh": 25.0}[ref]
     parts = [rng.uniform(lo, hi, 200_000), rng.uniform(-2, 2, 100_000), np.array(SPECIAL64)]
     tiny = np.exp(rng.uniform(-740, 0, 50_000))
     parts += [tiny, -tiny] if ref != "log" else [tiny, np.exp(rng.uniform(0, 709, 50_000))]
-    if ref == "log":        # every exponent, subnormals included
+    if ref.startswith("log"):        # every exponent, subnormals included
         parts.append(np.abs(rng.integers(0, 1 << 63, 100_000, dtype=np.int64).view(np.float64)))
     x = np.concatenate(parts)
     with np.errstate(all="ignore"):
@@ -98,8 +100,8 @@ def test_float64_ulp(name, ref, max_ulp):
     assert re.search(r"<\d+ x double>", f.inspect_llvm(f.signatures[0])), f"{name}: the loop did not vectorise"
 
 
-@pytest.mark.parametrize("name", ["_exp32", "_expm1_32", "_log32", "_tanh32", "_erf32",
-                                  "_exp64", "_expm1_64", "_log64", "_tanh64"])
+@pytest.mark.parametrize("name", ["_exp32", "_expm1_32", "_log32", "_log1p32", "_tanh32", "_erf32",
+                                  "_exp64", "_expm1_64", "_log64", "_log1p64", "_tanh64"])
 def test_special_values(name):
     """NaN propagates; +-inf, +-0 and the overflow/underflow edges give what libm gives."""
     ref = REF[name.strip("_").removesuffix("32").removesuffix("64").rstrip("_")]
