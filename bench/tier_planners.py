@@ -167,7 +167,7 @@ def summarise(rows: list[dict]) -> list[dict]:
                        "plan_s_max": float(np.max([r[name]["plan_s"] for r in rs])),
                        "failures": sum(r[name]["failed"] for r in rs)}
         s["ilp"]["optimal"] = sum(r["ilp"].get("status") == "OPTIMAL" for r in rs)
-        s["ilp"]["timeouts"] = sum(r["ilp"].get("status") in ("FEASIBLE", "UNKNOWN") for r in rs)
+        s["ilp"]["timeouts"] = sum(r["ilp"].get("status") in ("FEASIBLE", "UNKNOWN", "MODEL_TIMEOUT") for r in rs)
         s["rl"]["fallbacks"] = sum(r["rl"].get("used") == "greedy" for r in rs)
         for key, col in (("agent_time_s", "agent"), ("argmax_time_s", "argmax")):
             # the agent's own plan (search: best of its games; argmax: its first game alone),

@@ -8,7 +8,10 @@ the device capacity at every step. Time: E_t, the end of step t, satisfies
     E_a >= E_{s-1} + d * load(s -> a) + c_a               (a copy issued before s lands by a)
     E_a >= c_a + sum of d over loads used at or before a  (the copy stream is one FIFO)
 and the objective is E_{n-1}. The simulator re-scores the solution; greedy's plan is kept when
-it simulates faster (the model is a relaxation of the simulator)."""
+it simulates faster (the model is a relaxation of the simulator).
+
+``time_limit`` bounds the whole plan, model building included: the solver gets what is left of
+it, and a model that is not built by then is not solved (status MODEL_TIMEOUT, greedy's plan)."""
 from __future__ import annotations
 
 import time
@@ -42,8 +45,10 @@ class ILPPlanner:
         host_bw = tiers["host"].bandwidth if "host" in tiers else tiers["device"].bandwidth
         disk_bw = tiers["disk"].bandwidth if "disk" in tiers else host_bw
         c = [max(1, int(round(x / TIME_UNIT))) for x in problem.compute_s]
+        deadline = t0 + self.time_limit
         m = cp_model.CpModel()
         cover = [[] for _ in range(n)]            # (var, KiB) occupying each step
+        persisted = []                            # (var, KiB): on the device at every step
         opts = {}                                 # (item, k) -> [(var, kind, s)]
         persist = {}
         g_stays = {}                              # item -> greedy's stays (hints, and options to offer)
@@ -51,6 +56,8 @@ class ILPPlanner:
             g_stays.setdefault(st.item, []).append(st)
         horizon = sum(c)
         for it in problem.items:
+            if time.perf_counter() > deadline:
+                return self._timeout(greedy, t0)
             size = -(-it.padded // BYTE_UNIT)
             d = it.nbytes / (disk_bw if homes.get(it.name) == "disk" else host_bw)
             if homes.get(it.name) == "disk" and problem.device == "cuda":
@@ -59,9 +66,7 @@ class ILPPlanner:
             horizon += d * len(it.segments)
             if it.persistent_ok:
                 y = persist[it.name] = m.NewBoolVar(f"p_{it.name}")
-                cover_all = y
-                for t in range(n):
-                    cover[t].append((cover_all, size))
+                persisted.append((y, size))
             if it.must_persist:
                 m.Add(persist[it.name] == 1)
                 continue
@@ -83,9 +88,15 @@ class ILPPlanner:
                         cover[t].append((v, size))
                 opts[(it.name, k)] = (a, b, lst)
                 prev_end = b
+        ptotal = 0
+        if persisted:                             # one sum for what stays for good, shared by every step
+            ptotal = m.NewIntVar(0, sum(sz for _, sz in persisted), "persisted")
+            m.Add(ptotal == sum(sz * y for y, sz in persisted))
         for t in range(n):
-            if cover[t]:
-                m.Add(sum(size * v for v, size in cover[t]) <= int(cap[t]))
+            if t % 64 == 0 and time.perf_counter() > deadline:
+                return self._timeout(greedy, t0)
+            if cover[t] or persisted:
+                m.Add(sum(size * v for v, size in cover[t]) + ptotal <= int(cap[t]))
         E = [m.NewIntVar(0, horizon, f"E{t}") for t in range(n)]
         m.Add(E[0] >= c[0])
         for t in range(1, n):
@@ -106,7 +117,10 @@ class ILPPlanner:
         m.Minimize(E[n - 1])
         self._hint(m, greedy, opts, persist)
         solver = cp_model.CpSolver()
-        solver.parameters.max_time_in_seconds = self.time_limit
+        left = deadline - time.perf_counter()
+        if left <= 0:
+            return self._timeout(greedy, t0)
+        solver.parameters.max_time_in_seconds = left
         solver.parameters.num_workers = 2
         status = solver.Solve(m)
         info = {"status": solver.StatusName(status), "model_s": solver.ObjectiveValue() * TIME_UNIT
@@ -127,6 +141,14 @@ class ILPPlanner:
             info["used"] = "ilp"
         info["solve_s"] = time.perf_counter() - t0
         best.info.update(info)
+        return best
+
+    @staticmethod
+    def _timeout(greedy, t0) -> TierPlan:
+        """The time limit ran out while building the model: greedy's plan, said so."""
+        best = TierPlan(greedy.homes, greedy.stays, "ilp", dict(greedy.info))
+        best.info.update(status="MODEL_TIMEOUT", used="greedy", model_s=None, bound_s=None,
+                         greedy_sim_s=greedy.info.get("sim_s"), solve_s=time.perf_counter() - t0)
         return best
 
     @staticmethod

@@ -321,9 +321,10 @@ def load_policy(path: str = WEIGHTS) -> NumpyPolicy:
     return pol
 
 
-def play(game: Game, choose, prefix=()) -> dict:
+def play(game: Game, choose, prefix=(), deadline: float | None = None) -> dict:
     """One game: replay the actions ``prefix``, then ``choose(st, act, legal) -> action`` (it may
-    return (action, logits)). Returns the plan, its simulated time and the trajectory."""
+    return (action, logits)). Returns the plan, its simulated time and the trajectory; past
+    ``deadline`` (a time.perf_counter() value) the game is abandoned (``aborted``, no plan)."""
     game.reset()
     traj, info = [], {}
     for a in prefix:
@@ -332,6 +333,8 @@ def play(game: Game, choose, prefix=()) -> dict:
         if info.get("overflow"):
             return {"plan": None, "time_s": float("inf"), "overflow": True, "traj": traj}
     while not game.done:
+        if deadline is not None and len(traj) % 32 == 0 and time.perf_counter() > deadline:
+            return {"plan": None, "time_s": float("inf"), "overflow": False, "aborted": True, "traj": traj}
         st, act, legal = game.observe()
         a = choose(st, act, legal)
         z = None
@@ -360,8 +363,9 @@ def search(game: Game, policy, n_alt: int, deadline: float | None = None) -> dic
     policy ranks highest among those it did not choose (most probable first) and play argmax
     after it; the fastest plan wins. Deterministic: a small policy-guided search, as the learned
     policy is what makes a few tries enough (mallocMuZero searches with its policy too).
-    ``deadline`` (a time.perf_counter() value) stops it from starting another game after it:
-    a guard for slow machines (``cut`` says it fired); the decision budget normally binds first."""
+    ``deadline`` (a time.perf_counter() value) ends the search there, abandoning the game in
+    progress (the argmax game always finishes): a guard for slow or loaded machines (``cut``
+    says it fired); on a quiet machine the decision budget binds first."""
     def argmax(st, act, legal):
         if hasattr(policy, "choose"):
             return policy.choose(st, act, legal, game.FOLLOW)
@@ -386,7 +390,10 @@ def search(game: Game, policy, n_alt: int, deadline: float | None = None) -> dic
         if deadline is not None and time.perf_counter() > deadline:
             best["cut"] = True
             break
-        res = play(game, argmax, prefix=actions[:t] + [alt])
+        res = play(game, argmax, prefix=actions[:t] + [alt], deadline=deadline)
+        if res.get("aborted"):
+            best["cut"] = True
+            break
         best["tries"] += 1
         if res["time_s"] < best["time_s"]:
             res["tries"], res["cut"] = best["tries"], best["cut"]
@@ -398,12 +405,12 @@ def search(game: Game, policy, n_alt: int, deadline: float | None = None) -> dic
 @register_planner("rl")
 class RLPlanner:
     """The shipped policy's search (argmax game + a few policy-ranked alternatives, at most
-    ``search_decisions`` decisions in all, ``max_alt`` games, no new game once ``time_budget``
-    seconds have passed since planning began); greedy's plan when the agent's fails or is slower."""
+    ``search_decisions`` decisions in all, ``max_alt`` games, stopped ``time_budget`` seconds
+    after planning began); greedy's plan when the agent's fails or is slower."""
     weights = WEIGHTS
     max_alt = 24
     search_decisions = 4000
-    time_budget = 0.6
+    time_budget = 0.5
 
     def plan(self, problem: Problem, tiers: dict, budget: int) -> TierPlan:
         t0 = time.perf_counter()
