@@ -86,7 +86,8 @@ def make_report(g: Graph, kernels: dict, n_nodes: int, timings, kind: str, targe
                            "disk": sched.sim["peak"]["disk"]}
         mem["transfers_bytes"] = sched.sim["transfer_bytes"]
         mem["tiers"] = {"planner": sched.planner, "budget": sched.budget, "pool_bytes": sched.pool_bytes,
-                        "simulated_s": sched.sim["time_s"], "warmup_bytes": sched.sim["warmup_bytes"]}
+                        "simulated_s": sched.sim["time_s"], "warmup_bytes": sched.sim["warmup_bytes"],
+                        "spilled_bytes": sum(nb for _, _, nb, _ in sched.spills)}   # outputs sent to the host
     return CompileReport(graph_nodes=n_nodes, kernels=entries, fallback_ops=fallbacks, memory=mem,
                          passes=timings, graph_kind=kind, target=target)
 

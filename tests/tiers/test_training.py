@@ -66,6 +66,7 @@ def test_training_at_30_percent_matches_eager(target, planner, layers, runtimes)
     # most gradients (as many bytes as the weights) left the device soon after they were made
     spilled = sum(nb for _, _, nb, _ in bw.s.spills)
     assert spilled >= 0.5 * wb and bw.stats["spilled_bytes"] == 3 * spilled
+    assert kiln.last_report().memory["tiers"]["spilled_bytes"] == spilled
     # the forward handed its saved activations to the host; the backward loads them when read
     assert fw.s.spills and {sl.item for sl in bw.s.slots} & set(bw.graph.meta["host_inputs"])
     mem = kiln.last_report().memory                          # the backward's
@@ -121,9 +122,10 @@ def test_inference_keeps_outputs_on_the_device_when_there_is_room():
     assert g.meta["tier_problem"].spills == [] and g.meta["cache_schedule"].spills == []
 
 
-def test_hf_gpt2_training_at_30_percent(runtimes):
+@pytest.mark.parametrize("target", ["cpu", "triton"])
+def test_hf_gpt2_training_at_30_percent(target, runtimes):
     """A 4-layer GPT-2 (tied embeddings, the attention rewrite's buffers among the inputs): two
-    SGD steps at 30% of the weights match eager."""
+    SGD steps at 30% of the weights match eager, on the CPU and through the Triton interpreter."""
     transformers = pytest.importorskip("transformers")
     transformers.logging.set_verbosity_error()
     torch.manual_seed(0)
@@ -140,7 +142,7 @@ def test_hf_gpt2_training_at_30_percent(runtimes):
     model = Logits().train()
     budget = int(0.3 * weight_bytes(model))
     ids = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(0))
-    _train(model, ids, {"target": "cpu", "memory_budget": budget}, steps=2, lr=0.05)
+    _train(model, ids, {"target": target, "memory_budget": budget}, steps=2, lr=0.05)
     assert len(runtimes) == 2
     for rt in runtimes:
         assert 0 < rt.stats["max_device_bytes"] <= budget
