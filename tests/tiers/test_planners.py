@@ -78,7 +78,10 @@ def _transformer_graphs(name):
                 n_layer=2, n_embd=64, n_head=4, vocab_size=128, n_positions=64, bos_token_id=0, eos_token_id=0)),
             "llama": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(
                 hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                intermediate_size=128, vocab_size=128, max_position_embeddings=64))}
+                intermediate_size=128, vocab_size=128, max_position_embeddings=64)),
+            "bert": lambda: transformers.BertForMaskedLM(transformers.BertConfig(
+                hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                vocab_size=128, max_position_embeddings=64))}
     torch.manual_seed(0)
     model = cfgs[name]().eval()
     graphs = []
@@ -99,7 +102,7 @@ def _transformer_graphs(name):
     return graphs
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama"])
+@pytest.mark.parametrize("name", ["gpt2", "llama", "bert"])
 def test_transformers_plans_are_valid(name):
     import kiln
     from kiln.passes import run_pipeline
@@ -148,7 +151,7 @@ def test_zoo_training_plans_are_valid(name):
     assert bw.meta["weight_inputs"], "the backward reads the weights"
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama"])
+@pytest.mark.parametrize("name", ["gpt2", "llama", "bert"])
 def test_transformers_training_plans_are_valid(name):
     transformers = pytest.importorskip("transformers")
     transformers.logging.set_verbosity_error()
@@ -156,7 +159,10 @@ def test_transformers_training_plans_are_valid(name):
                 n_layer=2, n_embd=64, n_head=4, vocab_size=128, n_positions=64, bos_token_id=0, eos_token_id=0)),
             "llama": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(
                 hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                intermediate_size=128, vocab_size=128, max_position_embeddings=64))}
+                intermediate_size=128, vocab_size=128, max_position_embeddings=64)),
+            "bert": lambda: transformers.BertForMaskedLM(transformers.BertConfig(
+                hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                vocab_size=128, max_position_embeddings=64))}
     torch.manual_seed(0)
     graphs = training_graphs(cfgs[name](), (), {"input_ids": torch.randint(0, 128, (2, 8))})
     assert {"forward", "backward"} <= {k for k, _ in graphs}
