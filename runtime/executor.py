@@ -15,10 +15,20 @@ from kiln.passes.memory import MemoryPlan, out_variant
 KERNEL, OUT, ATEN = "kernel", "out", "aten"
 # ATen ops that copy the whole storage of their first argument to keep its strides
 # (clone_preserve_strides): given a view of the arena or of the tier pool they would allocate
-# that much. The runtime hands them a compact copy of a contiguous view first (same strides, so
-# the same output type; as_strided_scatter is left alone: its offsets index the storage).
+# that much. The runtime hands them a compact copy of a dense view first (same strides, so the
+# same output type; as_strided_scatter is left alone: its offsets index the storage).
 STORAGE_CLONING = frozenset({"aten.slice_scatter.default", "aten.select_scatter.default",
                              "aten.diagonal_scatter.default"})
+
+
+def is_non_overlapping_and_dense(t: torch.Tensor) -> bool:
+    """The elements fill exactly numel() slots of memory, in some order of the dimensions."""
+    expected = 1
+    for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 class InputError(ValueError):
@@ -176,9 +186,10 @@ class CompiledGraph:
                 res = [self._run_out(k, views, get)]
             else:
                 a = map_values(args, get)
-                if what.op in STORAGE_CLONING and a and isinstance(a[0], torch.Tensor) and a[0].is_contiguous() \
-                        and a[0].untyped_storage().nbytes() > a[0].numel() * a[0].element_size():
-                    a = (a[0].clone(),) + tuple(a[1:])
+                if what.op in STORAGE_CLONING and a and isinstance(a[0], torch.Tensor) \
+                        and a[0].untyped_storage().nbytes() > a[0].numel() * a[0].element_size() \
+                        and is_non_overlapping_and_dense(a[0]):
+                    a = (a[0].clone(),) + tuple(a[1:])      # dense: the copy keeps its strides
                 r = run_aten(what, a, map_values(extra, get))
                 res = list(r) if isinstance(r, (tuple, list)) and len(outs) != 1 else [r]
             for (name, _), r in zip(outs, res):

@@ -165,3 +165,7 @@ def test_scatter_of_a_view_does_not_copy_the_whole_storage():
     res = CompiledGraph(g, {})(xs, s_)[0]
     torch.testing.assert_close(res, torch.ops.aten.slice_scatter.default(xs, s_, 1, 8, 16))
     assert res.untyped_storage().nbytes() == 32 * 4
+    xt = big[:32].view(16, 2).t()                 # dense but transposed: the copy keeps the strides
+    res = CompiledGraph(g, {})(xt, s_)[0]
+    torch.testing.assert_close(res, torch.ops.aten.slice_scatter.default(xt, s_, 1, 8, 16))
+    assert res.untyped_storage().nbytes() == 32 * 4 and res.stride() == xt.stride()
