@@ -269,12 +269,11 @@ def render(lk: LoopKernel) -> tuple[str, dict]:
             if nxt is None:
                 loop(final, tail, head)
             else:
-                L.append(f"{ind}if x + np.uint64(1) < np.uint64(hi):")
-                L += [ind * 2 + line for line in _decompose("(x + np.uint64(1))", lk.xsizes, "y")]
-                L.append(f"{ind * 2}{a0}_nx = {lit0}")
-                loop(final, tail + body0, head, base=2)
-                L.append(f"{ind}else:")
-                loop(final, tail, head, base=2)
+                # the last row of a chunk reads itself again instead (from L1; the result is unused)
+                L.append(f"{ind}xn = x + np.uint64(1) if x + np.uint64(1) < np.uint64(hi) else x")
+                L += [ind + line for line in _decompose("xn", lk.xsizes, "y")]
+                L.append(f"{ind}{a0}_nx = {lit0}")
+                loop(final, tail + body0, head)
         L += [ind + store(a) for a in lk.stores if a.space == "x"]
         passes = len(stages) + (final is not None)
     # enough rows per thread that each chunk carries at least GRAIN element-passes
