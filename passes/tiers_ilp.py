@@ -22,7 +22,7 @@ from .tiers import GreedyPlanner, Stay, TierPlan, assign_homes, register_planner
 
 LEADS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 TIME_UNIT = 1e-7        # seconds per integer time unit
-BYTE_UNIT = 1024        # capacity in KiB (sizes rounded up, capacities down: never optimistic)
+BYTE_UNIT = 256         # = tiers.ALIGN: padded sizes are multiples of it, so capacities are exact
 
 
 @register_planner("ilp")
