@@ -11,6 +11,7 @@ import torch
 from kiln.ir import Graph, Value, map_values
 from kiln.ir.ops import is_kernel_op, resolve, run as run_aten
 from kiln.passes.memory import MemoryPlan, out_variant
+from .host_alloc import empty_strided
 
 KERNEL, OUT, ATEN = "kernel", "out", "aten"
 # ATen ops that copy the whole storage of their first argument to keep its strides
@@ -150,7 +151,7 @@ class CompiledGraph:
         if isinstance(x, torch.Tensor) and x.dtype == t.dtype and x.stride() == t.strides \
                 and tuple(x.shape) == t.shape and x.device == device:
             return x
-        return torch.empty_strided(t.shape, t.strides, dtype=t.dtype, device=device)
+        return empty_strided(t.shape, t.strides, dtype=t.dtype, device=device)
 
     def __call__(self, *inputs) -> list[Any]:
         if self.check_inputs:
@@ -172,8 +173,8 @@ class CompiledGraph:
                 if extra and not views:         # no arena: the output takes the input's tensor
                     res = [self._in_place_tensor(env.get(extra.get(name)), t, device) for name, t in outs]
                 else:
-                    res = [views.get(name) if name in views else
-                           torch.empty_strided(t.shape, t.strides, dtype=t.dtype, device=device) for name, t in outs]
+                    res = [views.get(name) if name in views else      # on huge pages (host_alloc)
+                           empty_strided(t.shape, t.strides, dtype=t.dtype, device=device) for name, t in outs]
                 if res and res[0].numel() > 0:
                     if extra and first:         # the first launch may autotune (re-run) the kernel,
                         tmp = [torch.empty_like(r) for r in res]   # so it writes elsewhere once
