@@ -19,7 +19,7 @@ _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb
 def parse_bytes(value: Any, what: str = "memory_budget", rate: bool = False) -> int:
     """'6GiB', '512MB', 1<<30 -> bytes (``rate``: bytes per second, '25GB/s' too). Rejects
     negative, zero, infinite or unparsable values with a one-line error naming what works."""
-    example = "25e9 or '25GB/s'" if rate else "6442450944 or '6GiB'"
+    example = "25000000000 or '25GB/s'" if rate else "6442450944 or '6GiB'"
     kind = "bytes per second" if rate else "bytes"
     if isinstance(value, bool):
         raise ValueError(f"{what}: expected {kind} (a number) or a string like {example.split(' or ')[1]}, "
@@ -27,7 +27,7 @@ def parse_bytes(value: Any, what: str = "memory_budget", rate: bool = False) -> 
     if isinstance(value, (int, float)):
         n = value
     elif isinstance(value, str):
-        m = re.fullmatch(r"\s*([-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([a-zA-Z]*)\s*" + (r"(?:/\s*s\s*)?" if rate else ""),
+        m = re.fullmatch(r"\s*([-+]?[0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*" + (r"(?:/\s*s\s*)?" if rate else ""),
                          value)
         if not m or m.group(2).lower() not in _UNITS:
             raise ValueError(f"{what}: cannot parse {value!r}; use {kind}, e.g. {example} "
