@@ -131,6 +131,7 @@ def mark_weight_inputs(g: Graph, kind: str, params=(), pair: dict | None = None)
     budget (``meta['spill_outputs']``; see note_host_outputs), and the backward plans those
     saved tensors (``meta['host_inputs']``) like weights: on the device only when read."""
     pair = {} if pair is None else pair
+    g.meta["graph_kind"] = kind                 # named in budget errors (a training step has two graphs)
     if kind != "backward":
         g.meta["weight_inputs"] = _parameter_inputs(g, params)
         if kind == "forward":

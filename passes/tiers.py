@@ -365,11 +365,13 @@ def smallest_budget(problem: Problem) -> int:
     return max(problem.min_budget(), max(problem.fixed_bytes, default=0) + pack(problem, plan)[1])
 
 
-def budget_error(problem: Problem, budget: int, need: int | None = None, what: str = "memory_budget") -> BudgetError:
+def budget_error(problem: Problem, budget: int, need: int | None = None, what: str = "memory_budget",
+                 graph: str | None = None) -> BudgetError:
     need = smallest_budget(problem) if need is None else need
     fp = problem.fixed_parts
+    which = f"this {graph} graph" if graph in ("forward", "backward") else "this graph"
     return BudgetError(
-        f"{what} {fmt_bytes(budget)} ({budget} B) is too small for this graph: the smallest budget "
+        f"{what} {fmt_bytes(budget)} ({budget} B) is too small for {which}: the smallest budget "
         f"that would work is {fmt_bytes(need)} ({need} B; activations, arena and inputs take "
         f"{fmt_bytes(max(problem.fixed_bytes, default=0))} at step {fp.get('peak_step', 0)}, the rest is "
         f"weights one step reads at once); use memory_budget >= {need}")
@@ -546,7 +548,7 @@ def map_tiers(g: Graph, options=None) -> Graph:
     if smallest_budget(problem) > budget:
         choose_spills(problem, 0)               # the least memory spilling can reach
         if smallest_budget(problem) > budget:
-            raise budget_error(problem, budget, what=what)
+            raise budget_error(problem, budget, what=what, graph=g.meta.get("graph_kind"))
     planner = get_planner(getattr(options, "planner", "greedy"))
     if hasattr(planner, "time_limit") and getattr(options, "ilp_time_limit", None):
         planner.time_limit = options.ilp_time_limit
@@ -564,7 +566,7 @@ def map_tiers(g: Graph, options=None) -> Graph:
         homes = assign_homes(problem, tiers)
         plan = on_demand(problem, homes)            # the least memory any plan needs
         if fixed + pack(problem, plan)[1] > budget:
-            raise budget_error(problem, budget, what=what)
+            raise budget_error(problem, budget, what=what, graph=g.meta.get("graph_kind"))
     g2 = g.copy()
     g2.meta["tier_problem"] = problem           # not serialised (no to_dict): the schedule carries what runs
     g2.meta["tier_plan"] = plan

@@ -8,6 +8,7 @@ their last read instead of being held on the device to the end of the call."""
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -105,6 +106,7 @@ def test_training_smallest_budget_is_named_and_works(runtimes):
                 cause = getattr(cause, "inner_exception", None) or cause.__cause__
             assert cause is not None, e
             assert "smallest budget that would work" in str(cause) and "\n" not in str(cause)
+            assert re.search(r"too small for this (forward|backward) graph", str(cause)), str(cause)
             budget = smallest_budget(cause)
             named.append(budget)
     else:
