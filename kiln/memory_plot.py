@@ -24,6 +24,10 @@ def describe(schedule) -> str:
              f"for good {_mib(s['warmup_bytes'])}",
              f"per call: {_mib(s['transfer_bytes'])} moved, simulated {s['time_s'] * 1e3:.3f} ms "
              f"(compute {s['compute_s'] * 1e3:.3f} ms, stalls {s['stall_s'] * 1e3:.3f} ms)"]
+    spills = getattr(schedule, "spills", ())
+    if spills:
+        lines.append(f"outputs handed to the host after their last read: {len(spills)} "
+                     f"({_mib(sum(nb for _, _, nb, _ in spills))}; host total includes them)")
     return "\n".join(lines)
 
 
