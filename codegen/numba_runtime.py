@@ -6,15 +6,15 @@ kernel module calls ``parallel_for`` here, which runs the kernel on up to ``thre
 of a small pool (the caller is one of them), several chunks per thread, so a thread that starts
 late or loses its core for a while costs one chunk, not half the kernel.
 
-The threads are kiln's own daemon threads, waiting on plain locks (a futex each way, no Future
-or queue per launch); the launcher waits for finished chunks, never for a thread that has not
-started. ``KILN_CPU_POOL=omp`` runs the chunks on PyTorch's own OpenMP team instead
-(``GOMP_parallel`` of the libgomp torch loaded, through a ctypes callback): no separate thread
-shares a core with an OpenMP thread still spinning after an eager op, but GOMP_parallel ends
-in a barrier, so on a machine where other processes hold the cores a launch waits for a
-descheduled team thread (measured on 2 shared cores: kiln's median 8-12 ms where the own pool
-gave 2.4-5 ms, fp32 4096x2048 softmax/RMSNorm/GELU; eager and Inductor showed the same
-8-50 ms stalls).
+Two teams can run the chunks. PyTorch's own OpenMP team (``GOMP_parallel`` of the libgomp
+torch loaded, through a ctypes callback): after an eager op its threads spin for a while
+waiting for more work, so they start at once, where a separate kiln thread would share a core
+with a spinning one; but GOMP_parallel ends in a barrier, so when other processes hold the
+cores a launch waits for a descheduled team thread (measured on 2 shared cores: medians of
+8-12 ms, fp32 4096x2048 softmax/RMSNorm/GELU, as eager's and Inductor's own stalls). Or kiln's
+own daemon threads, waiting on plain locks (a futex each way, no Future or queue per launch),
+where the launcher waits for finished chunks, never for a thread that has not started (2.4-5 ms
+medians under the same load). PoolChoice picks per kernel by measured launch time.
 
 Serial kernels compile about twice as fast as numba's ``parallel=True`` (no parfor lowering,
 no gufunc wrapper) and this keeps the thread count and the grain under kiln's control: ``torch.get_num_threads()`` threads, as eager
@@ -100,7 +100,7 @@ def _openmp():
     if _omp is None:
         _omp = False
         try:
-            if os.environ.get("KILN_CPU_POOL", "threads") == "omp" and \
+            if os.environ.get("KILN_CPU_POOL", "auto") in ("auto", "omp") and \
                     "parallel backend: OpenMP" in _torch.__config__.parallel_info():
                 path = os.path.join(os.path.dirname(_torch.__file__), "lib", "libgomp.so.1")
                 with open("/proc/self/maps") as f:
@@ -141,32 +141,20 @@ def same_memory(a, b) -> bool:
     return a.__array_interface__["data"][0] == b.__array_interface__["data"][0] and a.size > 0
 
 
-def parallel_for(kernel, rows: int, min_rows: int, *args) -> None:
-    """Run ``kernel`` over rows ``[0, rows)`` on up to ``threads()`` threads, each taking chunks of
-    at least ``min_rows`` rows (about CHUNKS_PER_THREAD per thread) until none is left; return
-    when every chunk is done. A launch while another one is handing out work (from another
-    Python thread) runs on its caller alone."""
-    if not kernel.overloads:
-        _first_call(kernel, args)
-    ctr = np.zeros(2, np.int64)           # chunks taken, chunks done
-    n = min(threads(), rows // max(min_rows, 1))
-    if n <= 1:
-        kernel(ctr, rows, rows, *args)
-        return
-    chunk = max(min_rows, -(-rows // (n * CHUNKS_PER_THREAD)))
-    omp = _openmp()
-    if omp:
-        key, errors = next(_omp_keys), []
-        _omp_jobs[key] = (kernel, (ctr, chunk, rows, *args), errors)
-        try:
-            omp(_OMP_BODY, key, n, 0)       # ctypes releases the GIL; each thread takes it to dispatch
-        finally:
-            del _omp_jobs[key]
-        if errors:
-            raise errors[0]
-        return
+def _run_omp(omp, kernel, n, job) -> None:
+    key, errors = next(_omp_keys), []
+    _omp_jobs[key] = (kernel, job, errors)
+    try:
+        omp(_OMP_BODY, key, n, 0)           # ctypes releases the GIL; each thread takes it to dispatch
+    finally:
+        del _omp_jobs[key]
+    if errors:
+        raise errors[0]
+
+
+def _run_own(kernel, n, job, rows, chunk) -> None:
     if not _busy.acquire(blocking=False):
-        kernel(ctr, rows, rows, *args)
+        kernel(job[0], rows, rows, *job[3:])
         return
     try:
         while len(_workers) < n - 1:
@@ -177,9 +165,9 @@ def parallel_for(kernel, rows: int, min_rows: int, *args) -> None:
                 raise e
         team = [w for w in _workers if w.idle][:n - 1]
         for w in team:
-            w.start(kernel, (ctr, chunk, rows, *args))
-        kernel(ctr, chunk, rows, *args)
-        nchunks = -(-rows // chunk)
+            w.start(kernel, job)
+        kernel(*job)
+        ctr, nchunks = job[0], -(-rows // chunk)
         while ctr[1] < nchunks:             # chunks another thread took are still running
             failed = next((w for w in team if w.error is not None), None)
             if failed is not None:
@@ -188,3 +176,69 @@ def parallel_for(kernel, rows: int, min_rows: int, *args) -> None:
             time.sleep(0)
     finally:
         _busy.release()
+
+
+class PoolChoice:
+    """Which team runs a kernel's launches, by their measured wall time: a decayed average per
+    team, the faster one used, the other re-tried every EXPLORE-th launch (so a change of load
+    is noticed). On a quiet machine PyTorch's OpenMP team wins (its threads are already awake
+    after an eager op, and kiln's thread would share a core with one spinning); when other
+    processes hold the cores its closing barrier waits for descheduled threads (8-12 ms stalls
+    measured) and kiln's own pool wins."""
+    EXPLORE = 16
+    DECAY = 0.25
+
+    def __init__(self):
+        self.avg = {"omp": 0.0, "own": 0.0}
+        self.calls = 0
+
+    def pick(self) -> str:
+        self.calls += 1
+        untried = [k for k, v in self.avg.items() if v == 0.0]
+        if untried:
+            return untried[0]
+        best = min(self.avg, key=self.avg.get)
+        if self.calls % self.EXPLORE == 0:
+            return "own" if best == "omp" else "omp"
+        return best
+
+    def record(self, team: str, seconds: float) -> None:
+        a = self.avg[team]
+        self.avg[team] = seconds if a == 0.0 else a + self.DECAY * (seconds - a)
+
+
+_choices: dict = {}
+
+
+def parallel_for(kernel, rows: int, min_rows: int, *args) -> None:
+    """Run ``kernel`` over rows ``[0, rows)`` on up to ``threads()`` threads, each taking chunks of
+    at least ``min_rows`` rows (about CHUNKS_PER_THREAD per thread) until none is left; return
+    when every chunk is done. The team is PyTorch's OpenMP team or kiln's own pool, chosen per
+    kernel by PoolChoice (``KILN_CPU_POOL=omp|threads`` forces one). A launch while another one
+    is handing out work to the own pool (from another Python thread) runs on its caller alone."""
+    if not kernel.overloads:
+        _first_call(kernel, args)
+    ctr = np.zeros(2, np.int64)           # chunks taken, chunks done
+    n = min(threads(), rows // max(min_rows, 1))
+    if n <= 1:
+        kernel(ctr, rows, rows, *args)
+        return
+    chunk = max(min_rows, -(-rows // (n * CHUNKS_PER_THREAD)))
+    job = (ctr, chunk, rows, *args)
+    omp = _openmp()
+    if not omp or os.environ.get("KILN_CPU_POOL") == "threads":
+        _run_own(kernel, n, job, rows, chunk)
+        return
+    if os.environ.get("KILN_CPU_POOL") == "omp":
+        _run_omp(omp, kernel, n, job)
+        return
+    choice = _choices.get(kernel)
+    if choice is None:
+        choice = _choices[kernel] = PoolChoice()
+    team = choice.pick()
+    t0 = time.perf_counter()
+    if team == "omp":
+        _run_omp(omp, kernel, n, job)
+    else:
+        _run_own(kernel, n, job, rows, chunk)
+    choice.record(team, time.perf_counter() - t0)

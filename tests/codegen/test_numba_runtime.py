@@ -1,0 +1,48 @@
+"""The numba kernels' host runtime (codegen/numba_runtime.py): chunked launches give eager's
+result on each team (PyTorch's OpenMP team, kiln's own pool, the adaptive choice), and the
+choice follows measured launch times."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.fx.experimental.proxy_tensor import make_fx
+
+import kiln
+from kiln.api import compile_graph
+from kiln.codegen import numba_runtime
+from kiln.codegen.numba_runtime import PoolChoice
+from kiln.ir.capture import from_fx
+from kiln.ir.decompose import decomposition_table
+
+
+def test_choice_follows_the_faster_team_and_keeps_trying_the_other():
+    c = PoolChoice()
+    picks = []
+    for _ in range(64):
+        t = c.pick()
+        picks.append(t)
+        c.record(t, 0.001 if t == "omp" else 0.003)
+    assert picks[:2] == ["omp", "own"]
+    assert picks.count("omp") > 56 and 0 < picks[2:].count("own") <= 64 // PoolChoice.EXPLORE
+    for _ in range(64):                 # the OpenMP team starts stalling (another process took a core)
+        t = c.pick()
+        c.record(t, 0.010 if t == "omp" else 0.003)
+    assert [c.pick() for _ in range(8)].count("own") >= 7
+
+
+@pytest.mark.parametrize("pool", ["auto", "omp", "threads"])
+def test_multithreaded_launch_matches_eager(pool, monkeypatch):
+    if numba_runtime.threads() < 2:
+        pytest.skip("one CPU: launches run on the caller alone")
+    monkeypatch.setenv("KILN_CPU_POOL", pool)
+
+    def f(x, b):
+        return torch.softmax(x * 2, -1), torch.nn.functional.gelu(x + b)
+    x, b = torch.randn(4096, 64), torch.randn(64)
+    gm = make_fx(f, decomposition_table=decomposition_table())(x, b)
+    compiled, _ = compile_graph(from_fx(gm), kiln.Options(target="cpu"))
+    want = f(x, b)
+    for _ in range(20):                 # enough launches for the adaptive choice to try both teams
+        got = compiled(x, b)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)     # gelu: erf32 is 4e-7 absolute
