@@ -180,31 +180,41 @@ def _run_own(kernel, n, job, rows, chunk) -> None:
 
 class PoolChoice:
     """Which team runs a kernel's launches, by their measured wall time: a decayed average per
-    team, the faster one used, the other re-tried every EXPLORE-th launch (so a change of load
-    is noticed). On a quiet machine PyTorch's OpenMP team wins (its threads are already awake
-    after an eager op, and kiln's thread would share a core with one spinning); when other
-    processes hold the cores its closing barrier waits for descheduled threads (8-12 ms stalls
-    measured) and kiln's own pool wins."""
-    EXPLORE = 16
+    team, the faster one used, the other re-tried now and then (every EXPLORE-th launch, the
+    interval doubling up to MAX_EXPLORE while it keeps losing) so a change of load is noticed.
+    On a quiet machine PyTorch's OpenMP team wins (its threads are already awake after an eager
+    op, and kiln's thread would share a core with one spinning); when other processes hold the
+    cores its closing barrier waits for descheduled threads (8-12 ms stalls measured) and
+    kiln's own pool wins."""
+    EXPLORE, MAX_EXPLORE = 16, 256
     DECAY = 0.25
 
     def __init__(self):
         self.avg = {"omp": 0.0, "own": 0.0}
+        self.interval, self.next = self.EXPLORE, self.EXPLORE
         self.calls = 0
+
+    def best(self) -> str:
+        return min(self.avg, key=self.avg.get)
 
     def pick(self) -> str:
         self.calls += 1
         untried = [k for k, v in self.avg.items() if v == 0.0]
         if untried:
             return untried[0]
-        best = min(self.avg, key=self.avg.get)
-        if self.calls % self.EXPLORE == 0:
+        best = self.best()
+        if self.calls >= self.next:
             return "own" if best == "omp" else "omp"
         return best
 
     def record(self, team: str, seconds: float) -> None:
+        explored = self.calls >= self.next and 0.0 not in self.avg.values() and team != self.best()
         a = self.avg[team]
         self.avg[team] = seconds if a == 0.0 else a + self.DECAY * (seconds - a)
+        if explored:
+            lost = team != self.best()
+            self.interval = min(self.interval * 2, self.MAX_EXPLORE) if lost else self.EXPLORE
+            self.next = self.calls + self.interval
 
 
 _choices: dict = {}
