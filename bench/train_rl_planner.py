@@ -1,7 +1,7 @@
 """Train the RL tier planner's policy on generated problems (CPU, minutes) and write the weights
 kiln ships (passes/data/rl_planner.pt):
 
-    PYTHONPATH=$PWD python bench/train_rl_planner.py [--minutes 12] [--workers 2] [--out PATH]
+    PYTHONPATH=$PWD python bench/train_rl_planner.py [--minutes 3] [--workers 1] [--out PATH] [--calibrate]
 
 1. Imitation: the policy learns to pick FOLLOW (greedy's own choice) from games played by greedy,
    so the argmax agent starts out as good as greedy.
@@ -208,8 +208,8 @@ def main():
     import torch
     from kiln.passes.tiers_rl import N_ACTFEAT, N_STATE, WEIGHTS, make_policy
     ap = argparse.ArgumentParser()
-    ap.add_argument("--minutes", type=float, default=12.0)
-    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--minutes", type=float, default=3.0)
+    ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--batch", type=int, default=16, help="problems per policy-gradient step")
     ap.add_argument("--states", type=int, default=4, help="states scored per problem")
     ap.add_argument("--lr", type=float, default=3e-3)
@@ -221,7 +221,7 @@ def main():
     ap.add_argument("--smooth", type=float, default=0.05, help="label smoothing of the imitation phase")
     ap.add_argument("--margin", type=float, default=1e-3, help="api: gain over the argmax that counts")
     ap.add_argument("--entropy", type=float, default=0.01)
-    ap.add_argument("--eval-every", type=int, default=10)
+    ap.add_argument("--eval-every", type=int, default=5)
     ap.add_argument("--out", default=WEIGHTS)
     ap.add_argument("--calibrate", action="store_true", help="calibrate follow_margin after training")
     ap.add_argument("--calibrate-only", action="store_true", help="only calibrate the weights at --out")
