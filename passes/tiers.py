@@ -542,8 +542,8 @@ def map_tiers(g: Graph, options=None) -> Graph:
     budget = min(x for x in (getattr(options, "memory_budget", None), dev_cap, 2**62) if x is not None)
     what = "memory_budget" if budget == getattr(options, "memory_budget", None) else "the device tier's capacity"
     problem = build_problem(g, device)
-    if g.meta.get("spill_outputs"):             # a training forward: what it saves goes to the host
-        problem.spill(list(problem.spillable))
+    if g.meta.get("spill_outputs") and step_bytes(problem) > budget:
+        problem.spill(list(problem.spillable))  # a training forward: what it saves goes to the host
     choose_spills(problem, budget)
     if smallest_budget(problem) > budget:
         choose_spills(problem, 0)               # the least memory spilling can reach
@@ -573,6 +573,15 @@ def map_tiers(g: Graph, options=None) -> Graph:
     g2.meta["tier_tiers"] = tiers
     g2.meta["tier_budget"] = budget
     return g2
+
+
+def step_bytes(problem: Problem) -> int:
+    """A training forward's estimate of its whole step on the device at once: its own peak, all
+    it saves for the backward, and its weights twice (the backward's gradients). A budget that
+    holds this keeps the saved tensors on the device; a smaller one sends them to the host tier
+    (the backward loads each when it reads it)."""
+    return int(max(problem.fixed_bytes, default=0) + sum(v[0] for v in problem.spillable.values())
+               + 2 * sum(it.padded for it in problem.items))
 
 
 def choose_spills(problem: Problem, budget: int) -> list[str]:
