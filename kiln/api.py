@@ -94,8 +94,9 @@ def make_report(g: Graph, kernels: dict, n_nodes: int, timings, kind: str, targe
 
 class _ShapeSpecialized:
     """For graphs Dynamo hands over with symbolic shapes: compile once per concrete signature."""
-    def __init__(self, gm, options, kind):
+    def __init__(self, gm, options, kind, params=(), pair: dict | None = None):
         self.gm, self.options, self.kind = gm, options, kind
+        self.params, self.pair = params, {} if pair is None else pair
         self.cache: dict = {}
 
     def __call__(self, *args):
@@ -104,17 +105,36 @@ class _ShapeSpecialized:
         if fn is None:
             gm = retrace(self.gm, list(args))
             tensor_args = [a for a in args]
-            fn, _ = compile_graph(from_fx(gm), self.options, self.kind)
+            g = from_fx(gm)
+            names = self._names(g)
+            mark_weight_inputs(g, self.kind, self.params, self.pair, names)
+            fn, _ = compile_graph(g, self.options, self.kind)
+            if self.kind == "forward":
+                note_host_outputs(getattr(fn, "graph", g), self.pair, names)
             self.cache[key] = fn
             del tensor_args
         return fn(*args)
 
+    def _names(self, g: Graph) -> dict | None:
+        """Retracing renames the placeholders (argN_1) and may rename outputs: AOTAutograd's names,
+        which pair a forward's saved outputs with its backward's inputs, are the symbolic graph's,
+        at the same positions. Retraced name -> original name (None if the counts differ)."""
+        import torch.fx as fx
+        nodes = list(self.gm.graph.nodes)
+        if self.kind == "backward":
+            orig, mine = [n.name for n in nodes if n.op == "placeholder"], [v.name for v in g.inputs]
+        else:
+            out = next(n for n in reversed(nodes) if n.op == "output").args[0]
+            flat = out if isinstance(out, (list, tuple)) else [out]
+            orig, mine = [a.name for a in flat if isinstance(a, fx.Node)], [v.name for v in g.output_values()]
+        return dict(zip(mine, orig)) if len(orig) == len(mine) else None
+
 
 def _compile_fx(gm, example_inputs, kind, options: Options, params=(), pair: dict | None = None):
-    if is_symbolic(gm):
-        return _ShapeSpecialized(gm, options, kind)
-    g = from_fx(gm)
     pair = {} if pair is None else pair
+    if is_symbolic(gm):
+        return _ShapeSpecialized(gm, options, kind, params, pair)
+    g = from_fx(gm)
     mark_weight_inputs(g, kind, params, pair)
     compiled, _ = compile_graph(g, options, kind)
     if kind == "forward":
@@ -122,14 +142,16 @@ def _compile_fx(gm, example_inputs, kind, options: Options, params=(), pair: dic
     return compiled
 
 
-def mark_weight_inputs(g: Graph, kind: str, params=(), pair: dict | None = None) -> None:
+def mark_weight_inputs(g: Graph, kind: str, params=(), pair: dict | None = None, names: dict | None = None) -> None:
     """``g.meta['weight_inputs']``: the inputs that are weights, which the tier planner may keep
     off the device. Forward and inference graphs: the module's parameters. A backward graph reads
     the weights as saved tensors (a parameter or a view of it, such as its transpose) that the
     forward of the same ``pair`` returned; their names carry over from the forward's outputs.
     A training forward also hands what it saves for the backward to the host tier under a
     budget (``meta['spill_outputs']``; see note_host_outputs), and the backward plans those
-    saved tensors (``meta['host_inputs']``) like weights: on the device only when read."""
+    saved tensors (``meta['host_inputs']``) like weights: on the device only when read.
+    ``names``: AOTAutograd's names for this graph's outputs (forward) or inputs (backward) where
+    they differ (a retraced graph)."""
     pair = {} if pair is None else pair
     g.meta["graph_kind"] = kind                 # named in budget errors (a training step has two graphs)
     if kind != "backward":
@@ -137,21 +159,21 @@ def mark_weight_inputs(g: Graph, kind: str, params=(), pair: dict | None = None)
         if kind == "forward":
             from kiln.passes.tiers import weight_views
             types = {v.name: v.type for v in g.output_values()}
-            pair["weight_views"] = {name: types[name] for name in weight_views(g)}
+            pair["weight_views"] = {(names or {}).get(name, name): types[name] for name in weight_views(g)}
             g.meta["spill_outputs"] = True
     else:
-        saved = pair.get("weight_views", {})
-        g.meta["weight_inputs"] = [v.name for v in g.inputs if v.name in saved and saved[v.name] == v.type]
-        host = pair.get("host_outputs", {})
-        g.meta["host_inputs"] = [v.name for v in g.inputs if v.name in host and host[v.name] == v.type]
+        saved, host = pair.get("weight_views", {}), pair.get("host_outputs", {})
+        key = lambda v: (names or {}).get(v.name, v.name)  # noqa: E731
+        g.meta["weight_inputs"] = [v.name for v in g.inputs if saved.get(key(v), False) == v.type]
+        g.meta["host_inputs"] = [v.name for v in g.inputs if host.get(key(v), False) == v.type]
 
 
-def note_host_outputs(g: Graph, pair: dict) -> None:
+def note_host_outputs(g: Graph, pair: dict, names: dict | None = None) -> None:
     """After a training forward compiles: which of its outputs its tier schedule hands to the
     host tier (the backward receives them there, under the same names)."""
     sched = g.meta.get("cache_schedule")
-    spilled = {name for _, _, _, names in (sched.spills if sched is not None else ()) for name in names}
-    pair["host_outputs"] = {v.name: v.type for v in g.output_values() if v.name in spilled}
+    spilled = {x for _, _, _, xs in (sched.spills if sched is not None else ()) for x in xs}
+    pair["host_outputs"] = {(names or {}).get(v.name, v.name): v.type for v in g.output_values() if v.name in spilled}
 
 
 def _parameter_inputs(g: Graph, params=()) -> list[str]:
