@@ -191,6 +191,7 @@ class PoolChoice:
 
     def __init__(self):
         self.avg = {"omp": 0.0, "own": 0.0}
+        self.seen: set[str] = set()     # a team's first launch (thread start-up) is not timed
         self.interval, self.next = self.EXPLORE, self.EXPLORE
         self.calls = 0
 
@@ -208,9 +209,13 @@ class PoolChoice:
         return best
 
     def record(self, team: str, seconds: float) -> None:
+        if team not in self.seen:
+            self.seen.add(team)
+            return
         explored = self.calls >= self.next and 0.0 not in self.avg.values() and team != self.best()
         a = self.avg[team]
-        self.avg[team] = seconds if a == 0.0 else a + self.DECAY * (seconds - a)
+        # a re-try replaces that team's stale estimate; the team in use is averaged
+        self.avg[team] = seconds if a == 0.0 or explored else a + self.DECAY * (seconds - a)
         if explored:
             lost = team != self.best()
             self.interval = min(self.interval * 2, self.MAX_EXPLORE) if lost else self.EXPLORE
