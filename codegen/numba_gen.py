@@ -124,19 +124,19 @@ def _stash(lk: LoopKernel, stages, final):
     return var, buf, new_final
 
 
-def _next_row_stage(stages, final, stash) -> bool | None:
+def _next_row_stage(stages, final, stash) -> bool:
     """Can row x + 1's first reduction pass run inside row x's final pass? The first pass reads
     the row from memory (the later ones find it in L1), so on its own it waits on DRAM while the
     final pass only computes; run together, the next row's loads overlap the current row's
-    arithmetic (softmax: 3.06 -> 2.55 ms on one core, fp32 4096x2048). Only when that pass
-    depends on nothing but its own loads (no per-row values), and is not where the stash is
-    written. Returns True or None."""
+    arithmetic (softmax 2.91 -> 2.22 ms, add+RMSNorm 2.61 -> 2.53 ms on one core, fp32
+    4096x2048). Only when that pass depends on nothing but its own loads (no per-row values),
+    and is not where the stash is written."""
     if final is None or not stages or (stash is not None and len(stages) == 1):
-        return None
+        return False
     st0 = stages[0]
     own = {a.var for a in st0.loop_loads} | {s.var for s in st0.loop_stmts}
     used = {r for s in st0.loop_stmts for r in refs(s.expr)} | {st0.reduce.expr.src}
-    return True if used <= own else None
+    return used <= own
 
 
 def _in_place_pairs(lk: LoopKernel) -> list[tuple[int, int]]:
@@ -164,9 +164,9 @@ def render(lk: LoopKernel) -> tuple[str, dict]:
     rvars = [f"r{i}" for i in range(len(lk.rsizes))]
     ind = "    "
 
-    def load(a):
-        v = f"in{a.arg}[{_addr(a, xvars, rvars)}]"
-        return f"{a.var} = {NP[compute_dtype(a.dtype)]}({v})" if a.dtype in NP else f"{a.var} = {v}"
+    def load(a, xs=None, suffix=""):
+        v = f"in{a.arg}[{_addr(a, xvars if xs is None else xs, rvars)}]"
+        return f"{a.var}{suffix} = {NP[compute_dtype(a.dtype)]}({v})" if a.dtype in NP else f"{a.var}{suffix} = {v}"
 
     def store(a, into=None):
         return f"{into or f'out{a.arg}'}[{_addr(a, xvars, rvars)}] = {a.var}"
@@ -232,7 +232,7 @@ def render(lk: LoopKernel) -> tuple[str, dict]:
                     "any": f"{a} = {a} | {src}", "all": f"{a} = {a} & {src}"}[rd.kind]
 
         nxt = _next_row_stage(stages, final, stash)
-        if nxt is not None:
+        if nxt:
             # the first reduction of row x + 1 runs inside row x's final pass (see _next_row_stage)
             st0, rd0 = stages[0], stages[0].reduce.expr
             yvars = [f"y{i}" for i in range(len(lk.xsizes))]
@@ -242,8 +242,7 @@ def render(lk: LoopKernel) -> tuple[str, dict]:
             def renamed(line: str) -> str:
                 return ren.sub(lambda m: m.group(1) + "_nx", line)
             a0, lit0 = st0.reduce.var, rnd.literal(Const(neutral(rd0.kind, rd0.acc_dtype), rd0.acc_dtype))
-            body0 = [f"{a.var}_nx = " + load(a).split(" = ", 1)[1].replace(_addr(a, xvars, rvars), _addr(a, yvars, rvars))
-                     for a in st0.loop_loads] + [renamed(stmt(s)) for s in st0.loop_stmts] + \
+            body0 = [load(a, yvars, "_nx") for a in st0.loop_loads] + [renamed(stmt(s)) for s in st0.loop_stmts] + \
                 [renamed(update(rd0, a0, rd0.src))]
             first = [f"{a0}_nx = {lit0}", "if np.uint64(lo) < np.uint64(hi):"]
             first += [ind + line for line in _decompose("np.uint64(lo)", lk.xsizes, "y")]
@@ -253,7 +252,7 @@ def render(lk: LoopKernel) -> tuple[str, dict]:
         for i, st in enumerate(stages):
             rd: Reduce = st.reduce.expr
             a = st.reduce.var
-            if nxt is not None and i == 0:
+            if nxt and i == 0:
                 L.append(f"{ind}{a} = {a}_nx")
             else:
                 L.append(f"{ind}{a} = {rnd.literal(Const(neutral(rd.kind, rd.acc_dtype), rd.acc_dtype))}")
@@ -266,7 +265,7 @@ def render(lk: LoopKernel) -> tuple[str, dict]:
         if final is not None:
             tail = [store(a) for a in lk.stores if a.space == "xr"]
             head = [stash_load] if stash is not None else []
-            if nxt is None:
+            if not nxt:
                 loop(final, tail, head)
             else:
                 # the last row of a chunk reads itself again instead (from L1; the result is unused)
