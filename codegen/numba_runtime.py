@@ -74,6 +74,8 @@ class _Worker:
 
 _workers: list[_Worker] = []
 _busy = threading.Lock()          # one launch at a time hands out work; others run serially
+if hasattr(os, "register_at_fork"):                 # a forked child has none of these threads
+    os.register_at_fork(after_in_child=_workers.clear)
 _CPUS = None
 _torch = None
 
