@@ -110,14 +110,14 @@ def load(k: Kernel) -> None:
 
 
 def _math_launcher(a: dict):
-    """The exact math of kiln.ir.attention_op (the cpu target, and the fallback)."""
-    from kiln.ir.attention_op import attention_backward_math, attention_math
+    """kiln.ir.attention_op's forward and backward (the cpu target, and the fallback)."""
+    from kiln.ir.attention_op import attention_backward_math, attention_forward
     params = (a["scale"], a["causal"], a["causal_offset"], float(a["fill"]))
 
     def launch(inputs, outputs):
         ts = _views(inputs, a["views"])
         if a["kind"] == "forward":
-            res = attention_math(*ts[:3], ts[3] if len(ts) > 3 else None, *params)
+            res = attention_forward(*ts[:3], ts[3] if len(ts) > 3 else None, *params)
         else:
             dout, q, kk, v, o, lse = ts[:6]
             res = attention_backward_math(dout, q, kk, v, ts[6] if len(ts) > 6 else None, o, lse, *params)

@@ -62,6 +62,32 @@ def attention_math(q, k, v, mask=None, scale=1.0, causal=False, causal_offset=0,
     return out.to(q.dtype), lse.float()
 
 
+def attention_forward(q, k, v, mask=None, scale=1.0, causal=False, causal_offset=0, fill=float("-inf")):
+    """What the cpu target runs: ATen's CPU flash-attention kernel (it returns the same
+    log-sum-exp) where it computes the same thing, else the math above (its score tensor makes
+    it several times slower than eager's softmax on the CPU). Same thing: no mask, or a keep-mask
+    whose fill is -inf (as an additive 0/-inf mask; a row with no key gives zeros there too, its
+    lse set to +inf here); causal aligned top-left. One difference, as in eager: kept scores
+    below FLOOR are not raised to it, which matters only for a row whose every kept score is
+    below -1e4."""
+    if q.device.type == "cpu" and (not causal or causal_offset == 0) \
+            and (mask is None or (mask.dtype == torch.bool and fill == float("-inf"))) \
+            and q.dtype in (torch.float32, torch.bfloat16) and k.dtype == v.dtype == q.dtype \
+            and q.shape[-1] == v.shape[-1] and q.shape[2] > 0 and k.shape[2] > 0:
+        h = q.shape[1]
+        bias = None if mask is None else torch.zeros((), dtype=q.dtype).masked_fill(~mask, float("-inf"))
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, _expand_heads(k, h), _expand_heads(v, h), 0.0, bool(causal), attn_mask=bias, scale=float(scale))
+        lse = lse.float()
+        if mask is not None:
+            keep = mask.broadcast_to((*q.shape[:3], k.shape[2]))
+            if causal:
+                keep = keep & torch.ones(q.shape[2], k.shape[2], dtype=torch.bool).tril()
+            lse = lse.masked_fill(~keep.any(-1), float("inf"))
+        return out, lse
+    return attention_math(q, k, v, mask, scale, causal, causal_offset, fill)
+
+
 def attention_backward_math(dout, q, k, v, mask, out, lse, scale, causal, causal_offset, fill):
     """Reference backward: (dq, dk, dv); key/value gradients summed over the query heads that share them."""
     h, hkv = q.shape[1], k.shape[1]
@@ -92,7 +118,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: fl
               causal_offset: int, fill: float, out_bshd: bool = False) -> tuple[Tensor, Tensor]:
     """``out_bshd``: the output's memory holds [B, S, H, D] (as FlashAttention's), so a graph
     traced with that layout (a following transpose + view) stays valid."""
-    out, lse = attention_math(q, k, v, mask, scale, causal, causal_offset, fill)
+    out, lse = attention_forward(q, k, v, mask, scale, causal, causal_offset, fill)
     return _out(q, v, out_bshd).copy_(out), lse.contiguous()
 
 

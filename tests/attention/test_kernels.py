@@ -116,3 +116,25 @@ def test_training_step_naive_module(target, tmp_path):
     kinds = {json.loads(line)["graph_kind"]: [k["target"] for k in json.loads(line)["kernels"]
                                               if k["kind"] == "attention"] for line in report.read_text().splitlines()}
     assert kinds == {"forward": [target], "backward": [target]}
+
+
+@pytest.mark.parametrize("mask", [None, "bool", "bool_empty_row"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_cpu_forward_is_aten_flash_where_it_agrees(mask, causal, monkeypatch):
+    """The cpu target's forward runs ATen's CPU flash kernel for no mask / -inf keep-masks:
+    output and log-sum-exp (+inf for a row with no key) as the float64 math gives them."""
+    from kiln.ir import attention_op
+    calls = []
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    monkeypatch.setattr(attention_op.torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu",
+                        lambda *a, **k: calls.append(1) or flash(*a, **k), raising=False)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(2, 4, 9, 16, generator=g), torch.randn(2, 2, 11, 16, generator=g), torch.randn(2, 2, 11, 16, generator=g)
+    m = None if mask is None else torch.rand(2, 1, 9, 11, generator=g) > 0.3
+    if mask == "bool_empty_row":
+        m[0, 0, 3] = False
+    out, lse = attention_op.attention_forward(q, k, v, m, 0.3, causal, 0, float("-inf"))
+    want, want_lse = attention_math(q.double(), k.double(), v.double(), m, 0.3, causal, 0, float("-inf"))
+    assert calls
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse.double(), want_lse.double(), rtol=1e-5, atol=1e-5)
