@@ -4,6 +4,7 @@ from __future__ import annotations
 import time
 
 from kiln.ir import Graph
+from .addmm import recompose_addmm
 from .attention import attention
 from .cleanup import canonicalize_views, constant_fold, cse, dce
 from .fuse import fuse
@@ -20,6 +21,7 @@ PIPELINE = [
     ("canonicalize_views", lambda g, o: canonicalize_views(g)),
     ("dce_after_cleanup", lambda g, o: dce(g)),
     ("attention", attention),            # before fuse/matmul: they would take its matmuls and softmax
+    ("addmm", recompose_addmm),          # cpu target: the bias back into ATen's addmm
     ("fuse", fuse),
     ("matmul", matmul_fusion),
     ("schedule", schedule),

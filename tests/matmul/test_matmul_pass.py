@@ -33,7 +33,7 @@ X, W, B = torch.randn(40, 48), torch.randn(24, 48), torch.randn(24)
 
 def test_cpu_keeps_aten_matmuls():
     g = compile_graph(lambda x, w, b: F.gelu(F.linear(x, w, b)), X, W, B, target="cpu")
-    assert not matmuls(g) and "aten.mm.default" in ops_of(g)
+    assert not matmuls(g) and "aten.addmm.default" in ops_of(g)      # the bias back in BLAS (passes/addmm.py)
 
 
 def test_plain_matmul_stays_cublas_unless_tuning():
@@ -120,3 +120,21 @@ def test_swiglu_pairs_when_fusion_splits_the_epilogue(monkeypatch):
     [seg] = n.attrs["plan"]["segments"]
     assert len(seg["acc"]) == 2 and len(seg["groups"]) == 2 and len(n.outputs) == 1
     assert "aten.mm.default" in ops_of(g)             # the down projection stays with cuBLAS
+
+
+def test_cpu_recomposes_addmm_only_where_it_is_exact():
+    """cpu: mm * alpha + bias * beta -> addmm (the bias a row vector or a full matrix); a product
+    read twice, a bias of another shape, and integer products stay as they were."""
+    x, w, b, full = torch.randn(40, 48), torch.randn(48, 24), torch.randn(24), torch.randn(40, 24)
+    g = compile_graph(lambda x, w, b: (x @ w) * 0.5 + b * 2.0, x, w, b, target="cpu")
+    assert [n.attrs for n in g.nodes if n.op == "aten.addmm.default"] == [{}]
+    assert [n.kwargs for n in g.nodes if n.op == "aten.addmm.default"] == [{"beta": 2.0, "alpha": 0.5}]
+    g = compile_graph(lambda x, w, c: x @ w + c, x, w, full, target="cpu")
+    assert "aten.addmm.default" in ops_of(g)
+    g = compile_graph(lambda x, w, b: (x @ w + b, (x @ w).sum()), x, w, b, target="cpu")
+    assert "aten.addmm.default" not in ops_of(g)
+    g = compile_graph(lambda x, w, c: x @ w + c, x, w, torch.randn(40, 1), target="cpu")
+    assert "aten.addmm.default" not in ops_of(g)
+    xi, wi = torch.randint(-3, 3, (8, 6)), torch.randint(-3, 3, (6, 5))
+    g = compile_graph(lambda x, w, b: x @ w + b, xi, wi, torch.randint(-3, 3, (5,)), target="cpu")
+    assert "aten.addmm.default" not in ops_of(g)
