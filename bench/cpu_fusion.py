@@ -125,7 +125,7 @@ def versions() -> dict:
     return {"torch": torch.__version__, "numba": numba.__version__, "python": platform.python_version(),
             "cpu": cpu, "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "kiln_threads": threads(),
             "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
-            "kiln_pool": os.environ.get("KILN_CPU_POOL", "auto"), "loadavg_1min": os.getloadavg()[0]}
+            "kiln_pool": os.environ.get("KILN_CPU_POOL", "threads"), "loadavg_1min": os.getloadavg()[0]}
 
 
 def main(argv=None) -> int:

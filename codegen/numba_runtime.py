@@ -32,6 +32,11 @@ import time
 
 import numpy as np
 
+# kiln's own threads unless KILN_CPU_POOL says omp or auto: those run Python callbacks on
+# libgomp's threads, and one full-suite run of four crashed (SIGSEGV in a later eager ATen op of
+# the same process) with only the OpenMP team in use; until kernels enter the team as native
+# code (a numba cfunc), the faster team on a quiet machine is opt-in.
+DEFAULT_POOL = "threads"
 CHUNKS_PER_THREAD = 8     # dynamic balancing against a late or preempted thread; each chunk >= min_rows
 
 
@@ -102,7 +107,7 @@ def _openmp():
     if _omp is None:
         _omp = False
         try:
-            if os.environ.get("KILN_CPU_POOL", "auto") in ("auto", "omp") and \
+            if os.environ.get("KILN_CPU_POOL", DEFAULT_POOL) in ("auto", "omp") and \
                     "parallel backend: OpenMP" in _torch.__config__.parallel_info():
                 path = os.path.join(os.path.dirname(_torch.__file__), "lib", "libgomp.so.1")
                 with open("/proc/self/maps") as f:
@@ -242,11 +247,12 @@ def parallel_for(kernel, rows: int, min_rows: int, *args) -> None:
         return
     chunk = max(min_rows, -(-rows // (n * CHUNKS_PER_THREAD)))
     job = (ctr, chunk, rows, *args)
-    omp = _openmp()
-    if not omp or os.environ.get("KILN_CPU_POOL") == "threads":
+    pool = os.environ.get("KILN_CPU_POOL", DEFAULT_POOL)
+    omp = _openmp() if pool != "threads" else False
+    if not omp:
         _run_own(kernel, n, job, rows, chunk)
         return
-    if os.environ.get("KILN_CPU_POOL") == "omp":
+    if pool == "omp":
         _run_omp(omp, kernel, n, job)
         return
     choice = _choices.get(kernel)

@@ -102,7 +102,7 @@ def test_no_in_place_when_input_is_read_later_or_broadcast():
 
     def g_(x, w, v):
         a = x @ w
-        return (a + v).relu() @ w.t()         # a + broadcast v has a's layout: may reuse a
+        return (a - v).relu() @ w.t()         # a - broadcast v has a's layout: may reuse a
 
     x, w, v = torch.randn(8, 16), torch.randn(16, 16), torch.randn(16)
     gf = _compiled_graph(f, [x, w])
