@@ -104,7 +104,6 @@ class _ShapeSpecialized:
         fn = self.cache.get(key)
         if fn is None:
             gm = retrace(self.gm, list(args))
-            tensor_args = [a for a in args]
             g = from_fx(gm)
             names = self._names(g)
             mark_weight_inputs(g, self.kind, self.params, self.pair, names)
@@ -112,7 +111,6 @@ class _ShapeSpecialized:
             if self.kind == "forward":
                 note_host_outputs(getattr(fn, "graph", g), self.pair, names)
             self.cache[key] = fn
-            del tensor_args
         return fn(*args)
 
     def _names(self, g: Graph) -> dict | None:
