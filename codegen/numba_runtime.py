@@ -37,6 +37,8 @@ import numpy as np
 # the same process) with only the OpenMP team in use; until kernels enter the team as native
 # code (a numba cfunc), the faster team on a quiet machine is opt-in.
 DEFAULT_POOL = "threads"
+MIN_CHUNKS_PER_THREAD = 4  # a thread joins only with this many min_rows chunks for it: handing work over
+                           # costs ~25 us on kiln's own threads, what a [512, 256] layer norm takes alone
 CHUNKS_PER_THREAD = 8     # dynamic balancing against a late or preempted thread; each chunk >= min_rows
 
 
@@ -241,7 +243,7 @@ def parallel_for(kernel, rows: int, min_rows: int, *args) -> None:
     if not kernel.overloads:
         _first_call(kernel, args)
     ctr = np.zeros(2, np.int64)           # chunks taken, chunks done
-    n = min(threads(), rows // max(min_rows, 1))
+    n = min(threads(), rows // max(min_rows * MIN_CHUNKS_PER_THREAD, 1))
     if n <= 1:
         kernel(ctr, rows, rows, *args)
         return
