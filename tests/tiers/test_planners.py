@@ -69,11 +69,10 @@ def test_impossible_budget_names_the_smallest_that_works():
     assert sb(g.meta["tier_problem"]) == least
 
 
-def _transformer_graphs(name):
+def _hf_model(name):
+    """A 2-layer GPT-2, Llama or BERT from a small random config (no download)."""
     transformers = pytest.importorskip("transformers")
     transformers.logging.set_verbosity_error()
-    from kiln.api import _parameter_inputs
-    from kiln.ir.capture import dynamo_backend, from_fx
     cfgs = {"gpt2": lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(
                 n_layer=2, n_embd=64, n_head=4, vocab_size=128, n_positions=64, bos_token_id=0, eos_token_id=0)),
             "llama": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(
@@ -82,8 +81,14 @@ def _transformer_graphs(name):
             "bert": lambda: transformers.BertForMaskedLM(transformers.BertConfig(
                 hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
                 vocab_size=128, max_position_embeddings=64))}
+    return cfgs[name]()
+
+
+def _transformer_graphs(name):
+    from kiln.api import _parameter_inputs
+    from kiln.ir.capture import dynamo_backend, from_fx
     torch.manual_seed(0)
-    model = cfgs[name]().eval()
+    model = _hf_model(name).eval()
     graphs = []
 
     def backend(gm, ex):
@@ -153,18 +158,8 @@ def test_zoo_training_plans_are_valid(name):
 
 @pytest.mark.parametrize("name", ["gpt2", "llama", "bert"])
 def test_transformers_training_plans_are_valid(name):
-    transformers = pytest.importorskip("transformers")
-    transformers.logging.set_verbosity_error()
-    cfgs = {"gpt2": lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(
-                n_layer=2, n_embd=64, n_head=4, vocab_size=128, n_positions=64, bos_token_id=0, eos_token_id=0)),
-            "llama": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(
-                hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                intermediate_size=128, vocab_size=128, max_position_embeddings=64)),
-            "bert": lambda: transformers.BertForMaskedLM(transformers.BertConfig(
-                hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-                vocab_size=128, max_position_embeddings=64))}
     torch.manual_seed(0)
-    graphs = training_graphs(cfgs[name](), (), {"input_ids": torch.randint(0, 128, (2, 8))})
+    graphs = training_graphs(_hf_model(name), (), {"input_ids": torch.randint(0, 128, (2, 8))})
     assert {"forward", "backward"} <= {k for k, _ in graphs}
     for kind, g0 in graphs:
         if kind == "backward":
