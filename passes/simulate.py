@@ -265,6 +265,10 @@ class PlanningEnv:
             self.stays.append(st)
             self.open[it.name] = st
             self.occ[r[0]:r[1] + 1] += it.padded
+        return self._advance()
+
+    def _advance(self):
+        """On to the next decision; after the last one, the whole plan's simulated time is the reward."""
         self.pos += 1
         self._skip()
         if not self.done:

@@ -220,13 +220,7 @@ class Game(PlanningEnv):
                 self.open[it.name] = st
                 self.last_issue = max(self.last_issue, s)
                 self.chan = max(self.chan, self.cum[s]) + self.xfer[it.name]
-        self.pos += 1
-        self._skip()
-        if not self.done:
-            return self.state(), 0.0, False, {}
-        plan = self.plan()
-        res = simulate(self.problem, plan, self.tiers)
-        return self.state(), -res.time_s, True, {"plan": plan, "time_s": res.time_s}
+        return self._advance()
 
     def state(self) -> dict:
         """The decision's position (legal actions and features: observe(), computed once per decision)."""
