@@ -37,6 +37,15 @@ import numpy as np
 # the same process) with only the OpenMP team in use; until kernels enter the team as native
 # code (a numba cfunc), the faster team on a quiet machine is opt-in.
 DEFAULT_POOL = "threads"
+POOLS = ("threads", "omp", "auto")
+
+
+def pool_setting() -> str:
+    """KILN_CPU_POOL, checked: a misspelt value would otherwise silently pick kiln's threads."""
+    pool = os.environ.get("KILN_CPU_POOL", DEFAULT_POOL)
+    if pool not in POOLS:
+        raise ValueError(f"KILN_CPU_POOL={pool!r} is not a thread team; use one of {', '.join(POOLS)}")
+    return pool
 MIN_CHUNKS_PER_THREAD = 4  # a thread joins only with this many min_rows chunks for it: handing work over
                            # costs ~25 us on kiln's own threads, what a [512, 256] layer norm takes alone
 CHUNKS_PER_THREAD = 8     # dynamic balancing against a late or preempted thread; each chunk >= min_rows
@@ -109,7 +118,7 @@ def _openmp():
     if _omp is None:
         _omp = False
         try:
-            if os.environ.get("KILN_CPU_POOL", DEFAULT_POOL) in ("auto", "omp") and \
+            if pool_setting() in ("auto", "omp") and \
                     "parallel backend: OpenMP" in _torch.__config__.parallel_info():
                 path = os.path.join(os.path.dirname(_torch.__file__), "lib", "libgomp.so.1")
                 with open("/proc/self/maps") as f:
@@ -249,7 +258,7 @@ def parallel_for(kernel, rows: int, min_rows: int, *args) -> None:
         return
     chunk = max(min_rows, -(-rows // (n * CHUNKS_PER_THREAD)))
     job = (ctr, chunk, rows, *args)
-    pool = os.environ.get("KILN_CPU_POOL", DEFAULT_POOL)
+    pool = pool_setting()
     omp = _openmp() if pool != "threads" else False
     if not omp:
         _run_own(kernel, n, job, rows, chunk)

@@ -59,3 +59,9 @@ def _launch_matches_eager():
         got = compiled(x, b)
         for g, w in zip(got, want):
             torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)     # gelu: erf32 is 4e-7 absolute
+
+
+def test_unknown_pool_is_rejected(monkeypatch):
+    monkeypatch.setenv("KILN_CPU_POOL", "openmp")
+    with pytest.raises(ValueError, match="KILN_CPU_POOL='openmp'.*threads, omp, auto"):
+        numba_runtime.pool_setting()
