@@ -20,5 +20,17 @@ from .api import compile, compile_graph, kiln_backend
 from .options import Options
 from .report import CompileReport, last_report
 
+
+def _register_backend() -> None:
+    """backend="kiln" from a source checkout too, where no entry point is installed. Where one
+    is, dynamo registers it on first lookup itself (and refuses a second registration)."""
+    from importlib.metadata import entry_points
+    from torch._dynamo.backends import registry
+    if "kiln" not in registry._COMPILER_FNS and not entry_points(group="torch_dynamo_backends", name="kiln"):
+        registry.register_backend(kiln_backend, name="kiln")
+
+
+_register_backend()
+
 __version__ = "0.1.0"
 __all__ = ["compile", "compile_graph", "kiln_backend", "Options", "CompileReport", "last_report"]
