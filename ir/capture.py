@@ -87,20 +87,36 @@ def retrace(gm: fx.GraphModule, args: list) -> fx.GraphModule:
         return make_fx(gm, decomposition_table=decomposition_table(), tracing_mode="real")(*fake)
 
 
+def boxed(fn: Callable) -> Callable:
+    """AOTAutograd's boxed calling convention: the callee owns the argument list. A compiled
+    graph with ``run_list`` empties it, so the backward frees each saved activation at its last
+    use (as eager autograd does) instead of holding them all to the end."""
+    # looked up on the class: a wrapper forwarding attributes (CUDA graph replay) runs unboxed
+    run_list = fn.run_list if hasattr(type(fn), "run_list") else None
+
+    def call(args: list):
+        if run_list is None:
+            return fn(*args)
+        owned = list(args)
+        args.clear()
+        return run_list(owned)
+    call._boxed_call = True
+    return call
+
+
 def dynamo_backend(compile_graph: Callable[[fx.GraphModule, list, str], Callable],
                    rewrite: Callable[[fx.GraphModule, list], fx.GraphModule] | None = None):
     """A torch.compile backend: Dynamo graph -> AOTAutograd (forward and backward, decomposed)
     -> ``compile_graph(aten_gm, example_inputs, 'forward'|'backward'|'inference')``.
     ``rewrite(gm, example_inputs)`` runs on the Dynamo graph before AOTAutograd: a pass that
     puts a custom op (with its own backward) in place of a pattern, such as attention."""
-    from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
 
     def wrap(kind):
         # AOTAutograd calls the forward compiler under no_grad, so grad mode says nothing here:
         # inference graphs arrive through inference_compiler
         def compiler(gm, example_inputs):
-            return make_boxed_func(compile_graph(gm, example_inputs, kind))
+            return boxed(compile_graph(gm, example_inputs, kind))
         return compiler
 
     backend = aot_autograd(fw_compiler=wrap("forward"), bw_compiler=wrap("backward"),

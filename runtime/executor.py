@@ -154,6 +154,12 @@ class CompiledGraph:
         return empty_strided(t.shape, t.strides, dtype=t.dtype, device=device)
 
     def __call__(self, *inputs) -> list[Any]:
+        return self.run_list(list(inputs))
+
+    def run_list(self, inputs: list) -> list[Any]:
+        """Runs the graph and empties ``inputs`` once read (AOTAutograd's boxed convention): an
+        input the caller no longer holds, such as a backward's saved activation, is freed at its
+        last use here rather than after the whole graph."""
         if self.check_inputs:
             self._check(inputs)
         env: dict[str, Any] = dict(self._consts)
@@ -164,6 +170,7 @@ class CompiledGraph:
         tiers = self._tiers
         if tiers is not None:
             tiers.begin(env, inputs, device, next(iter(views.values()), None))   # an arena view, if any
+        inputs.clear()
         get = lambda v: env[v.name]  # noqa: E731
         first, self._warm = not self._warm, True
         for k, (mode, what, args, extra, outs, frees) in enumerate(self._steps):
