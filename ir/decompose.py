@@ -60,6 +60,14 @@ def std(x, dim=None, *, correction=None, keepdim=False):
     return torch.sqrt(var(x, dim, correction=correction, keepdim=keepdim))
 
 
+def _unbiased(fn):
+    """The ``.dim`` overloads (``unbiased`` flag): torch.export's decompositions keep them where
+    tracing turns them into ``.correction``."""
+    def f(x, dim=None, unbiased=True, keepdim=False):
+        return fn(x, dim, correction=1 if unbiased else 0, keepdim=keepdim)
+    return f
+
+
 def silu(x):
     return x * torch.sigmoid(x)
 
@@ -127,6 +135,7 @@ def _kiln_table():
         t[op] = var_mean
     t[aten.var.correction] = var
     t[aten.std.correction] = std
+    t[aten.var_mean.dim], t[aten.var.dim], t[aten.std.dim] = _unbiased(var_mean), _unbiased(var), _unbiased(std)
     t[aten.silu.default] = silu
     t[aten.cat.default] = cat
     t[aten.linalg_vector_norm.default] = vector_norm

@@ -46,3 +46,22 @@ def test_export_capture_binds_weights():
     compiled, _ = kiln.compile_graph(g, kiln.Options(target="cpu"))
     x = torch.randn(2, 4)
     torch.testing.assert_close(compiled(x)[0], m(x))
+
+
+def test_export_keeps_variance_reductions_fusable():
+    """torch.export keeps var_mean.dim / var.dim / std.dim (tracing would turn them into
+    .correction): they still decompose, so layer norm is one kernel on the AOT path too, and
+    unbiased= means what it does in eager."""
+    from kiln.aot import compile_ahead
+
+    class M(torch.nn.Module):
+        def forward(self, x, w, b):
+            return (torch.nn.functional.layer_norm(x, (16,), w, b), *torch.var_mean(x, 1, unbiased=False),
+                    torch.var(x, [0], unbiased=True, keepdim=True), torch.std(x, 1, True))
+
+    torch.manual_seed(0)
+    args = (torch.randn(8, 16), torch.randn(16), torch.randn(16))
+    compiled, report = compile_ahead(M(), args, {"target": "cpu"})
+    for got, want in zip(compiled(*args), M()(*args)):
+        torch.testing.assert_close(got, want)
+    assert not any(op.startswith(("aten.var", "aten.std")) for op in report.fallback_ops), report.fallback_ops
