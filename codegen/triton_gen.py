@@ -59,12 +59,18 @@ def _idiv_fmod(a, b):
     return a - _idiv_trunc(a, b) * b""",
     "maxnan": """@triton.jit
 def _max_nan(a, b):
-    return tl.where((a > b) | (a != a), a, b)
+    if a.dtype.is_floating():       # one NaN-propagating max instruction (fmax.NaN)
+        return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+    else:
+        return tl.where(a > b, a, b)
 
 
 @triton.jit
 def _min_nan(a, b):
-    return tl.where((a < b) | (a != a), a, b)""",
+    if a.dtype.is_floating():
+        return tl.minimum(a, b, propagate_nan=tl.PropagateNan.ALL)
+    else:
+        return tl.where(a < b, a, b)""",
 }
 
 RBLOCK_MAX = 8192
