@@ -48,7 +48,7 @@ def _compile_graph(graph: Graph, options: Options, kind: str, verify: bool) -> t
     if options.cudagraphs and kind == "inference" and target in ("triton", "cuda") and torch.cuda.is_available() \
             and "cache_schedule" not in g.meta:     # tier transfers sync with the host: no graph replay
         from kiln.runtime.cudagraphs import CudaGraphRunner
-        compiled = CudaGraphRunner(compiled)
+        compiled = CudaGraphRunner(compiled, policy="always" if options.cudagraphs is True else "auto")
     report = make_report(g, kernels, n_nodes, timings, kind, target)
     report.compile_s = time.perf_counter() - t0
     report.tuning_s = tuning_s

@@ -107,6 +107,13 @@ def _median_ms(fn, steps: int, warmup: int, sync) -> float:
     return statistics.median(times)
 
 
+def _replay_status() -> str:
+    """What the CUDA graph runners of the demo's compiled graphs did (empty off the GPU)."""
+    import gc
+    from kiln.runtime.cudagraphs import CudaGraphRunner
+    return "; ".join(sorted({o.describe() for o in gc.get_objects() if type(o) is CudaGraphRunner}))
+
+
 def run(target: str = "auto", steps: int = 10, small: bool = False, out=None) -> int:
     """Compile, check and time the demo model; returns the process exit status (0 = match)."""
     out = out or sys.stdout
@@ -150,4 +157,7 @@ def run(target: str = "auto", steps: int = 10, small: bool = False, out=None) ->
     print(f"compile: {compile_s:.2f}s (capture + passes + codegen + first run)", file=out)
     print(f"time per forward (median of {steps} after {warmup} warm-up): eager {eager_ms:.2f} ms, "
           f"kiln {kiln_ms:.2f} ms -> speed-up {eager_ms / kiln_ms:.2f}x", file=out)
+    replay = _replay_status()
+    if replay:
+        print(replay, file=out)
     return 0

@@ -122,7 +122,9 @@ class Options:
     cache_dir: str = field(default_factory=_default_cache_dir)
     report: str | None = None
     fusion: bool = True
-    cudagraphs: bool = False        # replay inference graphs on the GPU as CUDA graphs (launch-bound models)
+    # replay inference graphs on the GPU as CUDA graphs: True, False, or "auto" (when a timed
+    # warm-up call shows the host's launches take at least half the GPU's time)
+    cudagraphs: Any = "auto"
     debug: int = int(os.environ.get("KILN_DEBUG", "0") or 0)
 
     def __post_init__(self):
@@ -150,9 +152,10 @@ class Options:
         if not (isinstance(self.autotune, bool) or (isinstance(self.autotune, str) and
                                                      self.autotune.startswith(("http://", "https://")))):
             raise ValueError(f"autotune: expected False, True or a service URL (http://host:port), got {self.autotune!r}")
-        for flag in ("fusion", "cudagraphs"):
-            if not isinstance(getattr(self, flag), bool):
-                raise ValueError(f"{flag}: expected True or False, got {getattr(self, flag)!r}")
+        if not isinstance(self.fusion, bool):
+            raise ValueError(f"fusion: expected True or False, got {self.fusion!r}")
+        if not (isinstance(self.cudagraphs, bool) or self.cudagraphs == "auto"):
+            raise ValueError(f"cudagraphs: expected True, False or 'auto', got {self.cudagraphs!r}")
         if not isinstance(self.cache_dir, (str, os.PathLike)):
             raise ValueError(f"cache_dir: expected a path, got {self.cache_dir!r}")
         if self.report is not None and not isinstance(self.report, (str, os.PathLike)):

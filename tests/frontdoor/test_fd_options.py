@@ -11,6 +11,7 @@ from kiln.options import parse_bytes
     ({"target": "tpu"}, ["auto", "triton", "cuda", "cpu"]),
     ({"quantize": "int3"}, ["int8", "int4", "bfp8", "auto"]),
     ({"planner": "magic"}, ["greedy", "ilp", "rl"]),
+    ({"cudagraphs": "yes"}, ["True", "False", "'auto'"]),
 ])
 def test_bad_value_names_valid_choices(kw, names):
     with pytest.raises(ValueError) as e:
@@ -67,5 +68,6 @@ def test_tiers():
 def test_defaults_and_resolved_target():
     o = Options()
     assert o.target == "auto" and o.quantize is None and o.planner == "greedy" and o.autotune is False
+    assert o.cudagraphs == "auto"
     assert o.resolved_target() == ("triton" if torch.cuda.is_available() else "cpu")
     assert Options(target="cpu").resolved_target() == "cpu"
