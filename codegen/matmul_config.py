@@ -21,6 +21,11 @@ GEMV_KERNEL_MAX_M = 4        # above this the tiled kernel with BLOCK_M=16 strea
 CUBLAS_MIN_FLOPS = 2 ** 35
 
 
+def _tf32() -> bool:
+    import torch
+    return bool(torch.backends.cuda.matmul.allow_tf32)
+
+
 def problem_dims(meta: dict) -> dict:
     segs = meta["segments"]
     return {"M": meta["M"], "K": meta["K"], "B": meta["batch"], "N": sum(s["n"] for s in segs),
@@ -52,6 +57,12 @@ def default_config(meta: dict, interpret: bool, sms: int = 132) -> dict:
         return {**base, "GEMV": 1, "BLOCK_M": bm, "BLOCK_N": max(4, 16 // P), "BLOCK_K": 512 // bm,
                 "GROUP_M": 1, "DEFER": 1, "PREFETCH": 1, "num_warps": 4, "num_stages": 1}
     flops = 2 * bt * M * K * d["cols"]
+    if itemsize == 4 and not meta["prologue"] and not meta["gemv"] and not _tf32():
+        # fp32 without TF32: Triton's IEEE dot runs as FMA loops, no tensor cores, where cuBLAS's
+        # SGEMM is tuned for exactly that. (The fp32 demo model, whose eight matmuls ran as
+        # templates, replayed in 1.43 ms on an H200 against eager's 1.15 ms; this is the suspect,
+        # not yet measured on its own.)
+        return {**base, "ATEN": 1, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4}
     if M >= 1024 and flops >= CUBLAS_MIN_FLOPS and not meta["prologue"]:
         return {**base, "ATEN": 1, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4}
     if M <= 16:
