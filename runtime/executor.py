@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from kiln.ir import Graph, Value, map_values
+from kiln.ir import Graph, Value
 from kiln.ir.ops import is_kernel_op, resolve, run as run_aten
 from kiln.passes.memory import MemoryPlan, out_variant
 from .host_alloc import empty_strided
@@ -30,6 +30,33 @@ def is_non_overlapping_and_dense(t: torch.Tensor) -> bool:
             return False
         expected *= size
     return True
+
+
+def binder(obj: Any):
+    """``env -> obj`` with every Value replaced by ``env[value.name]``, resolved once per step so
+    a call walks no argument structure (map_values per step was a fifth of a small graph's host
+    time). Flat tuples, the common case, become one comprehension over (is_value, item) pairs."""
+    if isinstance(obj, Value):
+        name = obj.name
+        return lambda env: env[name]
+    if isinstance(obj, (tuple, list)):
+        if all(not isinstance(o, (tuple, list, dict)) for o in obj):
+            items = [(isinstance(o, Value), o.name if isinstance(o, Value) else o) for o in obj]
+            if not any(v for v, _ in items):
+                return lambda env: obj
+            if isinstance(obj, tuple):
+                return lambda env: tuple([env[x] if v else x for v, x in items])
+            return lambda env: [env[x] if v else x for v, x in items]
+        parts = [binder(o) for o in obj]
+        if isinstance(obj, tuple):
+            return lambda env: tuple([p(env) for p in parts])
+        return lambda env: [p(env) for p in parts]
+    if isinstance(obj, dict):
+        if not obj:
+            return lambda env: obj
+        parts = {k: binder(o) for k, o in obj.items()}
+        return lambda env: {k: p(env) for k, p in parts.items()}
+    return lambda env: obj
 
 
 class InputError(ValueError):
@@ -128,23 +155,25 @@ class CompiledGraph:
                 steps.append((KERNEL, self.kernels[node.outputs[0].name], [v.name for v in node.args],
                               in_place, outs, frees))
             elif self.plan.buffer_of(outs[0][0]) is not None and out_variant(node.op) and len(outs) == 1:
-                steps.append((OUT, (node, resolve(out_variant(node.op))), node.args, node.kwargs, outs, frees))
+                steps.append((OUT, (node, resolve(out_variant(node.op))), binder(node.args), binder(node.kwargs),
+                              outs, frees))
             else:
-                steps.append((ATEN, node, node.args, node.kwargs, outs, frees))
+                steps.append((ATEN, node, binder(node.args), binder(node.kwargs), outs, frees))
+        self._outputs = binder(list(self.graph.outputs))
         return steps
 
-    def _run_out(self, k: int, views, get):
+    def _run_out(self, k: int, views, env):
         """An ATen op writing into its arena view; on failure (a device or autograd mismatch)
         the step reverts to a plain ATen call for good."""
         _, (node, fn), args, kwargs, outs, frees = self._steps[k]
         view = views.get(outs[0][0])
         if view is not None:
             try:
-                return fn(*map_values(args, get), **map_values(kwargs, get), out=view)
+                return fn(*args(env), **kwargs(env), out=view)
             except (RuntimeError, TypeError):
                 pass
         self._steps[k] = (ATEN, node, args, kwargs, outs, frees)
-        return run_aten(node, map_values(args, get), map_values(kwargs, get))
+        return run_aten(node, args(env), kwargs(env))
 
     @staticmethod
     def _in_place_tensor(x, t, device):
@@ -171,7 +200,6 @@ class CompiledGraph:
         if tiers is not None:
             tiers.begin(env, inputs, device, next(iter(views.values()), None))   # an arena view, if any
         inputs.clear()
-        get = lambda v: env[v.name]  # noqa: E731
         first, self._warm = not self._warm, True
         for k, (mode, what, args, extra, outs, frees) in enumerate(self._steps):
             if tiers is not None:
@@ -191,14 +219,14 @@ class CompiledGraph:
                     else:
                         what.launch([env[a] for a in args], res)
             elif mode is OUT:
-                res = [self._run_out(k, views, get)]
+                res = [self._run_out(k, views, env)]
             else:
-                a = map_values(args, get)
+                a = args(env)
                 if what.op in STORAGE_CLONING and a and isinstance(a[0], torch.Tensor) \
                         and a[0].untyped_storage().nbytes() > a[0].numel() * a[0].element_size() \
                         and is_non_overlapping_and_dense(a[0]):
                     a = (a[0].clone(),) + tuple(a[1:])      # dense: the copy keeps its strides
-                r = run_aten(what, a, map_values(extra, get))
+                r = run_aten(what, a, extra(env))
                 res = list(r) if isinstance(r, (tuple, list)) and len(outs) != 1 else [r]
             for (name, _), r in zip(outs, res):
                 env[name] = r
@@ -208,4 +236,4 @@ class CompiledGraph:
                 tiers.after(k, env)
         if tiers is not None:
             tiers.end(env)
-        return [map_values(o, get) for o in self.graph.outputs]
+        return self._outputs(env)
