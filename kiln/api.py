@@ -192,17 +192,24 @@ def kiln_backend(gm, example_inputs, options=None, **kw):
     params = [i for i, x in enumerate(example_inputs) if isinstance(x, torch.nn.Parameter)]
     pair: dict = {"params": params}      # what this graph's forward tells its backward (weight views)
 
+    frozen: list = []
+
     def rewrite(gm, ex):
         """AOTAutograd puts the graph module's own parameters and buffers (such as the masks
         the attention rewrite registers) before Dynamo's inputs: module state too, and they
         shift the parameters' positions."""
         gm = rewrite_fx(gm, ex)
+        frozen.extend(getattr(gm, "kiln_frozen_inputs", ()))
         lifted = len(dict(gm.named_parameters(remove_duplicate=False))) + \
             len(dict(gm.named_buffers(remove_duplicate=False)))
         pair["params"] = list(range(lifted)) + [lifted + i for i in params]
         return gm
     inner = dynamo_backend(lambda g, ex, kind: _compile_fx(g, ex, kind, opts, pair["params"], pair), rewrite=rewrite)
-    return inner(gm, example_inputs)
+    compiled = inner(gm, example_inputs)
+    if frozen:          # buffers read as constants (a causal mask): checked before every call
+        from kiln.passes.attention_fx import FrozenInputGuard
+        return FrozenInputGuard(compiled, gm, frozen)
+    return compiled
 
 
 def compile(model_or_fn, example_inputs=None, **options):

@@ -33,7 +33,11 @@ def _mentions_attention(gm: fx.GraphModule) -> bool:
 
 
 def rewrite_fx(gm: fx.GraphModule, example_inputs) -> fx.GraphModule:
-    """The Dynamo graph with attention as ``kiln::attention``, or ``gm`` itself."""
+    """The Dynamo graph with attention as ``kiln::attention``, or ``gm`` itself. A mask built
+    from a module buffer (``register_buffer("mask", torch.tril(...))``) is evaluated as if
+    constant, so it can become causal block skipping; the result then carries
+    ``kiln_frozen_inputs``: [(input index, data_ptr, version)] of the buffers this relied on,
+    which the caller checks before each call (see ``FrozenInputGuard``)."""
     if not _mentions_attention(gm) or not all(isinstance(x, torch.Tensor) for x in example_inputs):
         return gm
     try:
@@ -44,14 +48,61 @@ def rewrite_fx(gm: fx.GraphModule, example_inputs) -> fx.GraphModule:
                 any(isinstance(t, torch.Tensor) and t.requires_grad for t in g.constants.values()):
             return gm
         need = _needs_grad(g, example_inputs)
-        g2 = substitute(g, lambda v: v.name in need)
+        buffers = _buffer_inputs(gm, example_inputs)
+        frozen = {g.inputs[i].name: example_inputs[i] for i in buffers if i < len(g.inputs)}
+        g2, used = substitute(g, lambda v: v.name in need, frozen, with_used=True)
         if g2 is None:
             return gm
         out = aten.graph.find_nodes(op="output")[0].args[0]
-        return to_fx(g2, tuple_output=isinstance(out, (tuple, list)))
+        gm2 = to_fx(g2, tuple_output=isinstance(out, (tuple, list)))
+        index = {v.name: i for i, v in enumerate(g.inputs)}
+        gm2.kiln_frozen_inputs = [(index[n], example_inputs[index[n]].data_ptr(), example_inputs[index[n]]._version)
+                                  for n in sorted(used, key=index.get)]
+        return gm2
     except Exception as e:      # noqa: BLE001 - never worse than no rewrite
         log.debug("attention rewrite skipped: %s: %s", type(e).__name__, e)
         return gm
+
+
+def _buffer_inputs(gm: fx.GraphModule, example_inputs) -> list[int]:
+    """Positions of the Dynamo graph's inputs that are module buffers (by Dynamo's source of
+    each placeholder) with a version counter to guard on (inference-mode tensors have none)."""
+    out = []
+    for i, n in enumerate(gm.graph.find_nodes(op="placeholder")):
+        ga = n.meta.get("grapharg")
+        src = getattr(getattr(ga, "source", None), "name", None)
+        name = src() if callable(src) else src
+        if not isinstance(name, str) or "._buffers[" not in name or i >= len(example_inputs):
+            continue
+        t = example_inputs[i]
+        try:
+            t._version
+        except RuntimeError:
+            continue
+        if not t.requires_grad and t.numel() <= 1 << 26:
+            out.append(i)
+    return out
+
+
+class FrozenInputGuard:
+    """Runs the compiled graph while the buffers its attention rewrite read at compile time are
+    unchanged (same storage, no in-place write since); otherwise the original graph, eagerly,
+    with a one-time warning. Dynamo guards a buffer's identity, not its contents."""
+
+    def __init__(self, compiled, original: fx.GraphModule, frozen: list[tuple[int, int, int]]):
+        self.compiled, self.original, self.frozen = compiled, original, frozen
+        self.warned = False
+
+    def __call__(self, *args):
+        for i, ptr, version in self.frozen:
+            t = args[i]
+            if t.data_ptr() != ptr or t._version != version:
+                if not self.warned:
+                    self.warned = True
+                    log.warning("kiln: a buffer the attention rewrite read at compile time (graph input %d) "
+                                "changed since; this graph now runs uncompiled", i)
+                return self.original(*args)
+        return self.compiled(*args)
 
 
 def _needs_grad(g: Graph, example_inputs) -> set[str]:
@@ -64,9 +115,15 @@ def _needs_grad(g: Graph, example_inputs) -> set[str]:
     return need
 
 
-def substitute(g: Graph, needs_grad=None) -> Graph | None:
-    """``g`` with each attention as the custom op (None if there is none)."""
-    c = _Ctx(g, needs_grad)
+def substitute(g: Graph, needs_grad=None, frozen: dict | None = None, with_used: bool = False):
+    """``g`` with each attention as the custom op (None if there is none); with ``with_used``
+    also the names of the ``frozen`` inputs whose values the result relies on."""
+    c = _Ctx(g, needs_grad, frozen)
+    res = _substitute(g, c, needs_grad)
+    return (res, c.frozen_used if res is not None else set()) if with_used else res
+
+
+def _substitute(g: Graph, c: _Ctx, needs_grad) -> Graph | None:
     matches = find_attention(g, needs_grad, c)
     at = {id(m.anchor): m for m in matches}
     dead = {id(d) for m in matches for d in m.dead}

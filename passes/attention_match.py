@@ -64,13 +64,18 @@ class Match:
 
 # ---- small recognisers -------------------------------------------------------------------------
 class _Ctx:
-    def __init__(self, g: Graph, needs_grad=None):
+    def __init__(self, g: Graph, needs_grad=None, frozen: dict | None = None):
+        """``frozen``: graph inputs whose values may be read as if constant (a module's buffers,
+        such as a causal mask); ``frozen_used`` collects those a decision was taken on, which the
+        caller must guard (their value at compile time is baked into the rewritten graph)."""
         self.g = g
         self.prod = g.producers()
         self.users = g.users()
         self.outputs = {v.name for v in g.output_values()}
         self.needs_grad = needs_grad or (lambda v: False)
         self.names = g.fresh_namer("attn")
+        self.frozen = frozen or {}
+        self.frozen_used: set[str] = set()
 
     def node(self, v) -> Node | None:
         return self.prod.get(v.name) if isinstance(v, Value) else None
@@ -103,6 +108,7 @@ class _Ctx:
     def evaluate(self, v: Value, limit: int = 1 << 26) -> torch.Tensor | None:
         """The value of ``v`` if it follows from constants and factories alone, else None."""
         memo: dict[str, torch.Tensor] = {}
+        touched: set[str] = set()
 
         def ev(x):
             if not isinstance(x, Value):
@@ -111,6 +117,9 @@ class _Ctx:
                 return memo[x.name]
             if x.name in self.g.constants:
                 return self.g.constants[x.name]
+            if x.name in self.frozen:
+                touched.add(x.name)
+                return self.frozen[x.name]
             n = self.node(x)
             if n is None or n.op.startswith(("py.", "kiln.")) or is_random(n.op) or \
                     any(o.type is not None and o.type.numel > limit for o in n.outputs):
@@ -123,9 +132,11 @@ class _Ctx:
             return memo[x.name]
         try:
             with _disable_current_modes():
-                return ev(v)
+                out = ev(v)
         except Exception:
             return None
+        self.frozen_used |= touched         # conservatively: any value read may steer a decision
+        return out
 
 
 _RESHAPES = {"aten.view.default", "aten._unsafe_view.default", "aten.reshape.default", "aten.alias.default",
