@@ -124,13 +124,14 @@ def test_horizontal_qkv_and_swiglu(data):
 def test_default_config_sends_ieee_fp32_products_to_cublas(monkeypatch):
     """Without TF32 an fp32 template product is FMA loops: cuBLAS by default, unless the A
     operand exists only inside the kernel (a prologue) or the shape is a decode GEMV."""
+    from kiln.codegen import matmul_config
     from kiln.codegen.matmul_config import default_config
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(matmul_config, "_tf32", lambda: False)     # (torch's flag does not monkeypatch back)
     meta = {"M": 512, "K": 256, "batch": 1, "segments": [{"n": 768, "P": 1}], "gemv": False,
             "prologue": False, "dtype": "float32"}
     assert default_config(meta, interpret=False)["ATEN"] == 1
     assert default_config({**meta, "prologue": True}, interpret=False)["ATEN"] == 0
     assert default_config({**meta, "dtype": "bfloat16"}, interpret=False)["ATEN"] == 0
     assert default_config({**meta, "M": 4, "gemv": True}, interpret=False)["GEMV"] == 1
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    monkeypatch.setattr(matmul_config, "_tf32", lambda: True)
     assert default_config(meta, interpret=False)["ATEN"] == 0
