@@ -83,7 +83,9 @@ def test_training_runtime_enforces_the_budget(runtimes):
     f = torch.compile(model, backend="kiln", options={"target": "cpu", "memory_budget": budget})
     f(x).sum().backward()
     bw = runtimes[1]
-    bw.s.budget = bw.stats["max_device_bytes"] - 1          # pretend a smaller device
+    # pretend a smaller device: 90% of what the first step held (the backward's peak varies by a
+    # few hundred bytes between calls, as inputs are freed at their last use)
+    bw.s.budget = bw.stats["max_device_bytes"] * 9 // 10
     with pytest.raises(TierOverflow, match="device tier holds .* > memory_budget"):
         f(x).sum().backward()
 
