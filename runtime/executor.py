@@ -158,9 +158,14 @@ class CompiledGraph:
                 steps.append((OUT, (node, resolve(out_variant(node.op))), binder(node.args), binder(node.kwargs),
                               outs, frees))
             else:
-                steps.append((ATEN, node, binder(node.args), binder(node.kwargs), outs, frees))
+                steps.append((ATEN, self._aten_call(node), binder(node.args), binder(node.kwargs), outs, frees))
         self._outputs = binder(list(self.graph.outputs))
         return steps
+
+    @staticmethod
+    def _aten_call(node) -> tuple:
+        """(node, the callable, whether it clones its first argument's whole storage), resolved once."""
+        return node, node.attrs.get("callable") or resolve(node.op), node.op in STORAGE_CLONING
 
     def _run_out(self, k: int, views, env):
         """An ATen op writing into its arena view; on failure (a device or autograd mismatch)
@@ -172,7 +177,7 @@ class CompiledGraph:
                 return fn(*args(env), **kwargs(env), out=view)
             except (RuntimeError, TypeError):
                 pass
-        self._steps[k] = (ATEN, node, args, kwargs, outs, frees)
+        self._steps[k] = (ATEN, self._aten_call(node), args, kwargs, outs, frees)
         return run_aten(node, args(env), kwargs(env))
 
     @staticmethod
@@ -221,12 +226,13 @@ class CompiledGraph:
             elif mode is OUT:
                 res = [self._run_out(k, views, env)]
             else:
+                _, fn, cloning = what
                 a = args(env)
-                if what.op in STORAGE_CLONING and a and isinstance(a[0], torch.Tensor) \
+                if cloning and a and isinstance(a[0], torch.Tensor) \
                         and a[0].untyped_storage().nbytes() > a[0].numel() * a[0].element_size() \
                         and is_non_overlapping_and_dense(a[0]):
                     a = (a[0].clone(),) + tuple(a[1:])      # dense: the copy keeps its strides
-                r = run_aten(what, a, extra(env))
+                r = fn(*a, **extra(env))
                 res = list(r) if isinstance(r, (tuple, list)) and len(outs) != 1 else [r]
             for (name, _), r in zip(outs, res):
                 env[name] = r
