@@ -1,0 +1,40 @@
+#!/bin/bash
+# The GPU figures the open issues ask for, for the device tool (10 minutes a call, 30 a session):
+# each step has its own time limit; logs and JSON go to $OUT. Two calls cover everything (times
+# seen on an H200 with a cold Triton cache):
+#   bash bench/gpu_check.sh tests demo fusion suite      (~170 + 50 + 60 + 150 s)
+#   bash bench/gpu_check.sh attention matmul memory offload
+# On the device machine the checkout runs uninstalled: PYTHONPATH=$PWD; ortools comes from
+# wheels carried in .whl/ when present (see /work/.library/device/README.md).
+set -u
+OUT=${OUT:-/tmp/kiln-gpu-check}
+mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site:$PWD
+else
+    export PYTHONPATH=$PWD
+fi
+export PYTHONUNBUFFERED=1
+steps=${*:-tests demo fusion suite attention matmul memory offload}
+run() {     # name, seconds, command...
+    local name=$1 secs=$2; shift 2
+    timeout "$secs" "$@" > "$OUT/$name.log" 2>&1
+    echo "== $name: rc $? (limit ${secs}s)"
+    grep -v "DEBUG\|Warning\|warn(" "$OUT/$name.log" | tail -"${TAIL:-14}"
+}
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+for s in $steps; do
+    case $s in
+        tests) TAIL=6 run tests 240 python3 -m pytest -m gpu tests -rf -n 8 -q -p no:cacheprovider ;;
+        demo) run demo 90 python3 -m kiln.cli demo ;;
+        fusion) run fusion 90 python3 bench/gpu_fusion.py --json "$OUT/fusion.json" ;;
+        suite) TAIL=18 run suite 300 python3 bench/suite.py --cases micro model --json "$OUT/suite.json" \
+                   --markdown "$OUT/suite.md" --chart "$OUT/suite.png" ;;
+        attention) run attention 150 python3 bench/attention.py --no-train --json "$OUT/attention.json" ;;
+        matmul) run matmul 150 python3 bench/matmul.py --cases gemv,mlp,layer --json "$OUT/matmul.json" ;;
+        memory) run memory 200 python3 bench/gpu_memory.py --json "$OUT/gpu_memory.json" ;;
+        offload) run offload 200 python3 bench/offload.py --reps 3 --json "$OUT/offload.json" ;;
+        *) echo "unknown step $s (steps: tests demo fusion suite attention matmul memory offload)"; exit 2 ;;
+    esac
+done
