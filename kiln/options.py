@@ -123,7 +123,7 @@ class Options:
     report: str | None = None
     fusion: bool = True
     # replay inference graphs on the GPU as CUDA graphs: True, False, or "auto" (when a timed
-    # warm-up call shows the host's launches take at least half the GPU's time)
+    # warm-up call shows the graph launch-bound; runtime/cudagraphs.py says how)
     cudagraphs: Any = "auto"
     debug: int = int(os.environ.get("KILN_DEBUG", "0") or 0)
 
