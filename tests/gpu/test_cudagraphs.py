@@ -1,5 +1,7 @@
 """CUDA graph replay of inference graphs (skipped without CUDA): "auto" captures a launch-bound
 graph and leaves a GPU-bound one alone; replayed results match eager, also when the input moves."""
+import gc
+
 import pytest
 import torch
 
@@ -9,11 +11,16 @@ pytestmark = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def _runner(compiled_fn):
-    """The CudaGraphRunner kiln compiled for the (single) graph, from Dynamo's cache."""
+def _runners() -> list:
     from kiln.runtime.cudagraphs import CudaGraphRunner
-    import gc
-    found = [o for o in gc.get_objects() if type(o) is CudaGraphRunner]   # (isinstance trips on dead proxies)
+    gc.collect()
+    return [o for o in gc.get_objects() if type(o) is CudaGraphRunner]   # (isinstance trips on dead proxies)
+
+
+def _new_runner(before: list):
+    """The one CudaGraphRunner made since ``before`` (other tests' runners may still be alive)."""
+    old = {id(o) for o in before}
+    found = [o for o in _runners() if id(o) not in old]
     assert len(found) == 1, len(found)
     return found[0]
 
@@ -33,9 +40,8 @@ class Small(torch.nn.Module):          # many tiny kernels: launch-bound
 @needs_cuda
 @pytest.mark.parametrize("policy, captured", [("auto", True), (True, True), (False, None)])
 def test_launch_bound_graph_replays(policy, captured):
-    import gc
-    gc.collect()
     torch._dynamo.reset()
+    before = _runners()
     torch.manual_seed(0)
     model = Small().cuda().eval()
     f = kiln.compile(model, target="triton", cudagraphs=policy)
@@ -44,11 +50,10 @@ def test_launch_bound_graph_replays(policy, captured):
             x = torch.randn(8, 64, device="cuda")          # a new address every call: copied in
             torch.testing.assert_close(f(x), model(x), rtol=1e-4, atol=1e-4)
     if captured is None:
-        gc.collect()
-        from kiln.runtime.cudagraphs import CudaGraphRunner
-        assert not any(type(o) is CudaGraphRunner for o in gc.get_objects())
+        old = {id(o) for o in before}
+        assert not [o for o in _runners() if id(o) not in old]
         return
-    r = _runner(f)
+    r = _new_runner(before)
     assert r.cg is not None and not r.failed
     assert policy is True or r.launch_bound is True
     assert r.describe().startswith("CUDA graph: replayed")
@@ -56,9 +61,8 @@ def test_launch_bound_graph_replays(policy, captured):
 
 @needs_cuda
 def test_gpu_bound_graph_is_not_captured_under_auto():
-    import gc
-    gc.collect()
     torch._dynamo.reset()
+    before = _runners()
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)      # ~1.5 ms of matmul
     b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     f = kiln.compile(lambda a, b: torch.relu(a @ b), target="triton")
@@ -66,6 +70,6 @@ def test_gpu_bound_graph_is_not_captured_under_auto():
         for _ in range(5):
             out = f(a, b)
     torch.testing.assert_close(out, torch.relu(a @ b), rtol=2e-2, atol=1.0)
-    r = _runner(f)
+    r = _new_runner(before)
     assert r.launch_bound is False and r.cg is None
     assert "GPU-bound" in r.describe()
