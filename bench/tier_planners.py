@@ -79,8 +79,7 @@ def _transformer_graphs(quick: bool):
     import transformers
 
     import kiln
-    from kiln.api import _parameter_inputs
-    from kiln.ir.capture import dynamo_backend, from_fx
+    from kiln.api import captured_graphs
     from kiln.passes import run_pipeline
     transformers.logging.set_verbosity_error()
     cfgs = {"gpt2": lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(
@@ -92,26 +91,17 @@ def _transformer_graphs(quick: bool):
     for name, make in cfgs.items():
         torch.manual_seed(0)
         model = make().eval()
-        graphs = []
-
-        def backend(gm, ex):
-            params = [i for i, x in enumerate(ex) if isinstance(x, torch.nn.Parameter)]
-
-            def keep(fx, _, kind):
-                g = from_fx(fx)
-                g.meta["weight_inputs"] = _parameter_inputs(g, params)
-                graphs.append((kind, g))
-                return fx.forward
-            return dynamo_backend(keep)(gm, ex)
-
-        torch._dynamo.reset()
         ids = torch.randint(0, 256, (2, 16))
-        with torch.no_grad():
-            torch.compile(model, backend=backend, dynamic=False)(input_ids=ids)
-        if not quick:                                   # a training step: forward and backward graphs
+
+        def steps(backend):
             torch._dynamo.reset()
-            model.train()
-            torch.compile(model, backend=backend, dynamic=False)(input_ids=ids, labels=ids).loss.backward()
+            with torch.no_grad():
+                torch.compile(model, backend=backend, dynamic=False)(input_ids=ids)
+            if not quick:                               # a training step: forward and backward graphs
+                torch._dynamo.reset()
+                model.train()
+                torch.compile(model, backend=backend, dynamic=False)(input_ids=ids, labels=ids).loss.backward()
+        graphs = captured_graphs(steps)
         for kind, g0 in graphs:
             g = run_pipeline(g0, kiln.Options.make(target="cpu", memory_budget=1 << 50))[0]
             out.append((f"{name} {kind}", g))

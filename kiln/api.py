@@ -174,6 +174,25 @@ def note_host_outputs(g: Graph, pair: dict, names: dict | None = None) -> None:
     pair["host_outputs"] = {(names or {}).get(v.name, v.name): v.type for v in g.output_values() if v.name in spilled}
 
 
+def captured_graphs(run) -> list[tuple[str, Graph]]:
+    """The (kind, Graph) pairs Dynamo and AOTAutograd hand a backend while ``run(backend)`` runs
+    a model through ``torch.compile(..., backend=backend)``; each graph has its parameter inputs
+    as ``weight_inputs`` and runs uncompiled. For studying passes and planners on real models."""
+    graphs: list[tuple[str, Graph]] = []
+
+    def backend(gm, ex):
+        params = [i for i, x in enumerate(ex) if isinstance(x, torch.nn.Parameter)]
+
+        def keep(fx, _, kind):
+            g = from_fx(fx)
+            g.meta["weight_inputs"] = _parameter_inputs(g, params)
+            graphs.append((kind, g))
+            return fx.forward
+        return dynamo_backend(keep)(gm, ex)
+    run(backend)
+    return graphs
+
+
 def _parameter_inputs(g: Graph, params=()) -> list[str]:
     """Names of graph inputs that are the module's parameters: AOTAutograd lifts them to inputs
     in Dynamo's order (``params``: their positions there) and lists static inputs in its metadata."""

@@ -85,26 +85,15 @@ def _hf_model(name):
 
 
 def _transformer_graphs(name):
-    from kiln.api import _parameter_inputs
-    from kiln.ir.capture import dynamo_backend, from_fx
+    from kiln.api import captured_graphs
     torch.manual_seed(0)
     model = _hf_model(name).eval()
-    graphs = []
 
-    def backend(gm, ex):
-        params = [i for i, x in enumerate(ex) if isinstance(x, torch.nn.Parameter)]
-
-        def keep(fx, _, kind):
-            g = from_fx(fx)
-            g.meta["weight_inputs"] = _parameter_inputs(g, params)
-            graphs.append(g)
-            return fx.forward
-        return dynamo_backend(keep)(gm, ex)
-
-    torch._dynamo.reset()
-    with torch.no_grad():
-        torch.compile(model, backend=backend, dynamic=False)(input_ids=torch.randint(0, 128, (2, 8)))
-    return graphs
+    def infer(backend):
+        torch._dynamo.reset()
+        with torch.no_grad():
+            torch.compile(model, backend=backend, dynamic=False)(input_ids=torch.randint(0, 128, (2, 8)))
+    return [g for _, g in captured_graphs(infer)]
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama", "bert"])
