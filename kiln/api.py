@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import time
 
@@ -14,6 +15,8 @@ from kiln.passes import run_pipeline
 from kiln.runtime import CompiledGraph
 from .options import Options
 from .report import CompileReport, publish
+
+_attention_log = logging.getLogger("kiln.attention")      # the attention rewrite's logger
 
 
 def compile_graph(graph: Graph, options: Options, kind: str = "inference",
@@ -204,6 +207,27 @@ def _parameter_inputs(g: Graph, params=()) -> list[str]:
     return [g.inputs[i].name for i in sorted(idx | set(params)) if i < len(g.inputs)]
 
 
+class FrozenInputGuard:
+    """Runs the compiled graph while the buffers its attention rewrite read at compile time are
+    unchanged (same storage, no in-place write since); otherwise the original graph, eagerly,
+    with a one-time warning. Dynamo guards a buffer's identity, not its contents."""
+
+    def __init__(self, compiled, original, frozen: list[tuple[int, int, int]]):
+        self.compiled, self.original, self.frozen = compiled, original, frozen
+        self.warned = False
+
+    def __call__(self, *args):
+        for i, ptr, version in self.frozen:
+            t = args[i]
+            if t.data_ptr() != ptr or t._version != version:
+                if not self.warned:
+                    self.warned = True
+                    _attention_log.warning("kiln: a buffer the attention rewrite read at compile time "
+                                           "(graph input %d) changed since; this graph now runs uncompiled", i)
+                return self.original(*args)
+        return self.compiled(*args)
+
+
 def kiln_backend(gm, example_inputs, options=None, **kw):
     """The ``torch.compile(model, backend="kiln", options={...})`` entry point."""
     opts = Options.make(options, **kw)
@@ -226,7 +250,6 @@ def kiln_backend(gm, example_inputs, options=None, **kw):
     inner = dynamo_backend(lambda g, ex, kind: _compile_fx(g, ex, kind, opts, pair["params"], pair), rewrite=rewrite)
     compiled = inner(gm, example_inputs)
     if frozen:          # buffers read as constants (a causal mask): checked before every call
-        from kiln.passes.attention_fx import FrozenInputGuard
         return FrozenInputGuard(compiled, gm, frozen)
     return compiled
 

@@ -109,9 +109,8 @@ def _median_ms(fn, steps: int, warmup: int, sync) -> float:
 
 def _replay_status() -> str:
     """What the CUDA graph runners of the demo's compiled graphs did (empty off the GPU)."""
-    import gc
-    from kiln.runtime.cudagraphs import CudaGraphRunner
-    return "; ".join(sorted({o.describe() for o in gc.get_objects() if type(o) is CudaGraphRunner}))
+    from kiln.runtime.cudagraphs import live_runners
+    return "; ".join(sorted({r.describe() for r in live_runners()}))
 
 
 def run(target: str = "auto", steps: int = 10, small: bool = False, out=None) -> int:

@@ -37,7 +37,7 @@ def rewrite_fx(gm: fx.GraphModule, example_inputs) -> fx.GraphModule:
     from a module buffer (``register_buffer("mask", torch.tril(...))``) is evaluated as if
     constant, so it can become causal block skipping; the result then carries
     ``kiln_frozen_inputs``: [(input index, data_ptr, version)] of the buffers this relied on,
-    which the caller checks before each call (see ``FrozenInputGuard``)."""
+    which the caller checks before each call (``kiln.api.FrozenInputGuard``)."""
     if not _mentions_attention(gm) or not all(isinstance(x, torch.Tensor) for x in example_inputs):
         return gm
     try:
@@ -82,27 +82,6 @@ def _buffer_inputs(gm: fx.GraphModule, example_inputs) -> list[int]:
         if not t.requires_grad and t.numel() <= 1 << 26:
             out.append(i)
     return out
-
-
-class FrozenInputGuard:
-    """Runs the compiled graph while the buffers its attention rewrite read at compile time are
-    unchanged (same storage, no in-place write since); otherwise the original graph, eagerly,
-    with a one-time warning. Dynamo guards a buffer's identity, not its contents."""
-
-    def __init__(self, compiled, original: fx.GraphModule, frozen: list[tuple[int, int, int]]):
-        self.compiled, self.original, self.frozen = compiled, original, frozen
-        self.warned = False
-
-    def __call__(self, *args):
-        for i, ptr, version in self.frozen:
-            t = args[i]
-            if t.data_ptr() != ptr or t._version != version:
-                if not self.warned:
-                    self.warned = True
-                    log.warning("kiln: a buffer the attention rewrite read at compile time (graph input %d) "
-                                "changed since; this graph now runs uncompiled", i)
-                return self.original(*args)
-        return self.compiled(*args)
 
 
 def _needs_grad(g: Graph, example_inputs) -> set[str]:

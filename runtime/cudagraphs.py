@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 import warnings
+import weakref
 
 import torch
 
@@ -22,6 +23,13 @@ MAX_CAPTURES = 4
 # copies replay adds count against it (softmax 4096x8192: host 0.038 ms, GPU 0.037 ms, but its
 # 64 MiB output clone costs 0.02 ms: 0.037 ms unreplayed, 0.058 ms replayed).
 LAUNCH_BOUND = 0.8
+_LIVE: "weakref.WeakSet[CudaGraphRunner]" = weakref.WeakSet()
+
+
+def live_runners() -> list["CudaGraphRunner"]:
+    """The runners of the compiled graphs still alive (what ``describe`` says of each: the demo
+    prints it, tests check it)."""
+    return list(_LIVE)
 
 
 class CudaGraphRunner:
@@ -36,6 +44,7 @@ class CudaGraphRunner:
         self.failed = False
         self.key = None
         self.seen_ptrs: list[list[int | None]] = []
+        _LIVE.add(self)
 
     def __getattr__(self, name):            # graph, plan, kernels ... come from the wrapped graph
         return getattr(self.compiled, name)

@@ -12,9 +12,9 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 def _runners() -> list:
-    from kiln.runtime.cudagraphs import CudaGraphRunner
+    from kiln.runtime.cudagraphs import live_runners
     gc.collect()
-    return [o for o in gc.get_objects() if type(o) is CudaGraphRunner]   # (isinstance trips on dead proxies)
+    return live_runners()
 
 
 def _new_runner(before: list):
