@@ -113,12 +113,12 @@ def sweep(shape, kinds=("forward", "backward")) -> list[dict]:
                                    [_view(vals[n].type) for n in "qkv"], torch.bfloat16, torch.bfloat16, "f")),
                        "triton", os.environ["KILN_CACHE_DIR"])
             fk.launch([q, k, v], [o, lse])
-        grid = itertools.product((64, 128), (64, 128), (4, 8), (2, 3), (0, 1)) if kind == "forward" else \
-            [(bm, bn, w, st, 0) for (bm, bn), w, st in itertools.product(
+        grid = itertools.product((64, 128), (64, 128), (4, 8), (2, 3), (0, 1), (0, 1)) if kind == "forward" else \
+            [(bm, bn, w, st, 0, 0) for (bm, bn), w, st in itertools.product(
                 ((32, 64), (64, 64), (64, 128), (128, 64), (32, 128)), (4, 8), (1, 2, 3))]
         flops = 4 * b * h * s * s * d / 2 * (1 if kind == "forward" else 2.5)
-        for bm, bn, w, st, tma in grid:
-            cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": st, "TMA": tma}
+        for bm, bn, w, st, tma, ws in grid:
+            cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": st, "TMA": tma, "WS": ws}
             kern.meta["config"] = cfg
             kern.launcher = None
             load(kern)

@@ -33,7 +33,9 @@ for s in $steps; do
                    --markdown "$OUT/suite.md" --chart "$OUT/suite.png" ;;
         attention) run attention 150 python3 bench/attention.py --no-train --json "$OUT/attention.json" ;;
         matmul) run matmul 150 python3 bench/matmul.py --cases gemv,mlp,layer --json "$OUT/matmul.json" ;;
-        memory) run memory 200 python3 bench/gpu_memory.py --json "$OUT/gpu_memory.json" ;;
+        memory) for m in gpt2 llama bert zoo; do      # one process each: their peaks are separate
+                    run memory-$m 300 python3 bench/gpu_memory.py --only $m --json "$OUT/gpu_memory_$m.json" &
+                done; wait ;;
         offload) run offload 200 python3 bench/offload.py --reps 3 --json "$OUT/offload.json" ;;
         *) echo "unknown step $s (steps: tests demo fusion suite attention matmul memory offload)"; exit 2 ;;
     esac

@@ -30,6 +30,7 @@ import cases as C  # noqa: E402
 
 import kiln  # noqa: E402
 from kiln.autotune.measure import time_cpu, time_gpu  # noqa: E402
+from kiln.runtime.cudagraphs import live_runners  # noqa: E402
 
 BACKENDS = ("eager", "inductor", "kiln")
 
@@ -143,6 +144,7 @@ def run_case(name: str, dev: str, small: bool, autotune: bool, tol: float) -> di
         for backend in ("inductor", "kiln"):
             torch._dynamo.reset()
             try:
+                before = {id(r) for r in live_runners()}
                 rpath = os.path.join(tempfile.mkdtemp(prefix="kiln-bench-report-"), "r.jsonl")
                 if backend == "inductor":
                     compiled = torch.compile(fn, dynamic=False)
@@ -158,6 +160,8 @@ def run_case(name: str, dev: str, small: bool, autotune: bool, tol: float) -> di
                 row[f"{backend}_ms"] = timer(lambda: compiled(*inputs))
                 if backend == "kiln":
                     row["kiln"] = _kiln_stats(rpath)
+                    if dev == "cuda":           # whether the timed calls replayed a CUDA graph
+                        row["kiln"]["cudagraphs"] = [r.describe() for r in live_runners() if id(r) not in before]
                     row["kiln_ok"] = row["kiln_rel_err"] <= tol
             except Exception as e:      # noqa: BLE001 - one failing case must not end the suite
                 lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]

@@ -32,8 +32,9 @@ def _describe(a: dict) -> str:
             f"fill={a['fill']} dot={a['dot_dtype']}/{a['pv_dtype']} views={a['views']}")
 
 
-def render(a: dict, tma: bool = False) -> tuple[str, str]:
-    """Source and entry; ``tma``: the forward reads K and V through tensor descriptors."""
+def render(a: dict, tma: bool = False, ws: bool = False) -> tuple[str, str]:
+    """Source and entry; ``tma``: the forward reads K and V through tensor descriptors; ``ws``:
+    its key loop is warp-specialised (Triton splits loads and math between warp groups)."""
     fwd = a["kind"] == "forward"
     entry = "attn_fwd" if fwd else "attn_bwd"
     ieee = a["dot_dtype"] == "float32" and not torch.backends.cuda.matmul.allow_tf32
@@ -42,7 +43,7 @@ def render(a: dict, tma: bool = False) -> tuple[str, str]:
     tl_of = lambda d: "tl.float32" if interp and d == "bfloat16" else _TL[d]  # noqa: E731
     src = _ENV.get_template("attention_fwd.py.j2" if fwd else "attention_bwd.py.j2").render(
         entry=entry, dot_dtype=tl_of(a["dot_dtype"]), pv_dtype=tl_of(a["pv_dtype"]),
-        precision=', input_precision="ieee"' if ieee else "", tma=tma and fwd)
+        precision=', input_precision="ieee"' if ieee else "", tma=tma and fwd, ws=ws and fwd)
     return src, entry
 
 
@@ -79,11 +80,11 @@ def load(k: Kernel) -> None:
     cache_dir = k.meta.get("cache_dir") or os.path.expanduser("~/.cache/kiln")
     mods: dict = {}
 
-    def module(tma: bool = False):
-        if tma not in mods:
-            src = render(a, True)[0] if tma else k.source
-            mods[tma] = _import(source_path(cache_dir, src, "triton"))
-        return mods[tma]
+    def module(tma: bool = False, ws: bool = False):
+        if (tma, ws) not in mods:
+            src = render(a, tma, ws)[0] if tma or ws else k.source
+            mods[tma, ws] = _import(source_path(cache_dir, src, "triton"))
+        return mods[tma, ws]
     from .attention_launch import backward_launcher, forward_launcher
     run = (forward_launcher(module, k.entry, a, interpret) if a["kind"] == "forward"
            else backward_launcher(module(), k.entry, a, interpret))

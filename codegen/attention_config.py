@@ -2,7 +2,9 @@
 dtype, from H100 sweeps) and the spaces the tuner searches (families "attention_fwd" and
 "attention_bwd", registered with kiln.autotune.space).
 
-Config keys: BLOCK_M, BLOCK_N (query / key rows per block), num_warps, num_stages."""
+Config keys: BLOCK_M, BLOCK_N (query / key rows per block), num_warps, num_stages; the forward
+also reads TMA (1: K and V through tensor descriptors) and WS (1: a warp-specialised key loop),
+both 0 unless a config sets them (bench/attention.py --sweep times them)."""
 from __future__ import annotations
 
 import itertools

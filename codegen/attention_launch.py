@@ -41,7 +41,8 @@ def _allocator() -> None:
 
 
 def forward_launcher(module, entry: str, a: dict, interpret: bool):
-    """``module(tma)``: the rendered kernel module (with TMA loads or without)."""
+    """``module(tma, ws)``: the rendered kernel module (with TMA loads or without, with a
+    warp-specialised key loop or without)."""
     scale, causal, off, fill = a["scale"], a["causal"], a["causal_offset"], float(a["fill"])
 
     def run(cfg, ts, outputs):
@@ -49,7 +50,7 @@ def forward_launcher(module, entry: str, a: dict, interpret: bool):
         tma = bool(cfg.get("TMA")) and tma_ok(k, v)
         if tma:
             _allocator()
-        fn = getattr(module(tma), entry)
+        fn = getattr(module(tma, bool(cfg.get("WS")) and not interpret), entry)
         mask, mstr, kind = _mask_args(ts[3] if len(ts) > 3 else None, q)
         out, lse = outputs
         b, h, sq, d = q.shape

@@ -19,6 +19,18 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    lo = t.data_ptr()
+    return lo, lo + (sum((n - 1) * st for n, st in zip(t.shape, t.stride())) + 1) * t.element_size()
+
+
+def _shares_storage(t: torch.Tensor, others) -> bool:
+    """Whether ``t``'s bytes overlap any of ``others``' (arena buffers share one storage)."""
+    lo, hi = _span(t)
+    return any(isinstance(x, torch.Tensor) and x.numel() and _span(x)[0] < hi and lo < _span(x)[1]
+               for x in others)
+
+
 def load_matmul(k: Kernel) -> None:
     meta = k.meta
     cache_dir = meta.get("cache_dir") or os.path.join(os.path.expanduser("~"), ".cache", "kiln")
@@ -75,13 +87,20 @@ def load_matmul(k: Kernel) -> None:
 
     def run_aten(ins, outs):
         """cuBLAS products; a segment with no epilogue is written straight into its output, the
-        others get the template's epilogue pass over the products."""
+        others get the template's epilogue pass over the products (in place over the output when
+        the segment allows it and the output shares no storage with an input)."""
         a = ins[meta["a"]]
         mm = torch.mm if a.dim() == 2 else torch.bmm
         prods = []
         for s in segs:
-            for b in s["b"]:
-                prods.append(mm(a, ins[b], out=outs[s["out"]]) if s["direct"] else mm(a, ins[b]))
+            o = outs[s["out"]] if s["out"] is not None else None
+            into = s["direct"] or (s.get("inplace") and not _shares_storage(o, ins))
+            for j, b in enumerate(s["b"]):
+                if j == 0 and into:
+                    p = mm(a, ins[b], out=o.view(*a.shape[:-1], s["n"]))
+                else:
+                    p = mm(a, ins[b])
+                prods.append(p)
         if not all(s["direct"] for s in segs):
             call({**EPILOGUE_CFG, "GEMV": 0}, 2, 1, [*ins, *outs, *prods])
 

@@ -105,11 +105,15 @@ def boxed(fn: Callable) -> Callable:
 
 
 def dynamo_backend(compile_graph: Callable[[fx.GraphModule, list, str], Callable],
-                   rewrite: Callable[[fx.GraphModule, list], fx.GraphModule] | None = None):
+                   rewrite: Callable[[fx.GraphModule, list], fx.GraphModule] | None = None,
+                   recompute: bool = False):
     """A torch.compile backend: Dynamo graph -> AOTAutograd (forward and backward, decomposed)
     -> ``compile_graph(aten_gm, example_inputs, 'forward'|'backward'|'inference')``.
     ``rewrite(gm, example_inputs)`` runs on the Dynamo graph before AOTAutograd: a pass that
-    puts a custom op (with its own backward) in place of a pattern, such as attention."""
+    puts a custom op (with its own backward) in place of a pattern, such as attention.
+    ``recompute``: split forward and backward with AOTAutograd's min-cut partitioner, which
+    saves fewer activations and recomputes cheap pointwise ones in the backward (the default
+    partitioner saves every forward value the backward reads: decomposed GELU's pieces too)."""
     from torch._dynamo.backends.common import aot_autograd
 
     def wrap(kind):
@@ -119,9 +123,13 @@ def dynamo_backend(compile_graph: Callable[[fx.GraphModule, list, str], Callable
             return boxed(compile_graph(gm, example_inputs, kind))
         return compiler
 
+    extra = {}
+    if recompute:
+        from torch._functorch.partitioners import min_cut_rematerialization_partition
+        extra["partition_fn"] = min_cut_rematerialization_partition
     backend = aot_autograd(fw_compiler=wrap("forward"), bw_compiler=wrap("backward"),
                            inference_compiler=wrap("inference"),
-                           decompositions=decomposition_table())
+                           decompositions=decomposition_table(), **extra)
     if rewrite is None:
         return backend
     return lambda gm, example_inputs: backend(rewrite(gm, example_inputs), example_inputs)

@@ -247,7 +247,12 @@ def kiln_backend(gm, example_inputs, options=None, **kw):
             len(dict(gm.named_buffers(remove_duplicate=False)))
         pair["params"] = list(range(lifted)) + [lifted + i for i in params]
         return gm
-    inner = dynamo_backend(lambda g, ex, kind: _compile_fx(g, ex, kind, opts, pair["params"], pair), rewrite=rewrite)
+    # Without a device budget, cheap activations are recomputed in the backward rather than
+    # saved (lower training peaks). Under a budget saved activations can go to the host tier, while
+    # recomputing them needs device working memory the budget may not have (a 30%-of-weights
+    # budget fails to plan with recompute on), so the default partitioner stays.
+    inner = dynamo_backend(lambda g, ex, kind: _compile_fx(g, ex, kind, opts, pair["params"], pair), rewrite=rewrite,
+                           recompute=opts.memory_budget is None)
     compiled = inner(gm, example_inputs)
     if frozen:          # buffers read as constants (a causal mask): checked before every call
         return FrozenInputGuard(compiled, gm, frozen)

@@ -4,8 +4,10 @@ once and later calls replay it. Inputs whose address stayed the same during warm
 are read in place; the others are copied into static buffers before each replay. A stable input
 that moves forces a new capture; if capture is impossible the graph runs as before (with a
 warning). Policy "auto" captures only a launch-bound graph: on the last warm-up call the host's
-time to issue the graph is compared with the GPU's time to run it (a GPU-bound graph gains
-nothing from replay and would pay for copying inputs and outputs)."""
+time to issue the graph is compared with the GPU's time to run it, on every warm-up call after
+the first, and the graph is replayed only if each of them was launch-bound (one sample can be a
+host hiccup; a GPU-bound graph gains nothing from replay and would pay for copying inputs and
+outputs)."""
 from __future__ import annotations
 
 import time
@@ -37,7 +39,7 @@ class CudaGraphRunner:
         self.compiled = compiled
         self.warmup = warmup
         self.policy = policy
-        self.launch_bound: bool | None = None      # what the timed warm-up call showed ("auto")
+        self.launch_bound: bool | None = None      # what the timed warm-up calls showed ("auto")
         self.calls = 0
         self.captures = 0
         self.cg: torch.cuda.CUDAGraph | None = None
@@ -79,7 +81,8 @@ class CudaGraphRunner:
         host_ms = (time.perf_counter() - t0) * 1e3
         end.record()
         end.synchronize()
-        self.launch_bound = host_ms >= LAUNCH_BOUND * start.elapsed_time(end) + self._copy_ms(inputs, out)
+        bound = host_ms >= LAUNCH_BOUND * start.elapsed_time(end) + self._copy_ms(inputs, out)
+        self.launch_bound = bound and self.launch_bound is not False
         return out
 
     def _copy_ms(self, inputs, out) -> float:
@@ -112,10 +115,10 @@ class CudaGraphRunner:
         self.calls += 1
         if self.cg is None and self.calls <= self.warmup:
             self.seen_ptrs.append(self._ptrs(inputs))
-            if self.policy == "auto" and self.calls == self.warmup:
+            if self.policy == "auto" and (self.calls > 1 or self.warmup == 1):
                 return self._timed(inputs)
             return self.compiled(*inputs)
-        if self.launch_bound is False:
+        if self.policy == "auto" and not self.launch_bound:
             return self.compiled(*inputs)
         moved = self.cg is not None and any(
             s and isinstance(x, torch.Tensor) and x.data_ptr() != p for x, s, p in zip(inputs, self.stable, self.ptrs))

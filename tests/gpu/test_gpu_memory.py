@@ -1,12 +1,16 @@
 """Peak device memory of compiled models against eager PyTorch's caching allocator, inference and
 a training step (skipped without CUDA). bench/gpu_memory.py gives the figures at larger sizes."""
 import functools
-import gc
+import os
+import sys
 
 import pytest
 import torch
 
 from kiln.api import kiln_backend
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "bench"))
+from gpu_memory import peak, warm_workspaces  # noqa: E402
 
 # CUDA graph replay off: a captured graph keeps its tensors in a private pool that the
 # allocator's peak statistics do not see during replay, so the figures would flatter kiln
@@ -28,15 +32,6 @@ class MLP(torch.nn.Module):
         return x
 
 
-def _peak(fn, base):
-    torch.cuda.synchronize()
-    gc.collect()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - base
-
-
 @needs_cuda
 @pytest.mark.parametrize("train", [False, True], ids=["inference", "train"])
 def test_peak_memory_not_above_eager(train):
@@ -54,15 +49,16 @@ def test_peak_memory_not_above_eager(train):
                 with torch.no_grad():
                     f(x)
         return run
+    warm_workspaces()           # library workspaces are the process's, not either model's
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     step(model)()
-    eager = _peak(step(model), base)
+    eager = peak(step(model), base)
     torch._dynamo.reset()
     compiled = torch.compile(model, backend=functools.partial(kiln_backend, options=OPTIONS))
     step(compiled)()
     step(compiled)()
-    ours = _peak(step(compiled), base)
+    ours = peak(step(compiled), base)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-3, atol=1e-3)
     print(f"peak bytes: eager {eager:,}, kiln {ours:,} ({ours / eager:.3f}x)")

@@ -64,6 +64,39 @@ def test_launch_modes(mode, data, monkeypatch):
         cfg=MODES[mode], monkeypatch=monkeypatch)
 
 
+CUBLAS_EPILOGUES = {       # case -> whether cuBLAS writes the product into the output, the epilogue in place
+    "bias_gelu_residual": (lambda x, w, b, r: F.gelu(F.linear(x, w, b)) + r, True),
+    "swiglu": (lambda x, w, b, r: F.silu(x @ w.t()) * (x @ (w * 0.5).t()), True),
+    # the epilogue keeps the products' order; the permuted copy after it is a kernel of its own
+    "heads_permuted": (lambda x, w, b, r: torch.tanh(F.linear(x, w, b)).view(40, 4, 6).transpose(0, 1).contiguous(),
+                       True),
+    "output_and_epilogue": (lambda x, w, b, r: (x @ w.t(), torch.sigmoid(x @ w.t()) * 2), False),
+    "cast": (lambda x, w, b, r: (F.linear(x, w, b) * 2).to(BF), False),
+}
+
+
+@pytest.mark.parametrize("name", list(CUBLAS_EPILOGUES))
+def test_cublas_epilogue_in_place_only_where_layouts_match(name, data, monkeypatch):
+    """The cuBLAS path saves the product's temporary by running the epilogue over the output in
+    place, but only where the output is the product's elements in order, in its dtype, and the
+    segment stores nothing else."""
+    fn, inplace = CUBLAS_EPILOGUES[name]
+    calls = []
+
+    class Torch:            # the launcher's torch, with mm recording whether it wrote into an output
+        def __getattr__(self, attr):
+            return getattr(torch, attr)
+
+        @staticmethod
+        def mm(*a, out=None):
+            calls.append(out is not None)
+            return torch.mm(*a, out=out) if out is not None else torch.mm(*a)
+    monkeypatch.setattr(matmul_launch, "torch", Torch())
+    run(fn, data["x"], data["w"], data["b"], data["r"], cfg={"ATEN": 1}, monkeypatch=monkeypatch,
+        rtol=4e-2 if name == "cast" else 1e-4, atol=4e-2 if name == "cast" else 1e-5)
+    assert calls and any(calls) is inplace
+
+
 GEMV_CFGS = {"gemv": {"GEMV": 1, "SPLIT_K": 2, "BLOCK_K": 16},
              "gemv_defer_prefetch": {"GEMV": 1, "BLOCK_K": 16, "DEFER": 1, "PREFETCH": 1},
              "gemv_prefetch_oddk": {"GEMV": 1, "BLOCK_K": 32, "PREFETCH": 1},
