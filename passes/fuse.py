@@ -89,25 +89,27 @@ class _Groups:
         return self.plans[gid]
 
     def _reaches(self, src: set[int], dst: set[int]) -> bool:
-        """Is there a path from group ``src`` to group ``dst`` through a node in neither?
-        Nodes are in topological order, so the search stops past the last node of ``dst``."""
-        limit = max(dst)
+        """Is there a path from group ``src`` to group ``dst`` through a node in neither? Paths
+        run through groups, not only nodes: a fused group runs once all its inputs exist, so
+        reaching any member reaches all of its outputs (two horizontally merged nodes with no path
+        between them still order everything around them)."""
         outside = lambda k: k not in src and k not in dst  # noqa: E731
         stack = [k for i in src for v in self.nodes[i].outputs for u in self.users.get(v.name, [])
                  if outside(k := self.pos[id(u)])]
         seen: set[int] = set()
         while stack:
-            j = stack.pop()
-            if j in seen or j > limit:
+            gj = self.gid[stack.pop()]
+            if gj in seen:
                 continue
-            seen.add(j)
-            for v in self.nodes[j].outputs:
-                for u in self.users.get(v.name, []):
-                    k = self.pos[id(u)]
-                    if k in dst:
-                        return True
-                    if outside(k):
-                        stack.append(k)
+            seen.add(gj)
+            for j in self.members[gj]:
+                for v in self.nodes[j].outputs:
+                    for u in self.users.get(v.name, []):
+                        k = self.pos[id(u)]
+                        if k in dst:
+                            return True
+                        if outside(k) and self.gid[k] not in seen:
+                            stack.append(k)
         return False
 
     def _ready(self, group: set[int], merged: set[int]) -> int:

@@ -154,6 +154,24 @@ def test_no_fusion_through_a_cycle_with_opaque_op():
     check(got, want)
 
 
+def test_no_cycle_through_a_horizontally_merged_group():
+    """sin(x) and m2 * x merge horizontally (both read x); exp(w) and m1 * w read w, but merging
+    them too would close a loop through the first group: exp(w) -> mm -> [m2 * x, sin(x)] -> mm
+    -> m1 * w. No node path joins the two members of the first group, so only a check that moves
+    through groups (not nodes) sees it (a Llama training backward failed to order its kernels)."""
+    torch.manual_seed(0)
+    x, w, W = torch.randn(16, 16), torch.randn(16, 16), torch.randn(16, 16)
+
+    def fn(x, w, W):
+        a = x.sin()
+        c1 = (a @ W) * w
+        b = (w.exp() @ W) * x
+        return c1, b
+    g, got, want = compile_fn(fn, x, w, W)
+    _order_is_topological(g)
+    check(got, want)
+
+
 def test_views_and_broadcasts_fold_into_kernels():
     """Reshapes that add/drop unit dims, permutes and expands of kernel values cost nothing
     outside the kernels."""
