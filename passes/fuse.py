@@ -182,7 +182,37 @@ def fuse(g: Graph, options=None) -> Graph:
             pa, pb = G.plan_of(G.gid[a]), G.plan_of(G.gid[b])
             if pa and pb and (pa["domain"], pa["reduce_dims"]) == (pb["domain"], pb["reduce_dims"]):
                 G.try_merge(a, b)
+    _drop_tail_views(G)
     return _rebuild(g, G, fusible)
+
+
+def _drop_tail_views(G: _Groups) -> None:
+    """Views no member of their group reads leave the group: inside it the kernel would store
+    the view as a copy of its source (a transposed gradient next to the gradient: a second
+    buffer as big as the first); outside it the view is free, over the stored source."""
+    for gid, idxs in list(G.members.items()):
+        if len(idxs) < 2:
+            continue
+        members = set(idxs)
+        for i in sorted(idxs, reverse=True):        # consumers first: a chain of views drops whole
+            n = G.nodes[i]
+            if op_kind(n.op) != OpKind.VIEW:
+                continue
+            if not any(G.pos[id(u)] in members for v in n.outputs for u in G.users.get(v.name, [])):
+                members.discard(i)
+        if members == set(idxs) or all(op_kind(G.nodes[i].op) == OpKind.VIEW for i in members):
+            continue
+        plan = G.plan(sorted(members))
+        if plan is None:
+            continue
+        del G.members[gid]
+        G.plans.pop(gid, None)
+        key = min(members)
+        G.members[key], G.plans[key] = sorted(members), plan
+        for i in members:
+            G.gid[i] = key
+        for i in set(idxs) - members:
+            G.members[i], G.gid[i] = [i], i
 
 
 def _rebuild(g: Graph, G: _Groups, fusible) -> Graph:
