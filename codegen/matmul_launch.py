@@ -94,9 +94,11 @@ def load_matmul(k: Kernel) -> None:
         prods = []
         for s in segs:
             o = outs[s["out"]] if s["out"] is not None else None
-            into = s["direct"] or (s.get("inplace") and not _shares_storage(o, ins))
+            inplace = not s["direct"] and s.get("inplace") and not _shares_storage(o, ins)
             for j, b in enumerate(s["b"]):
-                if j == 0 and into:
+                if s["direct"]:
+                    p = mm(a, ins[b], out=o)
+                elif j == 0 and inplace:
                     p = mm(a, ins[b], out=o.view(*a.shape[:-1], s["n"]))
                 else:
                     p = mm(a, ins[b])
