@@ -1,5 +1,5 @@
-"""Cleanup passes: dead-code elimination, common-subexpression elimination, constant folding
-and view canonicalisation. Each is a plain Graph -> Graph function."""
+"""Cleanup passes: dead-code elimination, common-subexpression elimination, constant folding,
+identity arithmetic and view canonicalisation. Each is a plain Graph -> Graph function."""
 from __future__ import annotations
 
 import torch
@@ -120,5 +120,49 @@ def canonicalize_views(g: Graph) -> Graph:
                 continue
         out.append(n)
     g2 = g.copy(out)
+    g2.outputs = map_values(g.outputs, sub)
+    return g2
+
+
+# op -> the scalar that leaves its first operand unchanged, exactly (x * 1, x / 1, x - 0 are
+# bit-identical for every float, NaN and -0.0 included; x + 0 is not: -0.0 + 0 is +0.0)
+_IDENTITY_SCALARS = {"aten.mul.Tensor": 1, "aten.mul.Scalar": 1, "aten.div.Tensor": 1, "aten.div.Scalar": 1,
+                     "aten.sub.Tensor": 0, "aten.sub.Scalar": 0}
+
+
+def _identity(n: Node) -> Value | None:
+    """The operand an exact identity op returns unchanged (same dtype, shape and layout), or None."""
+    ident = _IDENTITY_SCALARS.get(n.op)
+    if ident is None or len(n.args) != 2 or n.kwargs or not isinstance(n.args[0], Value) \
+            or not isinstance(n.args[1], (int, float)) or isinstance(n.args[1], bool) or n.args[1] != ident:
+        return None
+    src, dst = n.args[0].type, n.out.type
+    if src is None or dst is None or (src.shape, src.strides, src.offset, src.dtype) != \
+            (dst.shape, dst.strides, dst.offset, dst.dtype):
+        return None
+    return n.args[0]
+
+
+def drop_copy_kernels(g: Graph) -> Graph:
+    """Drop fused kernels whose only work is an exact identity (``grad * 1``, left by
+    decompositions such as addmm's backward with alpha 1): such a kernel copies a tensor, as
+    big as a gradient, to no end. An identity fused with real work costs nothing and stays. Not
+    for graph outputs (eager returns a new tensor there, not an alias)."""
+    outs = {v.name for v in g.output_values()}
+    rename: dict[str, Value] = {}
+    sub = lambda v: rename.get(v.name, v)  # noqa: E731
+    kept = []
+    for n in g.nodes:
+        n = Node(n.op, map_values(n.args, sub), map_values(n.kwargs, sub), n.outputs, n.attrs)
+        body = n.attrs.get("body") if n.op == "kiln.fused" else None
+        if body is not None and len(body.nodes) == 1 and len(n.outputs) == 1 and n.out.name not in outs:
+            src = _identity(body.nodes[0])
+            inner = {v.name: a for v, a in zip(body.inputs, n.args)}
+            if src is not None and src.name in inner and isinstance(inner[src.name], Value) \
+                    and inner[src.name].type == n.out.type:
+                rename[n.out.name] = inner[src.name]
+                continue
+        kept.append(n)
+    g2 = g.copy(kept)
     g2.outputs = map_values(g.outputs, sub)
     return g2

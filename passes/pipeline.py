@@ -6,7 +6,7 @@ import time
 from kiln.ir import Graph
 from .addmm import recompose_addmm
 from .attention import attention
-from .cleanup import canonicalize_views, constant_fold, cse, dce
+from .cleanup import canonicalize_views, constant_fold, cse, dce, drop_copy_kernels
 from .fuse import fuse
 from .matmul import matmul_fusion
 from .cache_schedule import schedule_cache
@@ -23,6 +23,7 @@ PIPELINE = [
     ("attention", attention),            # before fuse/matmul: they would take its matmuls and softmax
     ("addmm", recompose_addmm),          # cpu target: the bias back into ATen's addmm
     ("fuse", fuse),
+    ("drop_copy_kernels", lambda g, o: drop_copy_kernels(g)),
     ("matmul", matmul_fusion),
     ("schedule", schedule),
     ("plan_memory", plan_memory),

@@ -172,6 +172,25 @@ def test_no_cycle_through_a_horizontally_merged_group():
     check(got, want)
 
 
+def test_a_kernel_that_only_copies_is_dropped():
+    """x * 1 alone between two matmuls (addmm's backward leaves grad * 1) would be a kernel that
+    copies its input: dropped. Fused with real work it costs nothing and stays; as a graph
+    output it stays too (eager returns a new tensor there). Not for casts or inexact identities."""
+    torch.manual_seed(0)
+    x, W = torch.randn(8, 16), torch.randn(16, 16)
+    g, got, want = compile_fn(lambda x, W: ((x @ W) * 1) @ W, x, W)
+    assert kernels(g) == [] and [n.op for n in g.nodes] == ["aten.mm.default"] * 2
+    check(got, want)
+    g, got, want = compile_fn(lambda x, W: (((x @ W) * 1).exp() @ W, (x @ W) * 1.0), x, W)
+    assert [len(k.attrs["body"].nodes) for k in kernels(g)] == [3]     # mul, exp, mul: one kernel
+    check(got, want)
+    for fn, op in ((lambda x, W: ((x @ W) + 0) @ W, "aten.add.Tensor"),          # -0.0 + 0 is +0.0
+                   (lambda x, W: ((x @ W) * 1).double() @ W.double(), "aten.mul.Tensor")):
+        g, got, want = compile_fn(fn, x, W)
+        assert any(n.op == op for k in kernels(g) for n in k.attrs["body"].nodes)
+        check(got, want)
+
+
 def test_views_and_broadcasts_fold_into_kernels():
     """Reshapes that add/drop unit dims, permutes and expands of kernel values cost nothing
     outside the kernels."""
