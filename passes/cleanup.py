@@ -1,5 +1,6 @@
 """Cleanup passes: dead-code elimination, common-subexpression elimination, constant folding,
-identity arithmetic and view canonicalisation. Each is a plain Graph -> Graph function."""
+view canonicalisation, and (after fusion) kernels that only copy. Each is a plain Graph -> Graph
+function."""
 from __future__ import annotations
 
 import torch

@@ -3,7 +3,7 @@ paying host time per kernel: after warm-up calls, every kernel launch and ATen c
 once and later calls replay it. Inputs whose address stayed the same during warm-up (weights)
 are read in place; the others are copied into static buffers before each replay. A stable input
 that moves forces a new capture; if capture is impossible the graph runs as before (with a
-warning). Policy "auto" captures only a launch-bound graph: on the last warm-up call the host's
+warning). Policy "auto" captures only a launch-bound graph: after the warm-up calls the host's
 time to issue the graph is compared with the GPU's time to run it, each the least seen over the
 warm-up calls after the first (one call can be a host hiccup, or carry a library's first-use
 work on the GPU); a GPU-bound graph gains nothing from replay and would pay for copying inputs
