@@ -4,7 +4,8 @@
   through the compiled graph, against the copy roofline; plus a CUDA profile of the default;
 - profile: CUDA kernel tables (torch.profiler) of kiln and Inductor on the GPT-2, BERT and Llama
   model cases, which separate GPU time from host time;
-- memory: a training step's forward peak, held bytes and backward peak, eager vs kiln.
+- memory: a training step's forward peak, held bytes and backward peak, eager vs kiln (the
+  MLP of tests/gpu/test_gpu_memory.py, GPT-2 and BERT at bench/gpu_memory.py's configs).
 
     PYTHONPATH=$PWD python bench/gpu_diag.py [sweep] [profile] [memory]
 """
@@ -105,25 +106,37 @@ def profile():
         del fn, inputs; gc.collect(); torch.cuda.empty_cache()
 
 def memory():
+    """Per phase of one training step: the MLP of tests/gpu/test_gpu_memory.py, then the
+    transformers configs of bench/gpu_memory.py (GPT-2, BERT)."""
     from test_gpu_memory import MLP
+    from gpu_memory import Logits, configs, warm_workspaces
     from kiln.api import kiln_backend
+    warm_workspaces()
     torch.manual_seed(0)
-    model = MLP().cuda().train(True)
     x = torch.randn(4096, 1024, device="cuda", requires_grad=True)
-    def stats(f, label):
-        for p in model.parameters(): p.grad = None
-        torch.cuda.synchronize(); gc.collect(); base = torch.cuda.memory_allocated(); torch.cuda.reset_peak_memory_stats()
-        y = f(x); torch.cuda.synchronize()
-        fwd_peak, after_fwd = torch.cuda.max_memory_allocated() - base, torch.cuda.memory_allocated() - base
-        torch.cuda.reset_peak_memory_stats(); y.sum().backward(); torch.cuda.synchronize()
-        bwd_peak = torch.cuda.max_memory_allocated() - base
-        print(f"{label}: fwd peak {fwd_peak/1e6:.1f} MB, held after fwd {after_fwd/1e6:.1f} MB, bwd peak (rel. base) {bwd_peak/1e6:.1f} MB")
-    stats(model, "eager"); stats(model, "eager")
-    opts = {"target": "triton", "report": os.path.join(tempfile.mkdtemp(), "r.jsonl")}
-    c = torch.compile(model, backend=functools.partial(kiln_backend, options=opts))
-    stats(c, "kiln"); stats(c, "kiln")
-    for line in open(opts["report"]):
-        r = json.loads(line); print("  report", r.get("graph_kind", r.get("kind")), r["memory"])
+    cases = [("mlp", MLP().cuda().train(True), (x,), {})]
+    for name in ("gpt2", "bert"):
+        mk, ins = configs(False)[name]
+        torch.manual_seed(0)
+        cases.append((name, Logits(mk()).cuda().train(True), (), ins()))
+    for name, model, args, kw in cases:
+        def stats(f, label):
+            for p in model.parameters(): p.grad = None
+            torch.cuda.synchronize(); gc.collect(); base = torch.cuda.memory_allocated(); torch.cuda.reset_peak_memory_stats()
+            y = f(*args, **kw).float(); torch.cuda.synchronize()
+            fwd_peak, after_fwd = torch.cuda.max_memory_allocated() - base, torch.cuda.memory_allocated() - base
+            torch.cuda.reset_peak_memory_stats(); y.sum().backward(); torch.cuda.synchronize()
+            bwd_peak = torch.cuda.max_memory_allocated() - base
+            print(f"{name} {label}: fwd peak {fwd_peak/2**20:.1f} MiB, held after fwd {after_fwd/2**20:.1f} MiB, "
+                  f"bwd peak (rel. base) {bwd_peak/2**20:.1f} MiB")
+        stats(model, "eager"); stats(model, "eager")
+        opts = {"target": "triton", "cudagraphs": False, "report": os.path.join(tempfile.mkdtemp(), "r.jsonl")}
+        torch._dynamo.reset()
+        c = torch.compile(model, backend=functools.partial(kiln_backend, options=opts))
+        stats(c, "kiln"); stats(c, "kiln")
+        for line in open(opts["report"]):
+            r = json.loads(line); print("  report", r.get("graph_kind", r.get("kind")), r["memory"])
+        del c, model; torch._dynamo.reset(); gc.collect(); torch.cuda.empty_cache()
 
 for sec in what:
     try:

@@ -195,7 +195,7 @@ def render(node: Node) -> tuple[str, dict]:
     return src, {"ops": list(dict.fromkeys(ops))}
 
 
-def _inplace(seg: dict, node: Node, nodes: dict, plan: dict) -> bool:
+def _inplace(seg: dict, node: Node, nodes: dict) -> bool:
     """Whether the cuBLAS path may write the segment's first product into its one output and run
     the epilogue over it in place (each element is read and written by the same program, at the
     same offset): the output is stored in the products' linear order, densely, in their dtype. It
@@ -214,7 +214,7 @@ def build(node: Node, target: str, cache_dir: str, autotune: bool = False) -> Ke
     nodes = {o.name: n for n in body.nodes for o in n.outputs}
     segs = [{"n": s["n"], "b": s["b"], "P": len(s["acc"]), "out": s["outputs"][0] if s["outputs"] else None,
              "direct": len(s["acc"]) == 1 and not s["groups"] and s["stores"] == s["acc"],
-             "inplace": _inplace(s, node, nodes, plan)} for s in plan["segments"]]
+             "inplace": _inplace(s, node, nodes)} for s in plan["segments"]]
     first = plan["segments"][0]
     identity = all(s["direct"] for s in segs) and plan["prologue"] is None
     meta = {"launcher": "matmul", "cache_dir": cache_dir, "autotune": bool(autotune),

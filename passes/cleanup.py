@@ -104,25 +104,38 @@ def constant_fold(g: Graph, max_bytes: int = 1 << 16) -> Graph:
 _IDENTITY_VIEWS = {"aten.alias.default", "aten.detach.default"}
 
 
+def _same_layout(src, dst) -> bool:
+    return src is not None and dst is not None and \
+        (src.shape, src.strides, src.offset, src.dtype) == (dst.shape, dst.strides, dst.offset, dst.dtype)
+
+
+def _alias_away(g: Graph, alias_of) -> Graph:
+    """``g`` without the nodes for which ``alias_of(node)`` names the value their output equals;
+    readers of the output (graph outputs included) read that value instead."""
+    rename: dict[str, Value] = {}
+    sub = lambda v: rename.get(v.name, v)  # noqa: E731
+    kept = []
+    for n in g.nodes:
+        n = Node(n.op, map_values(n.args, sub), map_values(n.kwargs, sub), n.outputs, n.attrs)
+        src = alias_of(n)
+        if src is not None:
+            rename[n.out.name] = src
+        else:
+            kept.append(n)
+    g2 = g.copy(kept)
+    g2.outputs = map_values(g.outputs, sub)
+    return g2
+
+
 def canonicalize_views(g: Graph) -> Graph:
     """Drop identity views (alias, detach, reshapes/expands to the same shape) and merge
     view-of-view chains into one view where the result is the same."""
-    rename: dict[str, Value] = {}
-    sub = lambda v: rename.get(v.name, v)  # noqa: E731
-    out = []
-    for n in g.nodes:
-        n = Node(n.op, map_values(n.args, sub), map_values(n.kwargs, sub), n.outputs, n.attrs)
-        if op_kind(n.op) == OpKind.VIEW and n.args and isinstance(n.args[0], Value):
-            src, dst = n.args[0].type, n.out.type
-            same = (src is not None and dst is not None and src.shape == dst.shape
-                    and src.strides == dst.strides and src.offset == dst.offset and src.dtype == dst.dtype)
-            if n.op in _IDENTITY_VIEWS or same:
-                rename[n.out.name] = n.args[0]
-                continue
-        out.append(n)
-    g2 = g.copy(out)
-    g2.outputs = map_values(g.outputs, sub)
-    return g2
+    def alias_of(n: Node) -> Value | None:
+        if op_kind(n.op) == OpKind.VIEW and n.args and isinstance(n.args[0], Value) and \
+                (n.op in _IDENTITY_VIEWS or _same_layout(n.args[0].type, n.out.type)):
+            return n.args[0]
+        return None
+    return _alias_away(g, alias_of)
 
 
 # op -> the scalar that leaves its first operand unchanged, exactly (x * 1, x / 1, x - 0 are
@@ -137,11 +150,7 @@ def _identity(n: Node) -> Value | None:
     if ident is None or len(n.args) != 2 or n.kwargs or not isinstance(n.args[0], Value) \
             or not isinstance(n.args[1], (int, float)) or isinstance(n.args[1], bool) or n.args[1] != ident:
         return None
-    src, dst = n.args[0].type, n.out.type
-    if src is None or dst is None or (src.shape, src.strides, src.offset, src.dtype) != \
-            (dst.shape, dst.strides, dst.offset, dst.dtype):
-        return None
-    return n.args[0]
+    return n.args[0] if _same_layout(n.args[0].type, n.out.type) else None
 
 
 def drop_copy_kernels(g: Graph) -> Graph:
@@ -150,20 +159,12 @@ def drop_copy_kernels(g: Graph) -> Graph:
     big as a gradient, to no end. An identity fused with real work costs nothing and stays. Not
     for graph outputs (eager returns a new tensor there, not an alias)."""
     outs = {v.name for v in g.output_values()}
-    rename: dict[str, Value] = {}
-    sub = lambda v: rename.get(v.name, v)  # noqa: E731
-    kept = []
-    for n in g.nodes:
-        n = Node(n.op, map_values(n.args, sub), map_values(n.kwargs, sub), n.outputs, n.attrs)
+
+    def alias_of(n: Node) -> Value | None:
         body = n.attrs.get("body") if n.op == "kiln.fused" else None
-        if body is not None and len(body.nodes) == 1 and len(n.outputs) == 1 and n.out.name not in outs:
-            src = _identity(body.nodes[0])
-            inner = {v.name: a for v, a in zip(body.inputs, n.args)}
-            if src is not None and src.name in inner and isinstance(inner[src.name], Value) \
-                    and inner[src.name].type == n.out.type:
-                rename[n.out.name] = inner[src.name]
-                continue
-        kept.append(n)
-    g2 = g.copy(kept)
-    g2.outputs = map_values(g.outputs, sub)
-    return g2
+        if body is None or len(body.nodes) != 1 or len(n.outputs) != 1 or n.out.name in outs:
+            return None
+        src = _identity(body.nodes[0])
+        inner = {v.name: a for v, a in zip(body.inputs, n.args)}.get(src.name) if src is not None else None
+        return inner if isinstance(inner, Value) and inner.type == n.out.type else None
+    return _alias_away(g, alias_of)

@@ -17,8 +17,9 @@ import weakref
 import torch
 
 MAX_CAPTURES = 4
-# "auto" replays when issuing the timed warm-up call took the host at least this fraction of the
-# GPU's time between the call's start and end events. A launch-bound graph keeps the GPU waiting
+# "auto" replays when issuing the graph took the host at least this fraction of the GPU's time
+# between a call's start and end events (the least of each over the timed warm-up calls), plus
+# the copies replay adds. A launch-bound graph keeps the GPU waiting
 # on the host, so the two are close (BERT-large layer on an H200: host 0.67 ms for 0.22 ms of
 # kernels); a GPU-bound one gains nothing from replay and would pay for copying its outputs
 # (bias+GELU+residual 16384x4096: host ~0.05 ms, GPU 0.11 ms; SwiGLU MLP: 0.07 ms, 2.9 ms). The
