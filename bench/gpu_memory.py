@@ -30,6 +30,9 @@ from kiln.api import kiln_backend  # noqa: E402
 OPTIONS = {"target": "triton", "cudagraphs": False}
 
 
+MODELS = ("gpt2", "llama", "bert", "zoo")       # what --only takes: configs() and the test zoo
+
+
 def configs(small: bool) -> dict:
     import transformers
     transformers.logging.set_verbosity_error()
@@ -142,6 +145,8 @@ def main() -> None:
     ap.add_argument("--only", help="comma-separated models to run: gpt2, llama, bert, zoo (default: all)")
     args = ap.parse_args()
     only = set(args.only.split(",")) if args.only else None
+    if only and only - set(MODELS):
+        ap.error(f"--only: unknown model(s) {', '.join(sorted(only - set(MODELS)))}; choose from {', '.join(MODELS)}")
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
     cases = {}
