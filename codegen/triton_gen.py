@@ -89,12 +89,39 @@ def _decompose(var: str, sizes: list[int], prefix: str) -> list[str]:
     return lines
 
 
-def _addr(a, nx) -> str:
-    terms = [f"x{i} * {s}" if s != 1 else f"x{i}" for i, s in enumerate(a.xstrides) if s] + \
-            [f"r{i} * {s}" if s != 1 else f"r{i}" for i, s in enumerate(a.rstrides) if s]
+def _flat_scale(sizes: list[int], strides: list[int]) -> int | None:
+    """c when ``strides`` walk ``sizes`` row-major times c (size-1 dims ignored), else None: such
+    an access indexes with the flat ``x`` / ``r`` itself, no div/mod decomposition."""
+    inner, c = 1, None
+    for size, st in zip(reversed(sizes), reversed(strides)):
+        if size != 1:
+            if c is None:
+                c = st
+            if c == 0 or st != c * inner:
+                return None
+        inner *= size
+    return c
+
+
+def _dims(var: str, sizes: list[int], strides: list[int]) -> list[str]:
+    c = _flat_scale(sizes, strides) if len([n for n in sizes if n != 1]) > 1 else None
+    if c is not None:
+        return [var if c == 1 else f"{var} * {c}"]
+    return [f"{var}{i} * {s}" if s != 1 else f"{var}{i}" for i, s in enumerate(strides) if s]
+
+
+def _addr(lk, a) -> str:
+    terms = _dims("x", lk.xsizes, a.xstrides) + _dims("r", lk.rsizes, a.rstrides)
     # an access that walks no dim (a 0-d or all-broadcast tensor) still needs a block of
     # pointers: tl.load / tl.store refuse a block mask or value with a scalar pointer
     return " + ".join(terms) if terms else "x * 0"
+
+
+def _load_mask(a, red: bool) -> str | None:
+    """Only the bounds the address depends on: a row-broadcast weight needs no row mask (its
+    address is valid on every row), and an access that walks nothing needs none at all."""
+    parts = (["xmask"] if any(a.xstrides) else []) + (["rmask"] if red and any(a.rstrides) else [])
+    return " & ".join(parts) or None
 
 
 class _Emitter:
@@ -103,11 +130,11 @@ class _Emitter:
         self.r = TritonRenderer()
         self.lines: list[str] = []
 
-    def load(self, a, mask: str) -> str:
+    def load(self, a) -> str:
         cdt = TL[compute_dtype(a.dtype)]
-        zero = "0"
-        ptr = f"in_ptr{a.arg} + ({_addr(a, len(self.lk.xsizes))})"
-        v = f"tl.load({ptr}, mask={mask}, other={zero})"
+        ptr = f"in_ptr{a.arg} + ({_addr(self.lk, a)})"
+        mask = _load_mask(a, self.lk.kind == "reduction")
+        v = f"tl.load({ptr}, mask={mask}, other=0)" if mask else f"tl.load({ptr})"
         return f"{a.var} = {v}" + (f".to({cdt})" if compute_dtype(a.dtype) != a.dtype else "")
 
     def stmt(self, s) -> str:
@@ -139,8 +166,14 @@ class _Emitter:
         return self.r.literal(Const(neutral(red.kind, red.acc_dtype), red.acc_dtype))
 
     def store(self, a, mask: str) -> str:
-        return f"tl.store(out_ptr{a.arg} + ({_addr(a, len(self.lk.xsizes))}), " \
+        return f"tl.store(out_ptr{a.arg} + ({_addr(self.lk, a)}), " \
                f"{a.var}.to({TL[a.dtype]}), mask={mask})"
+
+
+def _rmask() -> list[str]:
+    # whole tiles only (RN a nonzero multiple of RBLOCK, both constexpr): a constant mask, which
+    # Triton folds away, so loads and stores are unpredicated and vectorise fully
+    return ["if RN % RBLOCK == 0 and RN > 0:", "    rmask = tl.full([1, RBLOCK], 1, tl.int1)", "else:", "    rmask = r < RN"]
 
 
 def render(lk: LoopKernel) -> tuple[str, dict]:
@@ -151,17 +184,17 @@ def render(lk: LoopKernel) -> tuple[str, dict]:
     one_pass = red and lk.rnumel <= RBLOCK_MAX
     if not red:
         for a in lk.loads:
-            L.append(em.load(a, "xmask"))
+            L.append(em.load(a))
         for s in lk.stmts:
             L.append(em.stmt(s))
         for a in lk.stores:
             L.append(em.store(a, "xmask"))
     elif one_pass:
         L.append("r = tl.arange(0, RBLOCK)[None, :]")
-        L.append("rmask = r < RN")
+        L += _rmask()
         L += _decompose("r", lk.rsizes, "r")
         for a in lk.loads:
-            L.append(em.load(a, "xmask & rmask" if a.space == "xr" else "xmask"))
+            L.append(em.load(a))
         for s in lk.stmts:
             if isinstance(s.expr, Reduce):
                 L.append(f"{s.var} = " + em.reduce_expr(s.expr, s.expr.src, "xmask & rmask"))
@@ -173,14 +206,14 @@ def render(lk: LoopKernel) -> tuple[str, dict]:
         pre, stages, final = plan_stages(lk)
         for a in lk.loads:
             if a.space == "x":
-                L.append(em.load(a, "xmask"))
+                L.append(em.load(a))
         L += [em.stmt(s) for s in pre]
 
         def loop(stage, body_end: list[str]):
             L.append("for r_start in range(0, RN, RBLOCK):")
-            inner = ["r = r_start + tl.arange(0, RBLOCK)[None, :]", "rmask = r < RN"]
+            inner = ["r = r_start + tl.arange(0, RBLOCK)[None, :]", *_rmask()]
             inner += _decompose("r", lk.rsizes, "r")
-            inner += [em.load(a, "xmask & rmask") for a in stage.loop_loads]
+            inner += [em.load(a) for a in stage.loop_loads]
             inner += [em.stmt(s) for s in stage.loop_stmts]
             inner += body_end
             L.extend("    " + line for line in inner)
