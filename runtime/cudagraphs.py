@@ -23,12 +23,25 @@ MAX_CAPTURES = 4
 # on the host, so the two are close (BERT-large layer on an H200: host 0.67 ms for 0.22 ms of
 # kernels); a GPU-bound one gains nothing from replay and would pay for copying its outputs
 # (bias+GELU+residual 16384x4096: host ~0.05 ms, GPU 0.11 ms; SwiGLU MLP: 0.07 ms, 2.9 ms). The
-# copies replay adds count against it (softmax 4096x8192: host 0.038 ms, GPU 0.037 ms, but its
-# 64 MiB output clone costs 0.02 ms: 0.037 ms unreplayed, 0.058 ms replayed). The line sits at
-# half: with the host near the GPU's time (Llama layer: host ~1.0-2.0 ms from run to run for 1.35
-# ms of kernels) an unreplayed call follows the host's noise (1.38-2.17 ms on an H200), a replayed
-# one does not (1.38-1.47 ms), and the copies are what replay costs.
+# line sits at half: with the host near the GPU's time (Llama layer: host ~1.0-2.0 ms from run to
+# run for 1.35 ms of kernels) an unreplayed call follows the host's noise (1.38-2.17 ms on an
+# H200), a replayed one does not (1.38-1.47 ms).
 LAUNCH_BOUND = 0.5
+# ... but only where the copies are cheap next to the kernels: replay can save at most the host's
+# excess over the GPU and always adds its copies (softmax 4096x8192: host 0.04-0.05 ms, GPU 0.037
+# ms, and its 64 MiB output clone makes a replayed call 0.055 ms). Past this share of the GPU's
+# time, replay must beat the host's least time outright.
+COPY_SHARE = 0.1
+
+
+def should_replay(host_ms: float, gpu_ms: float, copy_ms: float) -> bool:
+    """The "auto" decision from the least host and GPU times of the warm-up calls and what
+    replay's copies would add on the GPU (all ms)."""
+    if host_ms >= gpu_ms + copy_ms:             # host-bound even after paying for the copies
+        return True
+    return host_ms >= LAUNCH_BOUND * gpu_ms + copy_ms and copy_ms <= COPY_SHARE * gpu_ms
+
+
 _LIVE: "weakref.WeakSet[CudaGraphRunner]" = weakref.WeakSet()
 
 
@@ -88,7 +101,7 @@ class CudaGraphRunner:
         end.synchronize()
         self.samples.append((host_ms, start.elapsed_time(end)))
         host, gpu = (min(x) for x in zip(*self.samples))
-        self.launch_bound = host >= LAUNCH_BOUND * gpu + self._copy_ms(inputs, out)
+        self.launch_bound = should_replay(host, gpu, self._copy_ms(inputs, out))
         return out
 
     def _copy_ms(self, inputs, out) -> float:

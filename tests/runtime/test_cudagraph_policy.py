@@ -1,5 +1,8 @@
 """CUDA graph replay policy pieces that need no GPU."""
+import pytest
 import torch
+
+from kiln.runtime.cudagraphs import should_replay
 
 
 def test_cuda_graph_replay_cost_counts_outputs_and_moving_inputs():
@@ -14,3 +17,18 @@ def test_cuda_graph_replay_cost_counts_outputs_and_moving_inputs():
     want = 2 * ((1 << 10) + (1 << 20)) / device_peaks("cuda")[0] * 1e3
     assert abs(r._copy_ms([still, moving], out) - want) < 1e-12
     assert r.describe() == "CUDA graph: not captured yet (0 of 3 warm-up calls)"
+
+
+# host, GPU and copy ms measured on an H200 (runtime/cudagraphs.py names each case): replay where
+# the host holds the GPU up and the copies are cheap, never where they cost more than it saves
+@pytest.mark.parametrize("host, gpu, copy, replay", [
+    (0.67, 0.22, 0.004, True),      # BERT-large layer: launch-bound
+    (1.00, 1.35, 0.014, True),      # Llama layer: host near the GPU's time, copies ~1% of it
+    (0.05, 0.11, 0.06, False),      # bias+GELU+residual: GPU-bound
+    (0.07, 2.90, 0.03, False),      # SwiGLU MLP: GPU-bound
+    (0.047, 0.037, 0.028, False),   # softmax: host a little over the GPU, 64 MiB output clone
+    (0.070, 0.037, 0.028, True),    # ... unless the host alone is slower than replay
+    (1.00, 0.10, 0.05, True),       # launch-bound with large outputs: replay still wins
+])
+def test_auto_replay_rule(host, gpu, copy, replay):
+    assert should_replay(host, gpu, copy) is replay
