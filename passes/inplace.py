@@ -24,6 +24,13 @@ def _full_strides(t, dmap, nd) -> tuple:
     return tuple(st)
 
 
+def inner_names(n: Node, name: str) -> set[str]:
+    """The names a fused node's body reads the outer value ``name`` by: its body inputs pair with
+    its arguments by position, and passes that alias a value away (drop_copy_kernels) rename the
+    arguments, not the body."""
+    return {v.name for v, a in zip(n.body.inputs, n.args) if getattr(a, "name", None) == name}
+
+
 def elementwise_safe(n: Node, out, inp, target: str = "cpu") -> bool:
     """Can output ``out`` of fused node ``n`` overwrite input ``inp``? Only if every load of
     ``inp`` (by a pointwise op of the body) reads exactly the element the store of ``out``
@@ -40,10 +47,11 @@ def elementwise_safe(n: Node, out, inp, target: str = "cpu") -> bool:
     if {d for d in maps[out.name] if d is not None} != {i for i, s in enumerate(domain) if s != 1}:
         return False
     want = _full_strides(b, maps[out.name], nd)
+    names = inner_names(n, inp.name)
     reads = 0
     for m in n.body.nodes:
         for x in m.inputs():
-            if x.name != inp.name:
+            if x.name not in names:
                 continue
             om, oshape = maps[m.out.name], m.out.type.shape
             off = len(oshape) - a.rank

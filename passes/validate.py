@@ -43,8 +43,10 @@ def _in_place_ok(g: Graph, i: int, old: str, new: str, types) -> bool:
     domain = 1
     for d in plan.get("domain", ()):
         domain *= d
+    from .inplace import inner_names
+    names = inner_names(n, old)
     return b.numel == domain and all(m.out.type.shape == a.shape and op_kind(m.op) == OpKind.POINTWISE
-                                     for m in n.body.nodes if old in {v.name for v in m.inputs()})
+                                     for m in n.body.nodes if names & {v.name for v in m.inputs()})
 
 
 def _check_overwrites(g: Graph, overwrites: dict[str, str], types, errs: list[str]) -> None:
