@@ -7,6 +7,7 @@ arena fits its capacity, and nothing in the arena reaches a graph output."""
 from __future__ import annotations
 
 from kiln.ir import Graph, OpKind, op_kind, resolve
+from .inplace import inner_names
 
 ALIGN = 64
 
@@ -43,7 +44,6 @@ def _in_place_ok(g: Graph, i: int, old: str, new: str, types) -> bool:
     domain = 1
     for d in plan.get("domain", ()):
         domain *= d
-    from .inplace import inner_names
     names = inner_names(n, old)
     return b.numel == domain and all(m.out.type.shape == a.shape and op_kind(m.op) == OpKind.POINTWISE
                                      for m in n.body.nodes if names & {v.name for v in m.inputs()})
