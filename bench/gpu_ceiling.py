@@ -34,6 +34,12 @@ rep("torch x + r", 3*x.numel()*2, lambda: torch.add(x, r, out=o))
 ref = torch.nn.functional.gelu(x + v) + r
 
 @triton.jit
+def _gelu_res(p, q, s):
+    """gelu(p + q) rounded to bf16, plus s: the case's arithmetic, in fp32 like kiln and eager."""
+    t = p + q
+    return (t * 0.5 * (tl.erf(t * 0.7071067811865476) + 1.0)).to(tl.bfloat16).to(tl.float32) + s
+
+@triton.jit
 def bgr_kiln(in0, in1, in2, out, XN, NC: tl.constexpr, XBLOCK: tl.constexpr, MASK: tl.constexpr, EV: tl.constexpr, FLAT: tl.constexpr):
     x = tl.program_id(0) * XBLOCK + tl.arange(0, XBLOCK)
     xmask = x < XN
@@ -47,9 +53,7 @@ def bgr_kiln(in0, in1, in2, out, XN, NC: tl.constexpr, XBLOCK: tl.constexpr, MAS
         p = tl.load(in0 + a, eviction_policy=EV).to(tl.float32)
         q = tl.load(in1 + x1, eviction_policy="evict_last").to(tl.float32)
         s = tl.load(in2 + a, eviction_policy=EV).to(tl.float32)
-    t = p + q
-    g = t * 0.5 * (tl.erf(t * 0.7071067811865476) + 1.0)
-    y = g.to(tl.bfloat16).to(tl.float32) + s
+    y = _gelu_res(p, q, s)
     if MASK:
         tl.store(out + a, y.to(tl.bfloat16), mask=xmask, eviction_policy=EV)
     else:
@@ -63,9 +67,7 @@ def bgr_persist(in0, in1, in2, out, NT, NC: tl.constexpr, XBLOCK: tl.constexpr, 
         p = tl.load(in0 + x, eviction_policy=EV).to(tl.float32)
         q = tl.load(in1 + x1, eviction_policy="evict_last").to(tl.float32)
         s = tl.load(in2 + x, eviction_policy=EV).to(tl.float32)
-        t = p + q
-        g = t * 0.5 * (tl.erf(t * 0.7071067811865476) + 1.0)
-        y = g.to(tl.bfloat16).to(tl.float32) + s
+        y = _gelu_res(p, q, s)
         tl.store(out + x, y.to(tl.bfloat16), eviction_policy=EV)
 
 @triton.jit
@@ -76,9 +78,7 @@ def bgr_2d(in0, in1, in2, out, NC: tl.constexpr, RB: tl.constexpr, CB: tl.conste
     p = tl.load(in0 + a, eviction_policy=EV).to(tl.float32)
     q = tl.load(in1 + cols, eviction_policy="evict_last").to(tl.float32)
     s = tl.load(in2 + a, eviction_policy=EV).to(tl.float32)
-    t = p + q
-    g = t * 0.5 * (tl.erf(t * 0.7071067811865476) + 1.0)
-    y = g.to(tl.bfloat16).to(tl.float32) + s
+    y = _gelu_res(p, q, s)
     tl.store(out + a, y.to(tl.bfloat16), eviction_policy=EV)
 
 nb = 3 * x.numel() * 2; XN = x.numel()
