@@ -74,16 +74,16 @@ def load_loop(k: Kernel) -> None:
     fast = {}
 
     def run_fast(cfg, ins, outs):
-        """After the first launch, call the compiled kernel directly: Triton's JIT dispatch
-        (argument binding and specialisation keys) costs more host time than the launch."""
-        ck = fast.get("k")
-        if ck is None:
-            ck = run(cfg, ins, outs)
-            if not interpret and hasattr(ck, "__getitem__"):
-                fast["k"] = ck[(-(-xn // cfg["XBLOCK"]), 1, 1)]
-                fast["extra"] = (xn, rn, cfg["XBLOCK"], cfg["RBLOCK"])
+        """After the first launch, call the compiled kernel's launcher directly: Triton's JIT
+        dispatch (argument binding, specialisation keys) and its per-launch device and stream
+        lookups cost more host time than the launch itself."""
+        direct = fast.get("k")
+        if direct is not None and direct(*ins, *outs):
             return
-        ck(*ins, *outs, *fast["extra"])
+        ck = run(cfg, ins, outs)
+        if direct is None and not interpret and hasattr(ck, "__getitem__"):
+            fast["k"] = direct_launcher(ck, (-(-xn // cfg["XBLOCK"]), 1, 1), (xn, rn, cfg["XBLOCK"], cfg["RBLOCK"]),
+                                        [*ins, *outs])
 
     def tune(inputs, outputs, timer=None) -> float:
         """Pick the launch config on these tensors (database, else prune/rank/time); seconds spent."""
@@ -106,6 +106,45 @@ def load_loop(k: Kernel) -> None:
     if not interpret:
         launch.tune = tune          # compile-time tuning (codegen.tune_kernels) calls this
     k.launcher = launch
+
+
+def _aligned(tensors) -> tuple:
+    return tuple(t.data_ptr() % 16 == 0 for t in tensors)
+
+
+def _launch_hooks():
+    try:
+        from triton import knobs
+        return lambda: knobs.runtime.launch_enter_hook is not None or knobs.runtime.launch_exit_hook is not None
+    except ImportError:         # Triton before knobs: the hooks are CompiledKernel class attributes
+        from triton.compiler.compiler import CompiledKernel as C
+        return lambda: C.launch_enter_hook is not None or C.launch_exit_hook is not None
+
+
+def direct_launcher(ck, grid, extra, tensors):
+    """``launch(*tensors) -> bool`` for a Triton CompiledKernel: its launcher called with the
+    current raw stream, as CompiledKernel's own runner does, minus the Python around it (Triton's
+    JIT dispatch and per-launch lookups cost more host time than a launch). The kernel was
+    specialised for its first tensors' 16-byte pointer alignment: for any other alignment it
+    returns False and the caller goes back through Triton's dispatch, which compiles that variant.
+    While a launch hook is set (a profiler such as Proton) the runner is used so the hook sees
+    every launch."""
+    runner = ck[grid]
+    launcher, function, packed = ck.run, ck.function, ck.packed_metadata
+    g0, g1, g2 = grid
+    hooked = _launch_hooks()
+    align = _aligned(tensors)
+    get_device, get_stream = torch._C._cuda_getDevice, torch._C._cuda_getCurrentRawStream
+
+    def launch(*tensors) -> bool:
+        if _aligned(tensors) != align:
+            return False
+        if hooked():
+            runner(*tensors, *extra)
+        else:
+            launcher(g0, g1, g2, get_stream(get_device()), function, packed, None, None, None, *tensors, *extra)
+        return True
+    return launch
 
 
 def _load_cuda(k: Kernel, in_strides) -> None:

@@ -9,7 +9,7 @@ import torch
 
 from .cache import source_path
 from .kernel import Kernel
-from .loader import FAST_LAUNCH, _conform, _import
+from .loader import FAST_LAUNCH, _conform, _import, direct_launcher
 from .matmul_config import default_config, problem_dims
 
 EPILOGUE_CFG = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 4}
@@ -68,11 +68,11 @@ def load_matmul(k: Kernel) -> None:
         (Triton's dispatch costs more host time than a decode GEMV); a change in pointer alignment,
         which the compiled kernel was specialised for, goes back through Triton."""
         key = (mode, splits, tuple(sorted(cfg.items())))
-        align = tuple(t.data_ptr() % 16 == 0 for t in args)
         hit = fast.get(key)
-        if hit is not None and hit[1] == align:
+        if hit is not None:
             try:
-                return hit[0](*args, *hit[2])
+                if hit(*args):
+                    return None
             except Exception:       # noqa: BLE001 - a Triton without direct launches: use its dispatch
                 fast.clear()
                 fast["off"] = True
@@ -81,8 +81,8 @@ def load_matmul(k: Kernel) -> None:
         fn = fns[1] if cfg.get("GEMV") and mode != 2 else fns[0]
         g = grid(cfg, splits if mode == 1 else 1)
         ret = fn[g](*args, **c, num_warps=cfg["num_warps"], **extra)
-        if FAST_LAUNCH and not interpret and not fast.get("off") and hasattr(ret, "__getitem__"):
-            fast[key] = (ret[g], align, tuple(c.values()))
+        if FAST_LAUNCH and not interpret and not fast.get("off") and hit is None and hasattr(ret, "__getitem__"):
+            fast[key] = direct_launcher(ret, g, tuple(c.values()), args)
         return ret
 
     def run_aten(ins, outs):

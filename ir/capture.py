@@ -18,7 +18,7 @@ def _type_of(val) -> TensorType | None:
     return TensorType.of(val) if isinstance(val, torch.Tensor) else None
 
 
-def _has_symbolic(val) -> bool:
+def has_symbolic(val) -> bool:
     if isinstance(val, torch.SymInt | torch.SymFloat | torch.SymBool):
         return True
     if isinstance(val, torch.Tensor):
@@ -75,7 +75,7 @@ def from_fx(gm: fx.GraphModule, constants: dict[str, torch.Tensor] | None = None
 
 
 def is_symbolic(gm: fx.GraphModule) -> bool:
-    return any(_has_symbolic(n.meta.get("val")) for n in gm.graph.nodes if n.op == "placeholder")
+    return any(has_symbolic(n.meta.get("val")) for n in gm.graph.nodes if n.op == "placeholder")
 
 
 def retrace(gm: fx.GraphModule, args: list) -> fx.GraphModule:

@@ -152,6 +152,7 @@ class CompiledGraph:
             if is_kernel_op(node.op):
                 in_place = {v.name: self.plan.overwrites[v.name] for v in node.outputs
                             if v.name in self.plan.overwrites}      # output -> input it overwrites
+                outs = [(v.name, v.type.shape, v.type.strides, v.type.dtype) for v in node.outputs]
                 steps.append((KERNEL, self.kernels[node.outputs[0].name], [v.name for v in node.args],
                               in_place, outs, frees))
             elif self.plan.buffer_of(outs[0][0]) is not None and out_variant(node.op) and len(outs) == 1:
@@ -181,11 +182,13 @@ class CompiledGraph:
         return run_aten(node, args(env), kwargs(env))
 
     @staticmethod
-    def _in_place_tensor(x, t, device):
-        if isinstance(x, torch.Tensor) and x.dtype == t.dtype and x.stride() == t.strides \
-                and tuple(x.shape) == t.shape and x.device == device:
+    def _in_place_tensor(x, out, device):
+        """The input tensor itself when it has the output's layout (``out``: name, shape, strides, dtype)."""
+        _, shape, strides, dtype = out
+        if isinstance(x, torch.Tensor) and x.dtype == dtype and x.stride() == strides \
+                and tuple(x.shape) == shape and x.device == device:
             return x
-        return empty_strided(t.shape, t.strides, dtype=t.dtype, device=device)
+        return empty_strided(shape, strides, dtype=dtype, device=device)
 
     def __call__(self, *inputs) -> list[Any]:
         return self.run_list(list(inputs))
@@ -200,6 +203,7 @@ class CompiledGraph:
         for v, x in zip(self.graph.inputs, inputs):
             env[v.name] = x
         device = next((x.device for x in inputs if isinstance(x, torch.Tensor)), torch.device("cpu"))
+        alloc = empty_strided if device.type == "cpu" else torch.empty_strided   # huge pages: CPU only
         views = self._arena_views(device) if self.plan.arena_bytes else {}
         tiers = self._tiers
         if tiers is not None:
@@ -211,10 +215,10 @@ class CompiledGraph:
                 tiers.before(k, env)
             if mode is KERNEL:                  # extra: outputs written over inputs in place
                 if extra and not views:         # no arena: the output takes the input's tensor
-                    res = [self._in_place_tensor(env.get(extra.get(name)), t, device) for name, t in outs]
+                    res = [self._in_place_tensor(env.get(extra.get(o[0])), o, device) for o in outs]
                 else:
-                    res = [views.get(name) if name in views else      # on huge pages (host_alloc)
-                           empty_strided(t.shape, t.strides, dtype=t.dtype, device=device) for name, t in outs]
+                    res = [views[name] if name in views else alloc(shape, strides, dtype=dtype, device=device)
+                           for name, shape, strides, dtype in outs]
                 if res and res[0].numel() > 0:
                     if extra and first:         # the first launch may autotune (re-run) the kernel,
                         tmp = [torch.empty_like(r) for r in res]   # so it writes elsewhere once
@@ -234,8 +238,8 @@ class CompiledGraph:
                     a = (a[0].clone(),) + tuple(a[1:])      # dense: the copy keeps its strides
                 r = fn(*a, **extra(env))
                 res = list(r) if isinstance(r, (tuple, list)) and len(outs) != 1 else [r]
-            for (name, _), r in zip(outs, res):
-                env[name] = r
+            for o, r in zip(outs, res):
+                env[o[0]] = r
             for name in frees:
                 env.pop(name, None)
             if tiers is not None:

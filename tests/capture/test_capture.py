@@ -15,6 +15,27 @@ def test_new_shapes_recompile_and_match():
         torch.testing.assert_close(cf(x, w), f(x, w))
 
 
+def test_kiln_compile_specialises_symbolic_graphs_up_to_a_limit(monkeypatch, caplog):
+    """kiln.compile leaves Dynamo's automatic dynamic shapes on: the second shape arrives as a
+    symbolic graph that kiln compiles per concrete shape, keyed on the symbolic inputs only; past
+    the limit a new shape runs the ATen graph uncompiled (with one warning) and still matches."""
+    from kiln import api
+    torch._dynamo.reset()
+    monkeypatch.setattr(api._ShapeSpecialized, "LIMIT", 2)
+    f = lambda x, w: torch.softmax(x * w, -1) + x.mean()  # noqa: E731
+    w = torch.randn(8)
+    cf = kiln.compile(f, target="cpu")
+    stats = torch._dynamo.utils.counters["stats"]
+    before = stats["unique_graphs"]
+    with caplog.at_level("WARNING", logger="kiln"):
+        for n in (4, 6, 9, 11, 6, 13):
+            x = torch.randn(n, 8)
+            torch.testing.assert_close(cf(x, w), f(x, w))
+    spec = [r for r in caplog.records if "input signatures" in r.getMessage()]
+    assert len(spec) == 1
+    assert stats["unique_graphs"] - before == 2     # one static graph, one symbolic: no recompile per shape
+
+
 def test_training_compiles_forward_and_backward(tmp_path):
     """Gradients against a float64 reference: the LayerNorm backward cancels terms ~1e3x larger
     than the result, so eager fp32 itself is off by ~5e-6; kiln may differ by its own rounding."""
