@@ -20,6 +20,7 @@ import torch.fx as fx
 from kiln.ir import Graph, Node, Value, contiguous_strides, infer, map_values, resolve
 from kiln.ir.attention_op import OP
 from .attention import SDPA_OPS, sdpa_params
+from .attention_layout import VIEW_OPS, Layout, NotAnalysable, _mirrors, apply_view, is_copy
 from .attention_match import Match, NoMatch, Operand, _Ctx, find_attention
 from .cleanup import dce
 
@@ -131,7 +132,58 @@ def _substitute(g: Graph, c: _Ctx, needs_grad) -> Graph | None:
             changed = True
         else:
             nodes.append(n)
-    return dce(g.copy(nodes)) if changed else None
+    return dce(bshd_outputs(g.copy(nodes))) if changed else None
+
+
+def bshd_outputs(g: Graph) -> Graph:
+    """An attention output that the model copies into [B, S, H, D] order (transpose(1, 2) and a
+    contiguous copy before the output projection, however many views and copies spell it) is
+    written in that order by the kernel, and the copy becomes a view of it: one copy kernel fewer,
+    and a training forward saves one tensor where it saved two (the output for the attention
+    backward, the copy for the projection's). Only single-use chains of views and same-dtype copies
+    are followed; the copy's elements must sit exactly where the [B, S, H, D] output holds them."""
+    users: dict[str, list[Node]] = {}
+    for n in g.nodes:
+        for v in n.inputs():
+            users.setdefault(v.name, []).append(n)
+    escaping = {v.name for v in g.output_values()}
+    swap: dict[int, list[Node]] = {}
+    for n in g.nodes:
+        if n.op != OP or (len(n.args) > 8 and n.args[8]):
+            continue
+        out = n.outputs[0]
+        b, h, s, d = out.type.shape
+        lay, cur, last = Layout.of(out.type.with_(strides=(s * h * d, d, h * d, 1))), out, None
+        while len(users.get(cur.name, ())) == 1 and cur.name not in escaping:
+            u = users[cur.name][0]
+            if len(u.outputs) != 1 or not u.args or u.args[0] is not cur:
+                break
+            nxt = u.outputs[0]
+            if u.op in VIEW_OPS:
+                try:
+                    lay = apply_view(lay, u, nxt)
+                except NotAnalysable:
+                    break
+            elif not (is_copy(u) and nxt.type.dtype == cur.type.dtype):
+                break
+            elif nxt.type.strides == contiguous_strides(nxt.type.shape) and _mirrors(lay, nxt.type):
+                last = u
+            cur = nxt
+        if last is None:
+            continue
+        args = (*n.args[:8], True)
+        out_t, lse_t = infer(OP, args, {})
+        if out_t.shape != out.type.shape or out_t.strides != (s * h * d, d, h * d, 1):
+            continue
+        new = Value(out.name, out_t)
+        perm = Value(out.name + "_bshd", out_t.with_(shape=(b, s, h, d), strides=contiguous_strides((b, s, h, d))))
+        copied = last.outputs[0]
+        swap[id(n)] = [Node(OP, args, {}, [new, *n.outputs[1:]], dict(n.attrs))]
+        swap[id(last)] = [Node("aten.permute.default", (new, [0, 2, 1, 3]), {}, [perm]),
+                          Node("aten.view.default", (perm, list(copied.type.shape)), {}, [copied])]
+    if not swap:
+        return g
+    return g.copy([m for n in g.nodes for m in swap.get(id(n), [n])])
 
 
 # ---- emitting the custom op -----------------------------------------------------------------------

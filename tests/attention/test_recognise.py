@@ -183,3 +183,48 @@ def test_causal_offset():
     m = torch.ones(4, 4, dtype=torch.bool).tril()
     m[3, 0] = False
     assert causal_offset(m) is None
+
+
+def test_output_in_projection_order_saves_no_copy():
+    """SDPA, then transpose(1, 2) + reshape into the output projection: the attention kernel
+    writes [B, S, H, D] so the reshape is a view. Training saves no more activation bytes than
+    eager (whose CPU flash kernel has that layout too) and gradients match eager."""
+    import functools
+    from kiln.api import kiln_backend
+
+    class Attn(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv, self.proj = torch.nn.Linear(32, 96), torch.nn.Linear(32, 32)
+
+        def forward(self, x):
+            b, n, _ = x.shape
+            q, k, v = self.qkv(x).view(b, n, 3, 4, 8).permute(2, 0, 3, 1, 4)
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return self.proj(o.transpose(1, 2).reshape(b, n, 32)).relu()
+
+    torch.manual_seed(0)
+    m, x = Attn(), torch.randn(2, 16, 32)
+    params = {p.untyped_storage().data_ptr() for p in m.parameters()}
+
+    def step(f):
+        saved = {}
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() not in params:
+                saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        m.zero_grad()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = f(x)
+        y.square().sum().backward()
+        return y, [p.grad.clone() for p in m.parameters()], sum(saved.values())
+    torch._dynamo.reset()
+    compiled = torch.compile(m, backend=functools.partial(kiln_backend, options={"target": "cpu"}))
+    step(compiled)                  # compiles (its first call's saved tensors are not the steady ones)
+    y, grads, nbytes = step(compiled)
+    y0, grads0, nbytes0 = step(m)
+    torch.testing.assert_close(y, y0, rtol=1e-4, atol=1e-5)
+    for g, g0 in zip(grads, grads0):
+        torch.testing.assert_close(g, g0, rtol=1e-4, atol=1e-5)
+    assert nbytes <= nbytes0, (nbytes, nbytes0)
