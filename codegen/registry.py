@@ -10,6 +10,7 @@ BUILDERS = {
     "kiln.matmul": "kiln.codegen.matmul:build",
     "kiln.attention": "kiln.codegen.attention:build",
     "kiln.attention_bwd": "kiln.codegen.attention:build",
+    "kiln.gather": "kiln.codegen.gather:build",
 }
 
 # Kernel.meta["launcher"] -> "module:function" installing kernel.launcher
@@ -17,6 +18,7 @@ LOADERS = {
     "loop": "kiln.codegen.loader:load_loop",
     "matmul": "kiln.codegen.matmul_launch:load_matmul",
     "attention": "kiln.codegen.attention:load",
+    "gather": "kiln.codegen.gather:load",
 }
 
 

@@ -8,6 +8,7 @@ from .addmm import recompose_addmm
 from .attention import attention
 from .cleanup import canonicalize_views, constant_fold, cse, dce, drop_copy_kernels
 from .fuse import fuse
+from .gather import gather_rows
 from .matmul import matmul_fusion
 from .cache_schedule import schedule_cache
 from .memory import plan_memory
@@ -21,6 +22,7 @@ PIPELINE = [
     ("canonicalize_views", lambda g, o: canonicalize_views(g)),
     ("dce_after_cleanup", lambda g, o: dce(g)),
     ("attention", attention),            # before fuse/matmul: they would take its matmuls and softmax
+    ("gather", gather_rows),             # embeddings as generated row-gather kernels
     ("addmm", recompose_addmm),          # cpu target: the bias back into ATen's addmm
     ("fuse", fuse),
     ("drop_copy_kernels", lambda g, o: drop_copy_kernels(g)),

@@ -83,3 +83,19 @@ def test_misaligned_inputs_after_aligned_ones(target):
         assert x.data_ptr() % 16 or y.data_ptr() % 16
         torch.testing.assert_close(f(x, y), fn(x, y))
     torch.testing.assert_close(f(a, b), fn(a, b))
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_embedding_gather_kernel(dtype):
+    """aten.embedding as kiln's Triton row gather: a wide table (several column blocks), int32
+    and int64 indices, a transposed weight, and a layer norm after it."""
+    w = torch.randn(32000, 2560, device="cuda", dtype=dtype)
+    for ids in (torch.randint(0, 32000, (4, 333), device="cuda"),
+                torch.randint(0, 32000, (7,), device="cuda", dtype=torch.int32)):
+        _check(lambda i, w: F.layer_norm(F.embedding(i, w), (2560,)), ids, w)
+        assert any(k["kind"] == "gather" for k in kiln.last_report().kernels)
+    wt = torch.randn(2560, 1000, device="cuda", dtype=dtype).t()
+    ids = torch.randint(0, 1000, (3, 50), device="cuda")
+    torch._dynamo.reset()
+    assert torch.equal(kiln.compile(F.embedding, target="triton")(ids, wt), F.embedding(ids, wt))
