@@ -20,7 +20,7 @@ import torch.fx as fx
 from kiln.ir import Graph, Node, Value, contiguous_strides, infer, map_values, resolve
 from kiln.ir.attention_op import OP
 from .attention import SDPA_OPS, sdpa_params
-from .attention_layout import VIEW_OPS, Layout, NotAnalysable, _mirrors, apply_view, is_copy
+from .attention_layout import VIEW_OPS, Layout, NotAnalysable, apply_view, is_copy, mirrors
 from .attention_match import Match, NoMatch, Operand, _Ctx, find_attention
 from .cleanup import dce
 
@@ -166,7 +166,7 @@ def bshd_outputs(g: Graph) -> Graph:
                     break
             elif not (is_copy(u) and nxt.type.dtype == cur.type.dtype):
                 break
-            elif nxt.type.strides == contiguous_strides(nxt.type.shape) and _mirrors(lay, nxt.type):
+            elif nxt.type.strides == contiguous_strides(nxt.type.shape) and mirrors(lay, nxt.type):
                 last = u
             cur = nxt
         if last is None:

@@ -139,7 +139,7 @@ class Layout:
         return self._new([[(s, st)] if s != 1 else [] for s, st in zip(sizes, strides)], offset)
 
 
-def _mirrors(lay: Layout, t: TensorType) -> bool:
+def mirrors(lay: Layout, t: TensorType) -> bool:
     """Does a tensor of type ``t`` hold each element of ``lay`` at the same storage position?"""
     own = Layout.of(t)
     return lay.offset == own.offset and len(lay.dims) == len(own.dims) and \
@@ -264,7 +264,7 @@ def trace(v: Value, producers: dict[str, Node], scalar_of) -> Traced:
         else:           # a copy, cast or scaling: same elements in a fresh tensor, which still
             # mirrors the source's storage if it puts every element where the source has it
             # (e.g. a cast of a contiguous tensor), so a later as_strided reads the same elements
-            lay = lay._new(lay.dims, aliased=lay.aliased and _mirrors(lay, out.type))
+            lay = lay._new(lay.dims, aliased=lay.aliased and mirrors(lay, out.type))
         if lay.shape != tuple(out.type.shape):
             raise NotAnalysable(f"layout of {n.op} gives {lay.shape}, IR says {tuple(out.type.shape)}")
     return Traced(cur, lay, scale, [n for n, _ in chain])
