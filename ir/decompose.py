@@ -95,9 +95,14 @@ def vector_norm(x, ord=2, dim=None, keepdim=False, *, dtype=None):
 
 
 def cat(tensors, dim=0):
-    """Concatenation with empty inputs (legacy (0,) tensors, or zero-sized along ``dim``: a
-    fresh KV cache) and one real input is a copy, which fuses; any other cat stays ATen."""
+    """Concatenation of equal-shaped tensors (rotary embeddings' halves, ``cat((f, f), -1)``) is
+    pointwise over [..., k, n, ...]: ``where`` over the k inputs, each broadcast along a new dim,
+    picked by a constant index, then viewed as the cat; it fuses with its producers and users.
+    With empty inputs (legacy (0,) tensors, or zero-sized along ``dim``: a fresh KV cache) and one
+    real input it is a copy, which fuses; any other cat stays ATen."""
     tensors = list(tensors)
+    if len(tensors) >= 2 and all(t.numel() != 0 for t in tensors):
+        return _cat_equal(tensors, dim)
     full = [t for t in tensors if t.numel() != 0]
     if len(full) != 1 or len(full) == len(tensors):
         return NotImplemented
@@ -112,6 +117,21 @@ def cat(tensors, dim=0):
     if dtype != x.dtype:
         return aten._to_copy.default(x, dtype=dtype, memory_format=torch.contiguous_format)
     return aten.clone.default(x, memory_format=torch.contiguous_format)
+
+
+def _cat_equal(tensors, dim):
+    x = tensors[0]
+    if x.dim() == 0 or any(t.shape != x.shape or t.device != x.device for t in tensors):
+        return NotImplemented
+    d = dim % x.dim()
+    k = len(tensors)
+    pick = torch.arange(k, device=x.device).view([k] + [1] * (x.dim() - d))
+    res = tensors[-1].unsqueeze(d)
+    for i in range(k - 2, -1, -1):
+        res = torch.where(pick == i, tensors[i].unsqueeze(d), res)
+    shape = list(x.shape)
+    shape[d] *= k
+    return res.contiguous().view(shape)
 
 
 def addmm(self, mat1, mat2, beta=1, alpha=1):
