@@ -101,7 +101,7 @@ def cat(tensors, dim=0):
     With empty inputs (legacy (0,) tensors, or zero-sized along ``dim``: a fresh KV cache) and one
     real input it is a copy, which fuses; any other cat stays ATen."""
     tensors = list(tensors)
-    if len(tensors) >= 2 and all(t.numel() != 0 for t in tensors):
+    if 2 <= len(tensors) <= CAT_WHERE_MAX and all(t.numel() != 0 for t in tensors):
         return _cat_equal(tensors, dim)
     full = [t for t in tensors if t.numel() != 0]
     if len(full) != 1 or len(full) == len(tensors):
@@ -117,6 +117,9 @@ def cat(tensors, dim=0):
     if dtype != x.dtype:
         return aten._to_copy.default(x, dtype=dtype, memory_format=torch.contiguous_format)
     return aten.clone.default(x, memory_format=torch.contiguous_format)
+
+
+CAT_WHERE_MAX = 4      # inputs: each is one more load and select per element of the kernel
 
 
 def _cat_equal(tensors, dim):

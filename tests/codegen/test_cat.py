@@ -43,3 +43,8 @@ def test_rotate_half_and_promotion(target):
 def test_unequal_shapes_stay_aten(target):
     a, b = torch.randn(3, 4), torch.randn(3, 2)
     assert "aten.cat.default" in _ops(target, lambda a, b: torch.cat([a, b], 1) * 2, a, b)
+
+
+def test_many_inputs_stay_aten():
+    xs = [torch.randn(2, 3) for _ in range(6)]
+    assert "aten.cat.default" in _ops("cpu", lambda *xs: torch.cat(xs, 0) * 2, *xs)
