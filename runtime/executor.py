@@ -8,12 +8,12 @@ from typing import Any
 
 import torch
 
-from kiln.ir import Graph, OpKind, Value, iter_values, op_kind
+from kiln.ir import Graph, Value
 from kiln.ir.ops import is_kernel_op, resolve, run as run_aten
 from kiln.passes.memory import MemoryPlan, out_variant
 from .host_alloc import empty_strided
 
-KERNEL, OUT, ATEN, VIEW = "kernel", "out", "aten", "view"
+KERNEL, OUT, ATEN = "kernel", "out", "aten"
 # ATen ops that copy the whole storage of their first argument to keep its strides
 # (clone_preserve_strides): given a view of the arena or of the tier pool they would allocate
 # that much. The runtime hands them a compact copy of a dense view first (same strides, so the
@@ -83,7 +83,6 @@ class CompiledGraph:
             self._tiers = TierRuntime(graph, graph.meta["cache_schedule"], self.plan.arena_bytes)
             self._consts = {k: v for k, v in self._consts.items() if k not in self._tiers.planned}
         self._steps = self._prepare()
-        self._kept: list = [None] * len(self._steps)       # VIEW steps: (source, its address, the view)
         self._warm = False
 
     def _frees(self) -> list[list[str]]:
@@ -148,17 +147,9 @@ class CompiledGraph:
         KERNEL launches a generated kernel; OUT calls an ATen op's out= overload with its arena
         view (falling back to ATEN if that call fails); ATEN calls the op."""
         steps = []
-        lasting = self._lasting()
-        escaping = {v.name for v in self.graph.output_values()}
         for node, frees in zip(self.graph.nodes, self._free_after):
             outs = [(v.name, v.type) for v in node.outputs]
-            src = node.args[0] if node.args else None
-            if isinstance(src, Value) and src.name in lasting and op_kind(node.op) == OpKind.VIEW \
-                    and len(outs) == 1 and outs[0][0] not in escaping and "callable" not in node.attrs \
-                    and not any(True for _ in iter_values((node.args[1:], node.kwargs))):
-                lasting.add(outs[0][0])
-                steps.append((VIEW, resolve(node.op), src.name, (tuple(node.args[1:]), dict(node.kwargs)), outs, frees))
-            elif is_kernel_op(node.op):
+            if is_kernel_op(node.op):
                 in_place = {v.name: self.plan.overwrites[v.name] for v in node.outputs
                             if v.name in self.plan.overwrites}      # output -> input it overwrites
                 outs = [(v.name, v.type.shape, v.type.strides, v.type.dtype) for v in node.outputs]
@@ -171,20 +162,6 @@ class CompiledGraph:
                 steps.append((ATEN, self._aten_call(node), binder(node.args), binder(node.kwargs), outs, frees))
         self._outputs = binder(list(self.graph.outputs))
         return steps
-
-    def _lasting(self) -> set[str]:
-        """Values whose tensor is the same object, over the same memory, on every call: graph
-        constants, the module's weights, and (with an arena kept between calls) the arena's
-        views. A view of one is made once and kept (VIEW steps), guarded by the source's identity
-        and address: ATen view calls were most of the steps of small graphs (a BERT layer: 28 of
-        39). Views that escape are made fresh: the caller owns what it gets."""
-        if self._tiers is not None:
-            return set()
-        lasting = set(self._consts) | set(self.graph.meta.get("weight_inputs") or ())
-        if not self.transient_arena:
-            lasting |= {v.name for n in self.graph.nodes for v in n.outputs
-                        if (b := self.plan.buffer_of(v.name)) is not None and b.offset >= 0}
-        return lasting
 
     @staticmethod
     def _aten_call(node) -> tuple:
@@ -250,11 +227,6 @@ class CompiledGraph:
                             r.copy_(t)
                     else:
                         what.launch([env[a] for a in args], res)
-            elif mode is VIEW:                  # what: the view op, args: its source, extra: the rest
-                x, kept = env[args], self._kept[k]
-                if kept is None or kept[0] is not x or kept[1] != x.data_ptr():
-                    kept = self._kept[k] = (x, x.data_ptr(), what(x, *extra[0], **extra[1]))
-                res = [kept[2]]
             elif mode is OUT:
                 res = [self._run_out(k, views, env)]
             else:
