@@ -12,17 +12,15 @@ from __future__ import annotations
 import logging
 import os
 
-import jinja2
 import torch
 
 from .attention_config import block_d, default_config
 from .cache import source_path
 from .kernel import Kernel
 from .loader import _conform, _import
+from .templates import ENV
 
 log = logging.getLogger("kiln.attention")
-_ENV = jinja2.Environment(loader=jinja2.PackageLoader("kiln.codegen", "templates"),
-                          keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True)
 _TL = {"float16": "tl.float16", "bfloat16": "tl.bfloat16", "float32": "tl.float32"}
 REFERENCE = "# runs kiln.ir.attention_op.{entry} (PyTorch): {desc}\n"
 
@@ -41,7 +39,7 @@ def render(a: dict, tma: bool = False, ws: bool = False) -> tuple[str, str]:
     # the Triton interpreter's dot misreads bfloat16 operands: it multiplies their float32 values
     interp = not torch.cuda.is_available()
     tl_of = lambda d: "tl.float32" if interp and d == "bfloat16" else _TL[d]  # noqa: E731
-    src = _ENV.get_template("attention_fwd.py.j2" if fwd else "attention_bwd.py.j2").render(
+    src = ENV.get_template("attention_fwd.py.j2" if fwd else "attention_bwd.py.j2").render(
         entry=entry, dot_dtype=tl_of(a["dot_dtype"]), pv_dtype=tl_of(a["pv_dtype"]),
         precision=', input_precision="ieee"' if ieee else "", tma=tma and fwd, ws=ws and fwd)
     return src, entry

@@ -4,15 +4,13 @@ thread per element, grid-stride. Reductions: one block per row, each thread stri
 reduced dim, warp shuffles then shared memory combine; the prologue is recomputed per pass."""
 from __future__ import annotations
 
-import jinja2
 
 from kiln.ir.scalar import Const, neutral
 from .lower import LoopKernel, Reduce, compute_dtype
 from .scalar_render import CU, CudaRenderer
 from .schedule_stmts import plan_stages
+from .templates import ENV
 
-_ENV = jinja2.Environment(loader=jinja2.PackageLoader("kiln.codegen", "templates"),
-                          keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True)
 BLOCK = 256
 _COMBINE = {"sum": "KilnSum", "mean": "KilnSum", "prod": "KilnProd", "max": "KilnMax", "min": "KilnMin",
             "any": "KilnMax", "all": "KilnMin"}
@@ -101,7 +99,7 @@ def render(lk: LoopKernel) -> tuple[str, dict]:
         L += ["    " + s for s in body] + ["}"]
     params = [f"unsigned long long in_ptr{i}" for i in range(lk.n_inputs)] + \
              [f"unsigned long long out_ptr{i}" for i in range(lk.n_outputs)]
-    src = _ENV.get_template("cuda_kernel.cu.j2").render(name=lk.name, kind=lk.kind, ops=lk.ops, params=params,
+    src = ENV.get_template("cuda_kernel.cu.j2").render(name=lk.name, kind=lk.kind, ops=lk.ops, params=params,
                                                        prologue=prologue, body=L)
     return src, {"block": BLOCK}
 

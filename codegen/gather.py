@@ -11,23 +11,21 @@ from __future__ import annotations
 
 import os
 
-import jinja2
 import torch
 
 from kiln.ir.types import contiguous_strides
 from .cache import source_path
 from .kernel import Kernel
 from .loader import _conform, _import
+from .templates import ENV
 
-_ENV = jinja2.Environment(loader=jinja2.PackageLoader("kiln.codegen", "templates"),
-                          keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True)
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def build(node, target: str, cache_dir: str, autotune: bool = False) -> Kernel:
     gpu = target in ("triton", "cuda")
     entry = "gather_rows"
-    src = _ENV.get_template("gather_triton.py.j2" if gpu else "gather_numba.py.j2").render(entry=entry)
+    src = ENV.get_template("gather_triton.py.j2" if gpu else "gather_numba.py.j2").render(entry=entry)
     w, idx = node.args[0], node.args[1]
     meta = {"launcher": "gather", "cache_dir": cache_dir, "rows": w.type.shape[0], "dim": w.type.shape[1],
             "n": idx.type.numel}

@@ -9,7 +9,6 @@ K-slice and stores fp32 partials (split-K); 2 sums partials, or cuBLAS products,
 workspace pointers and finishes the tile, which is how an ATen matmul keeps its fused epilogue."""
 from __future__ import annotations
 
-import jinja2
 import torch
 
 from kiln.ir import Graph, Node, Value
@@ -17,10 +16,9 @@ from kiln.ir.scalar import Const, E, Ref
 from .kernel import Kernel
 from .lower import LoopKernel, compute_dtype, lower
 from .scalar_render import TL, TritonRenderer
+from .templates import ENV
 from .triton_gen import HELPERS
 
-_ENV = jinja2.Environment(loader=jinja2.PackageLoader("kiln.codegen", "templates"),
-                          keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True)
 ORDER_VIEWS = {"aten.view.default", "aten._unsafe_view.default", "aten.reshape.default",
                "aten.unsqueeze.default", "aten.squeeze.dim", "aten.squeeze.dims", "aten.squeeze.default",
                "aten.alias.default"}
@@ -189,7 +187,7 @@ def render(node: Node) -> tuple[str, dict]:
         prec = ", input_precision='tf32'" if torch.backends.cuda.matmul.allow_tf32 else ", input_precision='ieee'"
     ops = [n.op for n in body.all_nodes() if not n.op.startswith("kiln.")]
     helpers = [HELPERS[h] for h in sorted(r.helpers)]
-    src = _ENV.get_template("matmul_kernel.py.j2").render(
+    src = ENV.get_template("matmul_kernel.py.j2").render(
         name=name, ops=list(dict.fromkeys(ops)), helpers=helpers, params=params, M=M, K=K, B=bt, a=a, pro=pro,
         segments=segs, dtype=TL[dtype], prec=prec, wide=wide, gemv=plan["gemv"])
     return src, {"ops": list(dict.fromkeys(ops))}

@@ -26,16 +26,14 @@ from __future__ import annotations
 
 import re
 
-import jinja2
 
 from kiln.ir.scalar import Const, E, neutral
 from .lower import LoopKernel, Reduce, compute_dtype
 from .numba_math import EXPORTS, SOURCE_HASH
 from .scalar_render import NP, NumbaRenderer
 from .schedule_stmts import Stage, plan_stages, refs
+from .templates import ENV
 
-_ENV = jinja2.Environment(loader=jinja2.PackageLoader("kiln.codegen", "templates"),
-                          keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True)
 
 ENTRY = "kernel"
 FASTMATH = '{"reassoc", "contract", "nsz", "arcp"}'
@@ -282,7 +280,7 @@ def render(lk: LoopKernel) -> tuple[str, dict]:
     if "_idiv_" in text:
         rnd.helpers.add("idiv")
     imports = sorted(n for h in rnd.helpers for n in EXPORTS[h])
-    src = _ENV.get_template("numba_kernel.py.j2").render(
+    src = ENV.get_template("numba_kernel.py.j2").render(
         kind=lk.kind, ops=list(dict.fromkeys(lk.ops)), imports=imports, math_hash=SOURCE_HASH,
         params=params, body=L, entry=ENTRY, rows=rows, min_rows=min_rows, fastmath=FASTMATH,
         variants=variants)

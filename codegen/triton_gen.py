@@ -3,15 +3,13 @@
 the reduced dim with the prologue recomputed per loop. fp32 accumulation for 16-bit inputs."""
 from __future__ import annotations
 
-import jinja2
 
 from kiln.ir.scalar import Const, neutral
 from .lower import LoopKernel, Reduce, compute_dtype
 from .scalar_render import TL, TritonRenderer
 from .schedule_stmts import plan_stages
+from .templates import ENV
 
-_ENV = jinja2.Environment(loader=jinja2.PackageLoader("kiln.codegen", "templates"),
-                          keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True)
 
 HELPERS = {
     "rint": """@triton.jit
@@ -248,6 +246,6 @@ def render(lk: LoopKernel) -> tuple[str, dict]:
     span = max([1] + [sum((s - 1) * abs(t) for s, t in zip(lk.xsizes + lk.rsizes, a.xstrides + a.rstrides)) + 1
                       for a in lk.loads + lk.stores])
     wide = span >= 2**31 - 1 or lk.xnumel * max(lk.rnumel, 1) >= 2**31 - 1
-    src = _ENV.get_template("triton_kernel.py.j2").render(
+    src = ENV.get_template("triton_kernel.py.j2").render(
         name=lk.name, kind=lk.kind, ops=lk.ops, helpers=helpers, params=params, body=L, wide=wide)
     return src, {"one_pass": one_pass}

@@ -61,8 +61,8 @@ def test_matmul_outputs_planned_and_correct():
     assert out_variant("aten.relu.default") is None
 
 
-def _compiled_graph(fn, args, **options):
-    """The planned graph kiln runs for fn (inference)."""
+def _captured_graph(fn, args):
+    """The kiln Graph captured for fn (inference), before any pass."""
     from kiln.ir.capture import dynamo_backend, from_fx
     graphs = []
 
@@ -72,7 +72,12 @@ def _compiled_graph(fn, args, **options):
     torch._dynamo.reset()
     with torch.no_grad():
         torch.compile(fn, backend=dynamo_backend(keep), dynamic=False)(*args)
-    g, _ = run_pipeline(graphs[0], kiln.Options(**{"target": "cpu", **options}), verify=True)
+    return graphs[0]
+
+
+def _compiled_graph(fn, args, **options):
+    """The planned graph kiln runs for fn (inference)."""
+    g, _ = run_pipeline(_captured_graph(fn, args), kiln.Options(**{"target": "cpu", **options}), verify=True)
     return g
 
 
@@ -245,7 +250,6 @@ def test_training_graphs_take_dynamic_mode_when_lower_at_all(monkeypatch):
     the inference margin, but a training graph without a budget takes it; with a budget (the tier
     plan accounts for the arena) it keeps the arena."""
     import kiln.passes.memory as memory
-    from kiln.ir.capture import dynamo_backend, from_fx
 
     def f(x, w1, w2, w3):
         h = torch.relu(x @ w1) * 2.0
@@ -254,24 +258,17 @@ def test_training_graphs_take_dynamic_mode_when_lower_at_all(monkeypatch):
     g = torch.Generator().manual_seed(0)
     args = [torch.randn(64, 64, generator=g), torch.randn(64, 64, generator=g),
             torch.randn(64, 64, generator=g), torch.randn(64, 4096, generator=g)]
-    graphs = []
-
-    def keep(gm, ex, kind):
-        graphs.append(from_fx(gm))
-        return gm.forward
-    torch._dynamo.reset()
-    with torch.no_grad():
-        torch.compile(f, backend=dynamo_backend(keep), dynamic=False)(*args)
+    captured = _captured_graph(f, args)
     monkeypatch.setattr(memory, "DYNAMIC_DEVICES", ("cuda", "cpu"))
     modes = {}
     for kind, budget in (("inference", None), ("forward", None), ("forward", 1 << 30)):
-        graph = graphs[0].copy()
+        graph = captured.copy()
         graph.meta["graph_kind"] = kind
         opts = kiln.Options(target="cpu", memory_budget=budget)
         planned, _ = run_pipeline(graph, opts, verify=True)
         plan = planned.meta["memory_plan"]
         modes[kind, budget] = plan.mode
         assert validate_plan(planned, plan) == []
-    arena, total = memory.arena_plan(run_pipeline(graphs[0].copy(), kiln.Options(target="cpu"))[0])
+    arena, total = memory.arena_plan(run_pipeline(captured.copy(), kiln.Options(target="cpu"))[0])
     assert 0 < arena.device_bytes - total < memory.DYNAMIC_MARGIN[1] * arena.device_bytes
     assert modes == {("inference", None): "arena", ("forward", None): "dynamic", ("forward", 1 << 30): "arena"}
