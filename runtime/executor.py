@@ -8,12 +8,12 @@ from typing import Any
 
 import torch
 
-from kiln.ir import Graph, Value
+from kiln.ir import Graph, OpKind, Value, iter_values, op_kind
 from kiln.ir.ops import is_kernel_op, resolve, run as run_aten
 from kiln.passes.memory import MemoryPlan, out_variant
 from .host_alloc import empty_strided
 
-KERNEL, OUT, ATEN = "kernel", "out", "aten"
+KERNEL, OUT, ATEN, VIEW = "kernel", "out", "aten", "view"
 # ATen ops that copy the whole storage of their first argument to keep its strides
 # (clone_preserve_strides): given a view of the arena or of the tier pool they would allocate
 # that much. The runtime hands them a compact copy of a dense view first (same strides, so the
@@ -83,6 +83,8 @@ class CompiledGraph:
             self._tiers = TierRuntime(graph, graph.meta["cache_schedule"], self.plan.arena_bytes)
             self._consts = {k: v for k, v in self._consts.items() if k not in self._tiers.planned}
         self._steps = self._prepare()
+        self._input_names = [v.name for v in graph.inputs]
+        self._kept: list = [None] * len(self._steps)       # VIEW steps: (source, its address, the view)
         self._warm = False
 
     def _frees(self) -> list[list[str]]:
@@ -147,9 +149,18 @@ class CompiledGraph:
         KERNEL launches a generated kernel; OUT calls an ATen op's out= overload with its arena
         view (falling back to ATEN if that call fails); ATEN calls the op."""
         steps = []
+        lasting = self._lasting()       # name -> how to tell at run time that its tensor lasts
+        escaping = {v.name for v in self.graph.output_values()}
         for node, frees in zip(self.graph.nodes, self._free_after):
             outs = [(v.name, v.type) for v in node.outputs]
-            if is_kernel_op(node.op):
+            src = node.args[0] if node.args else None
+            if isinstance(src, Value) and src.name in lasting and op_kind(node.op) == OpKind.VIEW \
+                    and len(outs) == 1 and outs[0][0] not in escaping and "callable" not in node.attrs \
+                    and not any(True for _ in iter_values((node.args[1:], node.kwargs))):
+                lasting[outs[0][0]] = len(steps)
+                steps.append((VIEW, resolve(node.op), src.name,
+                              (tuple(node.args[1:]), dict(node.kwargs), lasting[src.name]), outs, frees))
+            elif is_kernel_op(node.op):
                 in_place = {v.name: self.plan.overwrites[v.name] for v in node.outputs
                             if v.name in self.plan.overwrites}      # output -> input it overwrites
                 outs = [(v.name, v.type.shape, v.type.strides, v.type.dtype) for v in node.outputs]
@@ -162,6 +173,22 @@ class CompiledGraph:
                 steps.append((ATEN, self._aten_call(node), binder(node.args), binder(node.kwargs), outs, frees))
         self._outputs = binder(list(self.graph.outputs))
         return steps
+
+    def _lasting(self) -> dict[str, Any]:
+        """Values whose tensor may be the same object, over the same memory, on every call, and
+        how a VIEW step tells at run time that it is: graph constants and the module's weights
+        (None: they are), the kept arena's values (their name: the tensor must be that arena
+        view, not a fresh tensor from an ATen fallback), kept views (their step: the tensor must
+        be that step's kept view). A view of one is made once and kept, guarded by the source's
+        identity and address: ATen view calls were most of the steps of small graphs (a BERT
+        layer: 28 of 39). Views that escape are made fresh: the caller owns what it gets."""
+        if self._tiers is not None:
+            return {}
+        lasting: dict[str, Any] = dict.fromkeys(set(self._consts) | set(self.graph.meta.get("weight_inputs") or ()))
+        if not self.transient_arena:
+            lasting.update((v.name, v.name) for n in self.graph.nodes for v in n.outputs
+                           if (b := self.plan.buffer_of(v.name)) is not None and b.offset >= 0)
+        return lasting
 
     @staticmethod
     def _aten_call(node) -> tuple:
@@ -193,6 +220,44 @@ class CompiledGraph:
     def __call__(self, *inputs) -> list[Any]:
         return self.run_list(list(inputs))
 
+    # The per-step helpers below hold their tensors in their own frames: a local of run_list
+    # would keep the last ATen call's arguments alive until the next ATen step (a whole
+    # activation, past its planned free, when kernels or kept views run in between).
+    @staticmethod
+    def _call_aten(what, a, kw, n_outs: int) -> list:
+        _, fn, cloning = what
+        if cloning and a and isinstance(a[0], torch.Tensor) \
+                and a[0].untyped_storage().nbytes() > a[0].numel() * a[0].element_size() \
+                and is_non_overlapping_and_dense(a[0]):
+            a = (a[0].clone(),) + tuple(a[1:])      # dense: the copy keeps its strides
+        r = fn(*a, **kw)
+        return list(r) if isinstance(r, (tuple, list)) and n_outs != 1 else [r]
+
+    def _view(self, k: int, what, x: torch.Tensor, extra, views) -> torch.Tensor:
+        """A VIEW step: the kept view while its source is the same tensor at the same address;
+        otherwise a new one, kept only if its source lasts (see _lasting)."""
+        kept = self._kept[k]
+        if kept is not None and kept[0] is x and kept[1] == x.data_ptr():
+            return kept[2]
+        v = what(x, *extra[0], **extra[1])
+        how = extra[2]
+        lasts = how is None or (x is views.get(how) if isinstance(how, str)
+                                else self._kept[how] is not None and self._kept[how][2] is x)
+        # reshape copies what it cannot view: a kept copy would go stale when the source is
+        # written in place (an optimizer step on a weight)
+        lasts = lasts and v.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
+        self._kept[k] = (x, x.data_ptr(), v) if lasts else None
+        return v
+
+    @staticmethod
+    def _launch_aside(what, args: list, res: list) -> None:
+        """Launches into scratch outputs and copies them over: a kernel that overwrites an input
+        must not write it twice when its first launch autotunes (re-runs) it."""
+        tmp = [torch.empty_like(r) for r in res]
+        what.launch(args, tmp)
+        for r, t in zip(res, tmp):
+            r.copy_(t)
+
     def run_list(self, inputs: list) -> list[Any]:
         """Runs the graph and empties ``inputs`` once read (AOTAutograd's boxed convention): an
         input the caller no longer holds, such as a backward's saved activation, is freed at its
@@ -200,8 +265,7 @@ class CompiledGraph:
         if self.check_inputs:
             self._check(inputs)
         env: dict[str, Any] = dict(self._consts)
-        for v, x in zip(self.graph.inputs, inputs):
-            env[v.name] = x
+        env.update(zip(self._input_names, inputs))     # (a loop variable would keep the last input alive)
         device = next((x.device for x in inputs if isinstance(x, torch.Tensor)), torch.device("cpu"))
         alloc = empty_strided if device.type == "cpu" else torch.empty_strided   # huge pages: CPU only
         views = self._arena_views(device) if self.plan.arena_bytes else {}
@@ -220,26 +284,19 @@ class CompiledGraph:
                     res = [views[name] if name in views else alloc(shape, strides, dtype=dtype, device=device)
                            for name, shape, strides, dtype in outs]
                 if res and res[0].numel() > 0:
-                    if extra and first:         # the first launch may autotune (re-run) the kernel,
-                        tmp = [torch.empty_like(r) for r in res]   # so it writes elsewhere once
-                        what.launch([env[a] for a in args], tmp)
-                        for r, t in zip(res, tmp):
-                            r.copy_(t)
+                    if extra and first:         # the first launch may autotune (re-run) the kernel
+                        self._launch_aside(what, [env[a] for a in args], res)
                     else:
                         what.launch([env[a] for a in args], res)
+            elif mode is VIEW:                  # what: the view op, args: its source, extra: the rest
+                res = [self._view(k, what, env[args], extra, views)]
             elif mode is OUT:
                 res = [self._run_out(k, views, env)]
             else:
-                _, fn, cloning = what
-                a = args(env)
-                if cloning and a and isinstance(a[0], torch.Tensor) \
-                        and a[0].untyped_storage().nbytes() > a[0].numel() * a[0].element_size() \
-                        and is_non_overlapping_and_dense(a[0]):
-                    a = (a[0].clone(),) + tuple(a[1:])      # dense: the copy keeps its strides
-                r = fn(*a, **extra(env))
-                res = list(r) if isinstance(r, (tuple, list)) and len(outs) != 1 else [r]
+                res = self._call_aten(what, args(env), extra(env), len(outs))
             for o, r in zip(outs, res):
                 env[o[0]] = r
+            r = res = None      # no local may hold a tensor past its free (the next step may not rebind it)
             for name in frees:
                 env.pop(name, None)
             if tiers is not None:
