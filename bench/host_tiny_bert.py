@@ -1,0 +1,33 @@
+"""Per-call time of a tiny BERT layer (hidden 64, 2x16 tokens), where host time is all there is: eager,
+Inductor, kiln with CUDA-graph replay off (the executor's own cost per step) and kiln by default.
+Runs on the CPU too (target cpu).
+
+    PYTHONPATH=$PWD python bench/host_tiny_bert.py
+"""
+import time, sys, torch, kiln
+from transformers import BertConfig
+from transformers.models.bert.modeling_bert import BertLayer
+dev = "cuda" if torch.cuda.is_available() else "cpu"
+sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+torch.manual_seed(0)
+cfg = BertConfig(hidden_size=64, num_attention_heads=4, intermediate_size=256, attn_implementation="eager")
+m = BertLayer(cfg).to(dev).eval()
+x = torch.randn(2, 16, 64, device=dev)
+def us(f, n=2000):
+    best = 1e9
+    for _ in range(5):
+        sync(); t = time.perf_counter()
+        for _ in range(n): f()
+        sync(); best = min(best, (time.perf_counter() - t) / n * 1e6)
+    return best
+with torch.no_grad():
+    ref = m(x)[0] if isinstance(m(x), tuple) else m(x)
+    print(f"eager {us(lambda: m(x)):.1f} us")
+    for name, f in [("inductor", torch.compile(m)),
+                    ("kiln cg-off", kiln.compile(m, target="triton" if dev == "cuda" else "cpu", cudagraphs=False)),
+                    ("kiln", kiln.compile(m, target="triton" if dev == "cuda" else "cpu"))]:
+        for _ in range(5): out = f(x)
+        out = out[0] if isinstance(out, tuple) else out
+        torch.testing.assert_close(out, ref, rtol=2e-3, atol=2e-3)
+        print(f"{name} {us(lambda: f(x)):.1f} us")
+        torch._dynamo.reset()
