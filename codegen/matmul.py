@@ -205,6 +205,66 @@ def _inplace(seg: dict, node: Node, nodes: dict) -> bool:
     return out.is_contiguous and out.offset == 0 and out.dtype == prod.dtype and out.numel == prod.numel
 
 
+CASTS = {"aten._to_copy.default", "prims.convert_element_type.default"}
+
+
+def _bias(seg: dict, node: Node, nodes: dict) -> list[tuple[int, int]] | None:
+    """Per product of the segment, (the kiln.matmul argument holding its bias, its output) when
+    the segment's whole epilogue is ``product + bias`` for each product (a [n] vector in the
+    product's dtype; casts to wider floats, views and scalings by 1 around either, as capture's
+    addmm decomposition spells it, over one or more groups), each stored densely in the
+    product's order and dtype. The cuBLAS path then runs ``addmm``, whose bias epilogue adds it
+    as the product is written, where mm plus the epilogue pass would read and write the product
+    once more (eager's addmm does the same, with one rounding instead of two)."""
+    prods = [nodes[a] for a in seg["acc"]]
+    if not seg["groups"] or len(seg["stores"]) != len(prods) or any(p.op != "aten.mm.default" for p in prods) \
+            or not all(name in seg["lin"] for name in seg["stores"]):
+        return None
+    pt = prods[0].out.type
+    arg_of = {v.name: i for i, v in enumerate(node.args)}
+    wide = (pt.dtype, torch.float32, torch.float64)
+    tag: dict[str, object] = {p.out.name: ("P", j) for j, p in enumerate(prods)}    # outer names
+    for gname in seg["groups"]:
+        grp = nodes[gname]
+        if grp.op != "kiln.fused" or grp.body is None:
+            return None
+        inner: dict[str, object] = {}
+        for iv, ov in zip(grp.body.inputs, grp.args):
+            if ov.name in tag:
+                inner[iv.name] = tag[ov.name]
+            elif ov.name in arg_of and ov.type.shape in ((seg["n"],), (1, seg["n"])) and ov.type.dtype == pt.dtype:
+                inner[iv.name] = arg_of[ov.name]            # a bias candidate
+            else:
+                return None
+        for n in grp.body.nodes:
+            a = n.args
+            src = inner.get(a[0].name) if a and isinstance(a[0], Value) else None
+            if src is None or len(n.outputs) != 1:
+                return None
+            if n.op in CASTS and n.out.type.dtype in wide or n.op in ORDER_VIEWS and len(a) == 2 \
+                    or n.op == "aten.mul.Tensor" and len(a) == 2 and not isinstance(a[1], (Value, bool)) and a[1] == 1:
+                inner[n.out.name] = src
+            elif n.op == "aten.add.Tensor" and len(a) == 2 and not n.kwargs and isinstance(a[1], Value):
+                pair = (src, inner.get(a[1].name))
+                prod = next((t for t in pair if isinstance(t, tuple) and t[0] == "P"), None)
+                bias = next((t for t in pair if type(t) is int), None)      # noqa: E721 - not bool
+                if prod is None or bias is None:
+                    return None
+                inner[n.out.name] = ("S", prod[1], bias)
+            else:
+                return None
+        for iv, ov in zip(grp.body.outputs, grp.outputs):
+            tag[ov.name] = inner[iv.name]
+    found: dict[int, tuple[int, int]] = {}
+    for name, oi in zip(seg["stores"], seg["outputs"]):
+        t, out = tag.get(name), node.outputs[oi].type
+        if not (isinstance(t, tuple) and t[0] == "S") or t[1] in found or not (
+                out.is_contiguous and out.offset == 0 and out.dtype == pt.dtype and out.numel == pt.numel):
+            return None
+        found[t[1]] = (t[2], oi)
+    return [found[j] for j in range(len(prods))] if len(found) == len(prods) else None
+
+
 def build(node: Node, target: str, cache_dir: str, autotune: bool = False) -> Kernel:
     plan = node.attrs["plan"]
     src, extra = render(node)
@@ -212,9 +272,14 @@ def build(node: Node, target: str, cache_dir: str, autotune: bool = False) -> Ke
     nodes = {o.name: n for n in body.nodes for o in n.outputs}
     segs = [{"n": s["n"], "b": s["b"], "P": len(s["acc"]), "out": s["outputs"][0] if s["outputs"] else None,
              "direct": len(s["acc"]) == 1 and not s["groups"] and s["stores"] == s["acc"],
-             "inplace": _inplace(s, node, nodes)} for s in plan["segments"]]
+             "inplace": _inplace(s, node, nodes), "bias": _bias(s, node, nodes) if plan["batch"] == 1 else None}
+            for s in plan["segments"]]
+    if not all(s["direct"] or s["bias"] is not None for s in segs):
+        for s in segs:          # the epilogue pass runs over every segment's product: all or none
+            s["bias"] = None
     first = plan["segments"][0]
-    identity = all(s["direct"] for s in segs) and plan["prologue"] is None
+    # the cuBLAS path needs no epilogue pass: products written straight out (or through addmm)
+    identity = all(s["direct"] or s["bias"] is not None for s in segs) and plan["prologue"] is None
     meta = {"launcher": "matmul", "cache_dir": cache_dir, "autotune": bool(autotune),
             "in_strides": [list(v.type.strides) for v in node.args],
             "M": plan["M"], "K": plan["K"], "batch": plan["batch"], "a": plan["a"], "segments": segs,

@@ -97,6 +97,41 @@ def test_cublas_epilogue_in_place_only_where_layouts_match(name, data, monkeypat
     assert calls and any(calls) is inplace
 
 
+W2, W3, B2 = torch.randn(24, 48), torch.randn(24, 48), torch.randn(24)
+BIAS_ONLY = {       # case -> (fn, dtype, whether cuBLAS adds the bias itself: addmm, no epilogue pass)
+    "linear": (lambda x, w, b, r: F.linear(x, w, b), torch.float32, True),
+    "linear_bf16": (lambda x, w, b, r: F.linear(x, w, b), BF, True),
+    "qkv": (lambda x, w, b, r: (F.linear(x, w, b), F.linear(x, W2, b), F.linear(x, W3, B2)), torch.float32, True),
+    "bias_relu": (lambda x, w, b, r: torch.relu(F.linear(x, w, b)), torch.float32, False),
+    "bias_twice": (lambda x, w, b, r: F.linear(x, w, b) + b, torch.float32, False),
+    "bias_scaled": (lambda x, w, b, r: torch.addmm(b, x, w.t(), beta=0.5), torch.float32, False),
+    "qkv_one_gelu": (lambda x, w, b, r: (F.linear(x, w, b), F.gelu(F.linear(x, W2, b))), torch.float32, False),
+}
+
+
+@pytest.mark.parametrize("name", list(BIAS_ONLY))
+def test_cublas_adds_a_bias_itself(name, data, monkeypatch):
+    """On the cuBLAS path an epilogue that is only ``product + bias`` runs as addmm (cuBLAS's bias
+    epilogue), with no epilogue pass; any other epilogue, in any segment of a horizontally fused
+    matmul, keeps the pass (it runs over every segment's product)."""
+    fn, dtype, addmm = BIAS_ONLY[name]
+    calls = []
+
+    class Torch:
+        def __getattr__(self, attr):
+            return getattr(torch, attr)
+
+        @staticmethod
+        def addmm(*a, **kw):
+            calls.append("addmm")
+            return torch.addmm(*a, **kw)
+    monkeypatch.setattr(matmul_launch, "torch", Torch())
+    args = [data[k].to(dtype) for k in ("x", "w", "b", "r")]
+    tol = 2e-2 if dtype == BF else 1e-4
+    run(fn, *args, cfg={"ATEN": 1}, monkeypatch=monkeypatch, rtol=tol, atol=tol)
+    assert bool(calls) is addmm, calls
+
+
 GEMV_CFGS = {"gemv": {"GEMV": 1, "SPLIT_K": 2, "BLOCK_K": 16},
              "gemv_defer_prefetch": {"GEMV": 1, "BLOCK_K": 16, "DEFER": 1, "PREFETCH": 1},
              "gemv_prefetch_oddk": {"GEMV": 1, "BLOCK_K": 32, "PREFETCH": 1},

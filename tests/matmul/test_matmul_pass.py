@@ -62,7 +62,9 @@ def test_epilogue_reading_a_value_computed_from_the_product_is_not_absorbed():
         y = x @ w.t()
         t = (y.t() @ y).sum()
         return torch.relu(y) * t
-    g = compile_graph(fn, X[:8], W)
+    # t is a sum of ~1e4-sized terms: its float32 rounding follows the thread count (an xdist run
+    # once differed from eager by 1.25e-4 relative)
+    g = compile_graph(fn, X[:8], W, tol=(1e-3, 1e-3))
     first = matmuls(g)[0]
     assert first.attrs["plan"]["segments"][0]["groups"] == []
 
