@@ -242,7 +242,7 @@ def _bias(seg: dict, node: Node, nodes: dict) -> list[tuple[int, int]] | None:
             if src is None or len(n.outputs) != 1:
                 return None
             if n.op in CASTS and n.out.type.dtype in wide or n.op in ORDER_VIEWS and len(a) == 2 \
-                    or n.op == "aten.mul.Tensor" and len(a) == 2 and not isinstance(a[1], (Value, bool)) and a[1] == 1:
+                    or n.op == "aten.mul.Tensor" and len(a) == 2 and type(a[1]) in (int, float) and a[1] == 1:
                 inner[n.out.name] = src
             elif n.op == "aten.add.Tensor" and len(a) == 2 and not n.kwargs and isinstance(a[1], Value):
                 pair = (src, inner.get(a[1].name))
