@@ -1,58 +1,110 @@
-"""Allocator trace of one kiln call of tests/gpu/test_gpu_memory.py's MLP (inference): which tensors are live
-at the call's peak and where they were allocated, the executor's steps and frees, and its kept views.
-How the sixth session found run_list's locals holding an activation past its free.
+"""Allocator trace of one eager step and one kiln step of a model, as bench/gpu_memory.py measures
+them: each step's peak above the memory held before it, and the blocks live at that peak with the
+Python frames that allocated them (kiln's executor steps, the model's lines, autograd). Finds what
+kiln holds that eager does not. ``mlp`` (default) is tests/gpu/test_gpu_memory.py's MLP; ``zoo:NAME``
+the test zoo's models; gpt2 / llama / bert the memory benchmark's transformers (``--small`` for
+their small configs). How the sixth session found run_list's locals holding an activation past
+its free.
 
-    PYTHONPATH=$PWD python bench/gpu_peak_trace.py
+    PYTHONPATH=$PWD python bench/gpu_peak_trace.py [--case zoo:cnn] [--train] [--top 12]
 """
-import functools, sys, os, torch, collections
-sys.path.insert(0, "tests/gpu"); sys.path.insert(0, "bench")
-from test_gpu_memory import MLP, OPTIONS
-from gpu_memory import peak, warm_workspaces
-from kiln.api import kiln_backend
-import kiln
-torch.manual_seed(0)
-model = MLP().cuda().eval()
-x = torch.randn(4096, 1024, device="cuda")
-warm_workspaces(); torch.cuda.synchronize()
-base = torch.cuda.memory_allocated()
-def run(f):
-    with torch.no_grad(): f(x)
-run(model); print("eager", peak(lambda: run(model), base))
-torch._dynamo.reset()
-c = torch.compile(model, backend=functools.partial(kiln_backend, options=OPTIONS))
-run(c); run(c); print("kiln", peak(lambda: run(c), base))
-rep = kiln.last_report(); print("report memory", rep.memory)
-for k in rep.kernels: print("  ", k["name"], k["target"])
-torch.cuda.memory._record_memory_history(max_entries=100000, stacks="python")
-run(c); torch.cuda.synchronize()
-snap = torch.cuda.memory._snapshot()
-torch.cuda.memory._record_memory_history(enabled=None)
-ev = snap["device_traces"][0]
-live = {}; cur = 0; best = (0, None)
-for i, e in enumerate(ev):
-    if e["action"] == "alloc":
-        live[e["addr"]] = e; cur += e["size"]
-    elif e["action"] in ("free_requested",):
-        if e["addr"] in live: cur -= live.pop(e["addr"])["size"]
-    if cur > best[0]: best = (cur, dict(live))
-print("trace peak over the call", best[0] / 2**20, "MiB")
-for a, e in best[1].items():
-    fr = [f"{f['filename'].split('/')[-1]}:{f['line']} {f['name']}" for f in e.get("frames", []) if "/work/" in f["filename"] or "kiln" in f["filename"]][:4]
-    print(f"  {e['size']/2**20:.1f} MiB", fr)
-import gc, weakref
-from kiln.runtime import CompiledGraph
-torch.cuda.synchronize()
-print("allocated above base after calls", (torch.cuda.memory_allocated() - base) / 2**20, "MiB")
-params = {id(p) for p in model.parameters()}
-for cg in [o for o in gc.get_objects() if not isinstance(o, weakref.ProxyType) and type(o) is CompiledGraph]:
-    print("graph: arena", cg.plan.arena_bytes / 2**20, "MiB; transient", cg.transient_arena,
-          "steps", [s[0] for s in cg._steps].count("view"), "views of", len(cg._steps))
-    arena = {id(v) for vs in cg._views.values() for v in vs.values()}
-    for k, s in enumerate(cg._steps):
-        kept = getattr(cg, "_kept", [None] * len(cg._steps))[k]
-        if s[0] == "view" or kept is not None:
-            src = "none" if kept is None else ("param" if id(kept[0]) in params else "arena" if id(kept[0]) in arena else "OTHER")
-            print(f"  step {k} {s[1]} of {s[2]} kept={kept is not None} src={src}",
-                  None if kept is None else (tuple(kept[0].shape), kept[0].untyped_storage().nbytes() / 2**20))
-    for k, s in enumerate(cg._steps):
-        print("   ", k, s[0], getattr(s[1], "__name__", "") if s[0] != "kernel" else "", [o[0] for o in s[4]], "frees", s[5])
+import argparse
+import functools
+import gc
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "gpu"))
+from gpu_memory import Logits, configs, warm_workspaces, zoo_cases  # noqa: E402
+from kiln.api import kiln_backend  # noqa: E402
+
+OPTIONS = {"target": "triton", "cudagraphs": False}
+SKIP = ("/torch/", "/triton/", "gpu_peak_trace.py", "<frozen", "/contextlib.py", "/functools.py")
+
+
+def case(name: str, small: bool):
+    if name == "mlp":
+        from test_gpu_memory import MLP
+        return MLP, lambda: ([torch.randn(4096, 1024, device="cuda")], {})
+    cases = zoo_cases()
+    if name in cases:
+        return cases[name]
+    mk, ins = configs(small)[name]
+    return mk, lambda: ((), ins())
+
+
+def traced_peak(run, base: int, top: int) -> int:
+    """Runs ``run()`` under the allocator's history; prints the blocks live at its peak."""
+    torch.cuda.synchronize()
+    gc.collect()
+    torch.cuda.reset_peak_memory_stats()
+    torch.cuda.memory._record_memory_history(max_entries=200000, stacks="python")
+    run()
+    torch.cuda.synchronize()
+    snap = torch.cuda.memory._snapshot()
+    torch.cuda.memory._record_memory_history(enabled=None)
+    live, cur, best = {}, 0, (0, {})
+    for e in snap["device_traces"][0]:
+        if e["action"] == "alloc":
+            live[e["addr"]] = e
+            cur += e["size"]
+        elif e["action"] == "free_requested" and e["addr"] in live:
+            cur -= live.pop(e["addr"])["size"]
+        if cur > best[0]:
+            best = (cur, dict(live))
+    print(f"  peak {torch.cuda.max_memory_allocated() - base:,} B above the base ({best[0]:,} B of it "
+          f"allocated during the step)")
+    for e in sorted(best[1].values(), key=lambda e: -e["size"])[:top]:
+        frames = [f"{f['filename'].split('/')[-1]}:{f['line']} {f['name']}" for f in e.get("frames", [])
+                  if not any(s in f["filename"] for s in SKIP)][:4]
+        print(f"  {e['size']:>12,} B  {' <- '.join(frames)}")
+    return best[0]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--case", default="mlp", help="mlp, zoo:NAME, gpt2, llama or bert")
+    ap.add_argument("--train", action="store_true", help="a training step (default: inference)")
+    ap.add_argument("--small", action="store_true")
+    ap.add_argument("--top", type=int, default=12)
+    a = ap.parse_args()
+    make_model, make_inputs = case(a.case, a.small)
+    torch.manual_seed(0)
+    model = Logits(make_model()).cuda().train(a.train)
+    args, kw = make_inputs()
+    if a.train:
+        args = [x.requires_grad_(x.is_floating_point()) for x in args]
+
+    def step(fn):
+        def run():
+            if a.train:
+                for p in model.parameters():
+                    p.grad = None
+                fn(*args, **kw).float().sum().backward()
+            else:
+                with torch.no_grad():
+                    fn(*args, **kw)
+        return run
+
+    warm_workspaces()
+    torch.cuda.synchronize()
+    gc.collect()
+    base = torch.cuda.memory_allocated()
+    step(model)()
+    print(f"eager ({a.case}, {'train step' if a.train else 'inference'}):")
+    traced_peak(step(model), base, a.top)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=functools.partial(kiln_backend, options=OPTIONS))
+    for _ in range(2):
+        step(compiled)()
+    print("kiln:")
+    traced_peak(step(compiled), base, a.top)
+    torch.cuda.synchronize()
+    print(f"held after the steps above the base: {torch.cuda.memory_allocated() - base:,} B")
+
+
+if __name__ == "__main__":
+    main()
