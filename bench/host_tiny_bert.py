@@ -2,9 +2,12 @@
 Inductor, kiln with CUDA-graph replay off (the executor's own cost per step) and kiln by default.
 Runs on the CPU too (target cpu).
 
-    PYTHONPATH=$PWD python bench/host_tiny_bert.py
+    PYTHONPATH=$PWD python bench/host_tiny_bert.py [--profile]
+
+``--profile``: cProfile of 2000 calls of kiln with CUDA graphs off, the functions that take most
+time themselves (where the executor's per-step host time goes).
 """
-import time, sys, torch, kiln
+import cProfile, pstats, time, sys, torch, kiln
 from transformers import BertConfig
 from transformers.models.bert.modeling_bert import BertLayer
 dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -30,4 +33,12 @@ with torch.no_grad():
         out = out[0] if isinstance(out, tuple) else out
         torch.testing.assert_close(out, ref, rtol=2e-3, atol=2e-3)
         print(f"{name} {us(lambda: f(x)):.1f} us")
+        if name == "kiln cg-off" and "--profile" in sys.argv:
+            prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(2000):
+                f(x)
+            sync()
+            prof.disable()
+            pstats.Stats(prof).sort_stats("tottime").print_stats(30)
         torch._dynamo.reset()
