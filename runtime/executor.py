@@ -4,6 +4,7 @@ do matmul outputs (through out=). A kernel output the plan puts in place of an i
 of the same arena bytes."""
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -85,6 +86,7 @@ class CompiledGraph:
         self._steps = self._prepare()
         self._input_names = [v.name for v in graph.inputs]
         self._kept: list = [None] * len(self._steps)       # VIEW steps: (source, its address, the view)
+        self._seen: dict[int, weakref.ref] = {}             # VIEW steps over weights: the last source
         self._warm = False
 
     def _frees(self) -> list[list[str]]:
@@ -241,8 +243,13 @@ class CompiledGraph:
             return kept[2]
         v = what(x, *extra[0], **extra[1])
         how = extra[2]
-        lasts = how is None or (x is views.get(how) if isinstance(how, str)
-                                else self._kept[how] is not None and self._kept[how][2] is x)
+        if how is None:         # a weight: kept once the same tensor came twice running, so a
+            seen = self._seen.get(k)    # caller passing new weights each call has no old ones held
+            lasts = seen is not None and seen() is x
+            self._seen[k] = weakref.ref(x)
+        else:
+            lasts = x is views.get(how) if isinstance(how, str) \
+                else self._kept[how] is not None and self._kept[how][2] is x
         # reshape copies what it cannot view: a kept copy would go stale when the source is
         # written in place (an optimizer step on a weight)
         lasts = lasts and v.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()

@@ -104,3 +104,28 @@ def test_copying_reshape_of_a_weight_is_not_kept():
             torch.testing.assert_close(f(x), m(x))
         m.w.mul_(-3.0)
         torch.testing.assert_close(f(x), m(x))
+
+
+def test_new_weights_each_call_are_not_held():
+    """A caller that passes new weight tensors on every call (functional style) gets fresh views
+    and does not have the previous call's weights held by the graph."""
+    torch.manual_seed(0)
+    m = Block().eval()
+    torch._dynamo.reset()
+    with torch.no_grad():
+        f = kiln.compile(m, target="cpu")
+        x = torch.randn(8, 16)
+        f(x)
+        cg = _graph()
+        names = [v.name for v in cg.graph.inputs]
+        weights = set(cg.graph.meta.get("weight_inputs") or ())
+        assert weights, "no weight inputs"
+        gone = []
+        for _ in range(3):
+            ins = [torch.randn(v.type.shape) if v.name in weights else x for v in cg.graph.inputs]
+            refs = [weakref.ref(t) for n, t in zip(names, ins) if n in weights]
+            cg.run_list(list(ins))
+            del ins
+            gc.collect()
+            gone.append(all(r() is None for r in refs))
+        assert all(gone), "a previous call's weights are still held"
