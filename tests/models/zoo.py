@@ -70,6 +70,16 @@ class Embed(nn.Module):
 
 # A custom op with a fake (meta) implementation: kiln cannot see inside it, so it must run as an
 # ATen fallback and be listed in the report's fallback_ops.
+# This module must load once per process, as ``models.zoo`` (the name pytest gives it): a second
+# copy (``tests.models.zoo``) defines the op again, and torch then destroys the first definition
+# under whatever still holds it (a full-suite worker once failed two custom-op tests with
+# std::bad_alloc from a fake-tensor call after that).
+_first = getattr(torch._library.custom_ops, "OPDEFS", {}).get("kiln_zoo::scaled_tanh")
+if _first is not None and getattr(_first._init_fn, "__module__", __name__) != __name__:
+    raise ImportError(f"tests/models/zoo.py is loaded twice ({_first._init_fn.__module__} and {__name__}); "
+                      "import it as models.zoo")
+
+
 @torch.library.custom_op("kiln_zoo::scaled_tanh", mutates_args=())
 def scaled_tanh(x: torch.Tensor, scale: float) -> torch.Tensor:
     return torch.tanh(x) * scale

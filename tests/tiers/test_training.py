@@ -180,7 +180,7 @@ def test_zoo_training_at_the_smallest_budget_matches_eager(name, runtimes):
     """Every zoo model (max-pool indices and an embedding among the saved tensors, a custom op
     with its own backward) trains at the smallest budget its errors name: outputs, parameter
     and input gradients match eager for two SGD steps, and the runtime stays within the budget."""
-    from tests.models.zoo import build
+    from models.zoo import build
     model, inputs = build(name)
     budget = 1
     for _ in range(4):
