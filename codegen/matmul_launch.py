@@ -89,9 +89,10 @@ def load_matmul(k: Kernel) -> None:
         return ret
 
     def run_aten(ins, outs):
-        """cuBLAS products; a segment with no epilogue is written straight into its output (one
-        whose epilogue is a bias add through addmm), the others get the template's epilogue pass over the products (in place over the output when
-        the segment allows it and the output shares no storage with an input)."""
+        """cuBLAS products; a segment with no epilogue is written straight into its output, and so
+        is one whose epilogue is a bias add (through addmm); the others get the template's
+        epilogue pass over the products (in place over the output when the segment allows it and
+        the output shares no storage with an input)."""
         a = ins[meta["a"]]
         mm = torch.mm if a.dim() == 2 else torch.bmm
         prods = []

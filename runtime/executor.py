@@ -148,8 +148,9 @@ class CompiledGraph:
 
     def _prepare(self) -> list:
         """Per node: what to call and where its arguments come from, resolved once. Modes:
-        KERNEL launches a generated kernel; OUT calls an ATen op's out= overload with its arena
-        view (falling back to ATEN if that call fails); ATEN calls the op."""
+        KERNEL launches a generated kernel; VIEW makes (or reuses, see _lasting) a view; OUT
+        calls an ATen op's out= overload with its arena view (falling back to ATEN if that call
+        fails); ATEN calls the op."""
         steps = []
         lasting = self._lasting()       # name -> how to tell at run time that its tensor lasts
         escaping = {v.name for v in self.graph.output_values()}
