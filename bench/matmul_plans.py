@@ -1,6 +1,7 @@
 """What the matmul pass made of a suite case: each kiln.matmul node's segments (products, fused
-epilogue groups, stored outputs), whether its cuBLAS path adds a bias itself (addmm, no epilogue
-pass), its outputs' dtypes and layouts; ``--body`` prints the epilogue bodies. On a GPU it shows
+epilogue groups, stored outputs), which path runs it on an H100/H200 (cuBLAS or the Triton
+template, as the untuned default picks), whether its cuBLAS path adds a bias itself (addmm, no
+epilogue pass), its outputs' dtypes and layouts; ``--body`` prints the epilogue bodies. On a GPU it shows
 the graph the GPU compiles (SDPA ops, attention layouts), which the CPU does not reproduce.
 
     PYTHONPATH=$PWD python bench/matmul_plans.py bert_layer [--body] [--small]
@@ -17,6 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import cases as C  # noqa: E402
 import kiln  # noqa: E402
 from kiln.codegen.matmul import _bias  # noqa: E402
+from kiln.codegen.matmul_config import default_config  # noqa: E402
 from kiln.runtime import CompiledGraph  # noqa: E402
 
 
@@ -46,7 +48,11 @@ def main() -> None:
                     continue
                 nodes = {o.name: b for b in n.body.nodes for o in b.outputs}
                 segs = n.attrs["plan"]["segments"]
-                print(n.attrs["name"], "bias:", [_bias(s, n, nodes) for s in segs])
+                k = cg.kernels.get(n.outputs[0].name)
+                cfg = (k.meta.get("config") or default_config(k.meta, interpret=False)) if k is not None else {}
+                print(n.attrs["name"], "path:", "cuBLAS" if cfg.get("ATEN") else "Triton template",
+                      "(untuned default)" if k is not None and not k.meta.get("config") else "",
+                      "bias:", [_bias(s, n, nodes) for s in segs])
                 for s in segs:
                     print("   segment", {k: s[k] for k in ("n", "acc", "groups", "stores", "lin")})
                 for o in n.outputs:
