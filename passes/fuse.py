@@ -122,12 +122,19 @@ class _Groups:
         both groups exist, so the group that was ready earlier now holds every input it was the
         last reader of until then (e.g. per-layer bias-gradient sums merged across layers keep
         every layer's gradient alive). For tensors this big the launch a merge saves is worth
-        less than the memory; pointwise chains and a reduction's prologue are never delayed."""
+        less than the memory, unless the nodes that run meanwhile make little (then nothing big
+        is alive next to the held inputs); pointwise chains and a reduction's prologue are never
+        delayed."""
         m = ma | mb
         ra, rb = self._ready(ma, m), self._ready(mb, m)
         if ra == rb:
             return False
         early, at = (ma, rb) if ra < rb else (mb, ra)
+        # capture's addmm scales its bias (a [n] vector) after the product: holding the product
+        # over those few small nodes costs no memory, and refusing cut the product's epilogue
+        if sum(v.type.storage_bytes for k in range(min(ra, rb) + 1, at + 1) if k not in m
+               for v in self.nodes[k].outputs if v.type is not None) < HOLD_BYTES:
+            return False
         held: dict[str, int] = {}
         for i in early:
             for v in self.nodes[i].inputs():
