@@ -86,6 +86,20 @@ def peak(step, base: int) -> int:
     return torch.cuda.max_memory_allocated() - base
 
 
+def step_of(model, args, kw, train: bool, fn):
+    """One step of ``fn`` (the model or its compiled form) as measured: a training step (grads
+    cleared, forward, sum, backward) or a no_grad forward."""
+    def run():
+        if train:
+            for p in model.parameters():
+                p.grad = None
+            fn(*args, **kw).float().sum().backward()
+        else:
+            with torch.no_grad():
+                fn(*args, **kw)
+    return run
+
+
 def measure(make_model, make_inputs, train: bool) -> dict:
     torch.manual_seed(0)
     model = Logits(make_model()).cuda().train(train)
@@ -93,17 +107,7 @@ def measure(make_model, make_inputs, train: bool) -> dict:
     if train:
         args = [a.requires_grad_(a.is_floating_point()) for a in args]
 
-    def step(fn):
-        def run():
-            if train:
-                for p in model.parameters():
-                    p.grad = None
-                fn(*args, **kw).float().sum().backward()
-            else:
-                with torch.no_grad():
-                    fn(*args, **kw)
-        return run
-
+    step = functools.partial(step_of, model, args, kw, train)
     warm_workspaces()
     torch.cuda.synchronize()
     gc.collect()

@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "gpu"))
-from gpu_memory import Logits, configs, warm_workspaces, zoo_cases  # noqa: E402
+from gpu_memory import Logits, configs, step_of, warm_workspaces, zoo_cases  # noqa: E402
 from kiln.api import kiln_backend  # noqa: E402
 
 OPTIONS = {"target": "triton", "cudagraphs": False}
@@ -29,10 +29,13 @@ def case(name: str, small: bool):
     if name == "mlp":
         from test_gpu_memory import MLP
         return MLP, lambda: ([torch.randn(4096, 1024, device="cuda")], {})
-    cases = zoo_cases()
+    cases, models = zoo_cases(), configs(small)
     if name in cases:
         return cases[name]
-    mk, ins = configs(small)[name]
+    if name not in models:
+        raise SystemExit(f"--case: unknown case {name!r}; choose mlp, {', '.join(sorted(cases))} or "
+                         f"{', '.join(models)}")
+    mk, ins = models[name]
     return mk, lambda: ((), ins())
 
 
@@ -78,17 +81,7 @@ def main() -> None:
     if a.train:
         args = [x.requires_grad_(x.is_floating_point()) for x in args]
 
-    def step(fn):
-        def run():
-            if a.train:
-                for p in model.parameters():
-                    p.grad = None
-                fn(*args, **kw).float().sum().backward()
-            else:
-                with torch.no_grad():
-                    fn(*args, **kw)
-        return run
-
+    step = functools.partial(step_of, model, args, kw, a.train)
     warm_workspaces()
     torch.cuda.synchronize()
     gc.collect()

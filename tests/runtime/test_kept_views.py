@@ -26,16 +26,22 @@ def _graph() -> CompiledGraph:
             if not isinstance(o, weakref.ProxyType) and type(o) is CompiledGraph][-1]
 
 
-def test_views_kept_while_sources_stay():
+def _warm(calls: int):
+    """A Block, compiled for the cpu target and called ``calls`` times against eager (under
+    no_grad, which the caller keeps on); the model, its compiled form and its CompiledGraph."""
     torch.manual_seed(0)
     m = Block().eval()
     torch._dynamo.reset()
+    f = kiln.compile(m, target="cpu")
+    for _ in range(calls):
+        x = torch.randn(8, 16)
+        torch.testing.assert_close(f(x), m(x))
+    return m, f, _graph()
+
+
+def test_views_kept_while_sources_stay():
     with torch.no_grad():
-        f = kiln.compile(m, target="cpu")
-        for _ in range(2):
-            x = torch.randn(8, 16)
-            torch.testing.assert_close(f(x), m(x))
-        cg = _graph()
+        m, f, cg = _warm(2)
         kept = [i for i, s in enumerate(cg._steps) if s[0] is VIEW]
         assert kept, "no view of a weight or of the arena was found"
         before = [cg._kept[i][2] for i in kept]
@@ -69,15 +75,8 @@ def test_fresh_arena_values_are_not_kept(monkeypatch):
         _, (node, _), args, kwargs, _, _ = self._steps[k]
         return resolve(node.op)(*args(env), **kwargs(env))
     monkeypatch.setattr(CompiledGraph, "_run_out", failed_out)
-    torch.manual_seed(0)
-    m = Block().eval()
-    torch._dynamo.reset()
     with torch.no_grad():
-        f = kiln.compile(m, target="cpu")
-        for _ in range(3):
-            x = torch.randn(8, 16)
-            torch.testing.assert_close(f(x), m(x))
-        cg = _graph()
+        m, f, cg = _warm(3)
         assert any(s[0] is OUT for s in cg._steps), "no out= step to fail"
         _sources_last(cg, m)
 
