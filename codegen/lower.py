@@ -9,6 +9,7 @@ import torch
 
 from kiln.ir import Graph, Node, OpKind, op_kind
 from kiln.ir.scalar import E, Ref, lower_pointwise, neutral, reduction_spec
+from kiln.passes.loops import dims_of
 
 COMPUTE = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
 
@@ -77,11 +78,16 @@ def _prod(xs) -> int:
     return p
 
 
-def _full_strides(shape, strides, dmap, ndim) -> list[int]:
-    st = [0] * ndim
-    for s, t, d in zip(shape, strides, dmap):
-        if d is not None and s != 1:
+def _full_strides(shape, strides, dmap, domain) -> list[int]:
+    """Per domain dim, the element stride of a value whose dims walk it (``dmap``); a value dim
+    that walks several domain dims (a merged view) splits its stride over them, inner fastest."""
+    st = [0] * len(domain)
+    for s, t, md in zip(shape, strides, dmap):
+        if md is None or s == 1:
+            continue
+        for d in reversed(dims_of(md)):
             st[d] = t
+            t *= domain[d]
     return st
 
 
@@ -123,7 +129,7 @@ def lower(node: Node) -> LoopKernel:
             full[d] for d in range(nd) if d in rdims) else "x"
 
     def load(v, dmap):
-        full = _full_strides(v.type.shape, v.type.strides, dmap, nd)
+        full = _full_strides(v.type.shape, v.type.strides, dmap, domain)
         key = (v.name, tuple(full))
         if key not in loads:
             loads[key] = Access(leaves[v.name], [], [], v.type.dtype, f"in{leaves[v.name]}_{len(loads)}")
@@ -178,7 +184,7 @@ def lower(node: Node) -> LoopKernel:
             stmts.append(Stmt(name, e, v.type.dtype, s))
             space_of[name] = s
         var_of[v.name] = name
-    store_full = [_full_strides(v.type.shape, v.type.strides, maps[v.name], nd) for v in body.outputs]
+    store_full = [_full_strides(v.type.shape, v.type.strides, maps[v.name], domain) for v in body.outputs]
     xs, rs, strides = _collapse(domain, sorted(rdims), raw_load_strides + store_full)
     nx_ = len(xs)
     load_list = list(loads.values())

@@ -17,6 +17,14 @@ HOLD_BYTES = 1 << 20    # a merge may not keep this many bytes of inputs alive l
 
 
 HALF = (torch.float16, torch.bfloat16)
+RESHAPES = {"aten.view.default", "aten._unsafe_view.default", "aten.reshape.default", "aten.unsqueeze.default",
+            "aten.squeeze.dim", "aten.squeeze.dims", "aten.squeeze.default"}
+
+
+def _reshaping(plan: dict) -> bool:
+    """Did the plan map a value onto the domain by regrouping its dims (a reshaped view, or a
+    rank that only lines up by running products)?"""
+    return bool(plan.get("regrouped"))
 
 
 def _fusible(n: Node, target: str | None = None) -> bool:
@@ -146,6 +154,22 @@ class _Groups:
                     held[v.name] = v.type.storage_bytes
         return sum(held.values()) >= HOLD_BYTES
 
+    def _epilogue_like(self, gid: int) -> bool:
+        """Does the group read a matmul's product as it is stored (through reshaping views at
+        most)? The matmul pass then runs it as the matmul's epilogue, which a merge across a
+        reshape would take away (its plan no longer walks the product in order)."""
+        for i in self.members[gid]:
+            for v in self.nodes[i].inputs():
+                p = self.prod.get(v.name)
+                while p is not None and p.op in RESHAPES and not self._inside(p, gid):
+                    p = self.prod.get(p.args[0].name)
+                if p is not None and op_kind(p.op) == OpKind.MATMUL and not self._inside(p, gid):
+                    return True
+        return False
+
+    def _inside(self, n: Node, gid: int) -> bool:
+        return self.gid[self.pos[id(n)]] == gid
+
     def try_merge(self, a: int, b: int) -> bool:
         ga, gb = self.gid[a], self.gid[b]
         if ga == gb:
@@ -156,6 +180,8 @@ class _Groups:
             return False
         plan = self.plan(sorted(ma | mb))
         if plan is None:
+            return False
+        if _reshaping(plan) and (self._epilogue_like(ga) or self._epilogue_like(gb)):
             return False
         keep, drop = (ga, gb) if ga < gb else (gb, ga)
         self.members[keep] = sorted(ma | mb)

@@ -44,6 +44,8 @@ def elementwise_safe(n: Node, out, inp, target: str = "cpu") -> bool:
         return False
     maps, domain = plan["maps"], plan["domain"]
     nd = len(domain)
+    if any(isinstance(md, (tuple, list)) for m in maps.values() for md in m):
+        return False            # a reshaping group: its reads are not checked element by element here
     if {d for d in maps[out.name] if d is not None} != {i for i, s in enumerate(domain) if s != 1}:
         return False
     want = _full_strides(b, maps[out.name], nd)

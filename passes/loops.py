@@ -7,11 +7,61 @@ from __future__ import annotations
 from kiln.ir import Graph, Node, OpKind, Value, op_kind
 from kiln.ir.scalar import NotLowerable, lower_pointwise, reduction_spec
 
-DimMap = tuple
+DimMap = tuple     # per value dim: None (size 1), a domain dim, or a tuple of consecutive domain dims
 
 
 class NotFusible(Exception):
     pass
+
+
+class _Refine(Exception):
+    """The domain must split dim ``dim`` into (outer, inner) for a value to map onto it."""
+    def __init__(self, dim: int, inner: int):
+        super().__init__(f"split domain dim {dim} at {inner}")
+        self.dim, self.inner = dim, inner
+
+
+def dims_of(md) -> tuple:
+    """The domain dims a dim-map entry walks, outer to inner."""
+    if md is None:
+        return ()
+    return tuple(md) if isinstance(md, (tuple, list)) else (md,)
+
+
+def _entry(dims) -> object:
+    dims = tuple(dims)
+    return None if not dims else dims[0] if len(dims) == 1 else dims
+
+
+def _size(md, domain) -> int:
+    n = 1
+    for d in dims_of(md):
+        n *= domain[d]
+    return n
+
+
+def _product_map(shape, domain, notes: set) -> DimMap:
+    """Right-aligned by running products: a value dim may walk several consecutive domain dims
+    (a merged view of them); one that needs part of a domain dim asks for the domain to split.
+    Adds "regrouped" to ``notes``: the plan then maps a value by regrouping its dims."""
+    out, j = [], len(domain) - 1
+    for s in reversed(shape):
+        if s == 1:
+            out.append(None)
+            continue
+        dims, p = [], 1
+        while j >= 0 and p < s:
+            if domain[j] != 1:
+                if p * domain[j] > s and s % p == 0 and (domain[j] * p) % s == 0:
+                    raise _Refine(j, s // p)
+                dims.append(j)
+                p *= domain[j]
+            j -= 1
+        if p != s:
+            raise NotFusible(f"shape {shape} does not map onto domain {domain}")
+        out.append(_entry(reversed(dims)))
+    notes.add("regrouped")
+    return tuple(reversed(out))
 
 
 def _right_align(shape, dmap_out, out_shape) -> DimMap:
@@ -21,8 +71,9 @@ def _right_align(shape, dmap_out, out_shape) -> DimMap:
                  for i in range(len(shape)))
 
 
-def _default_map(shape, domain) -> DimMap:
-    """Right-aligned; extra leading dims are fine when they have size 1 (an unsqueeze)."""
+def _default_map(shape, domain, notes: set) -> DimMap:
+    """Right-aligned; extra leading dims are fine when they have size 1 (an unsqueeze). Failing
+    that, by running products (a value that is a reshaped view of the domain)."""
     off = len(domain) - len(shape)
     out = []
     for i, s in enumerate(shape):
@@ -31,32 +82,77 @@ def _default_map(shape, domain) -> DimMap:
         elif off + i >= 0 and domain[off + i] == s:
             out.append(off + i)
         else:
-            raise NotFusible(f"shape {shape} does not broadcast to domain {domain}")
+            return _product_map(shape, domain, notes)
     return tuple(out)
 
 
-def _view_map(node: Node, m: DimMap, domain) -> DimMap:
+def _view_map(node: Node, m: DimMap, domain, notes: set) -> DimMap:
     src, dst = node.args[0].type.shape, node.out.type.shape
     op = node.op
     if op == "aten.permute.default":
         return tuple(m[d % len(src)] for d in node.args[1])
     if op in ("aten.expand.default",):
         off = len(dst) - len(src)
-        out = list(_default_map(dst, domain))
+        out = list(_default_map(dst, domain, notes))
         for i in range(len(src)):
             if src[i] != 1:
                 out[off + i] = m[i]
         return tuple(out)
     # unsqueeze / squeeze / view / reshape that only add or drop size-1 dims
-    if [s for s in src if s != 1] != [s for s in dst if s != 1]:
-        raise NotFusible(f"{op} reshapes {src} -> {dst}")
-    kept = iter([md for s, md in zip(src, m) if s != 1])
-    return tuple(None if s == 1 else next(kept) for s in dst)
+    if [s for s in src if s != 1] == [s for s in dst if s != 1]:
+        kept = iter([md for s, md in zip(src, m) if s != 1])
+        return tuple(None if s == 1 else next(kept) for s in dst)
+    # a reshape that merges or splits dims: regroup the domain dims the source walks, in order
+    walked = [d for s, md in zip(src, m) if s != 1 for d in dims_of(md)]
+    if [domain[d] for d in walked if domain[d] != 1] and \
+            any(b != a + 1 for a, b in zip(walked, walked[1:])):
+        raise NotFusible(f"{op} regroups dims the domain does not walk in order")
+    out, i = [], 0
+    for s in dst:
+        if s == 1:
+            out.append(None)
+            continue
+        dims, p = [], 1
+        while p < s and i < len(walked):
+            if p * domain[walked[i]] > s and s % p == 0 and (domain[walked[i]] * p) % s == 0:
+                raise _Refine(walked[i], s // p)
+            dims.append(walked[i])
+            p *= domain[walked[i]]
+            i += 1
+        if p != s:
+            raise NotFusible(f"{op} reshapes {src} -> {dst}")
+        out.append(_entry(dims))
+    return tuple(out)
 
 
 def analyze(body: Graph) -> dict:
     """The loop plan of a group body, or NotFusible. Plan keys: kind, domain, reduce_dims,
-    maps (value name -> dim map of every node output)."""
+    maps (value name -> dim map of every node output). A pointwise group whose values reshape
+    one another (a view merging or splitting dims) gets the finest domain they all walk: the
+    domain dims are split until every value maps onto consecutive runs of them."""
+    domain = None
+    for _ in range(16):
+        try:
+            return _analyze(body, domain)
+        except _Refine as r:
+            if domain is None:
+                domain = list(_domain(body)[0])
+            d = list(domain)
+            domain = d[:r.dim] + [d[r.dim] // r.inner, r.inner] + d[r.dim + 1:]
+    raise NotFusible("the domain needs too many splits")
+
+
+def _domain(body: Graph) -> tuple[tuple, tuple]:
+    reds = [n for n in body.nodes if op_kind(n.op) == OpKind.REDUCTION]
+    if reds:
+        _, x, d, _ = reduction_spec(reds[0])
+        return x.type.shape, d
+    outs = [v.type for v in body.output_values()]
+    return max(outs, key=lambda t: t.numel).shape, ()
+
+
+def _analyze(body: Graph, refined: list | None) -> dict:
+    notes = {"regrouped"} if refined is not None else set()
     leaves = {v.name for v in body.inputs}
     reds = [n for n in body.nodes if op_kind(n.op) == OpKind.REDUCTION]
     try:
@@ -75,6 +171,10 @@ def analyze(body: Graph) -> dict:
         outs = [v.type for v in body.output_values()]
         domain = max(outs, key=lambda t: t.numel).shape
         rdims = ()
+    if refined is not None:
+        if reds:
+            raise NotFusible("a reduction over a reshaped domain")
+        domain = tuple(refined)
     identity = tuple(i if s != 1 else None for i, s in enumerate(domain))
     maps: dict[str, DimMap] = {}
 
@@ -95,7 +195,7 @@ def analyze(body: Graph) -> dict:
             src = n.args[0]
             if src.name in leaves:
                 raise NotFusible("view of a group input stays outside the group")
-            maps[n.out.name] = _view_map(n, maps[src.name], domain)
+            maps[n.out.name] = _view_map(n, maps[src.name], domain, notes)
         elif kind == OpKind.POINTWISE:
             try:
                 lower_pointwise(n)
@@ -116,22 +216,24 @@ def analyze(body: Graph) -> dict:
             default = None
             for j, s in enumerate(oshape):
                 if cand[j] is None and s != 1:
-                    default = default or _default_map(oshape, domain)
+                    default = default or _default_map(oshape, domain, notes)
                     cand[j] = default[j]
             maps[n.out.name] = tuple(cand)
         else:
             raise NotFusible(f"{n.op} is not fusible")
         for j, md in enumerate(maps[n.out.name]):
-            if md is not None and domain[md] != n.out.type.shape[j]:
+            if md is not None and _size(md, domain) != n.out.type.shape[j]:
                 raise NotFusible("dim size does not match the domain")
     R = set(rdims)
     for v in body.output_values():
         m = maps.get(v.name) if v.name not in leaves else None
         if m is None:
             raise NotFusible("group output is a group input")
-        covered = {d for d in m if d is not None}
+        covered = {d for md in m for d in dims_of(md)}
         need = {i for i, s in enumerate(domain) if s != 1}
         if covered != need and covered != need - R:
             raise NotFusible("output does not cover the iteration space")
+    maps_out = {k: list(v) for k, v in maps.items()}
+    regrouped = "regrouped" in notes or any(isinstance(md, tuple) for m in maps.values() for md in m)
     return {"kind": "reduction" if reds else "pointwise", "domain": list(domain),
-            "reduce_dims": list(rdims), "maps": {k: list(v) for k, v in maps.items()}}
+            "reduce_dims": list(rdims), "maps": maps_out, **({"regrouped": True} if regrouped else {})}

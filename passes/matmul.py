@@ -22,7 +22,7 @@ import networkx as nx
 import torch
 
 from kiln.ir import Graph, Node, Value
-from .loops import _right_align
+from .loops import _right_align, dims_of
 
 MATMULS = {"aten.mm.default": 2, "aten.bmm.default": 3}
 ORDER_VIEWS = {"aten.view.default", "aten._unsafe_view.default", "aten.reshape.default",
@@ -64,16 +64,20 @@ def _walks_in_order(v: Value, n: Node, maps: dict, domain) -> bool:
     if [s for s in v.type.shape if s != 1] != [s for s in domain if s != 1]:
         return False
     om = maps.get(n.out.name)
-    if om is None or [d for d in om if d is not None] != ident:
+    if om is None or _walked(om) != ident:
         return False
-    m = _right_align(v.type.shape, om, n.out.type.shape)
-    return [d for d in m if d is not None] == ident
+    return _walked(_right_align(v.type.shape, om, n.out.type.shape)) == ident
+
+
+def _walked(dmap) -> list[int]:
+    """The domain dims a dim map walks, in the value's dim order (merged dims expanded)."""
+    return [d for md in dmap for d in dims_of(md)]
 
 
 def _in_order_output(v: Value, plan: dict) -> bool:
     m = plan["maps"].get(v.name)
     dom = plan["domain"]
-    return (m is not None and [d for d in m if d is not None] == [i for i, s in enumerate(dom) if s != 1]
+    return (m is not None and _walked(m) == [i for i, s in enumerate(dom) if s != 1]
             and [s for s in v.type.shape if s != 1] == [s for s in dom if s != 1])
 
 

@@ -14,6 +14,7 @@ from .cache_schedule import schedule_cache
 from .memory import plan_memory
 from .schedule import schedule
 from .tiers import map_tiers
+from .views import hoist_unsqueeze
 
 PIPELINE = [
     ("dce", lambda g, o: dce(g)),
@@ -24,6 +25,7 @@ PIPELINE = [
     ("attention", attention),            # before fuse/matmul: they would take its matmuls and softmax
     ("gather", gather_rows),             # embeddings as generated row-gather kernels
     ("addmm", recompose_addmm),          # cpu target: the bias back into ATen's addmm
+    ("hoist_unsqueeze", lambda g, o: hoist_unsqueeze(g)),   # pointwise ops in their consumers' rank
     ("fuse", fuse),
     ("drop_copy_kernels", lambda g, o: drop_copy_kernels(g)),
     ("matmul", matmul_fusion),

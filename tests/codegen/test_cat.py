@@ -48,3 +48,18 @@ def test_unequal_shapes_stay_aten(target):
 def test_many_inputs_stay_aten():
     xs = [torch.randn(2, 3) for _ in range(6)]
     assert "aten.cat.default" in _ops("cpu", lambda *xs: torch.cat(xs, 0) * 2, *xs)
+
+
+def test_rotary_is_one_kernel():
+    """q * cos + rotate_half(q) * sin over a transposed q: the negation, the cat (as a where over
+    [..., 2, D/2]), its view back to [..., D] and the multiply-adds share one loop domain."""
+    x = torch.randn(2, 6, 3, 8).transpose(1, 2)
+
+    def rope(x, cos, sin):
+        x1, x2 = x[..., :4], x[..., 4:]
+        return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+    cos, sin = torch.randn(6, 8), torch.randn(6, 8)
+    for target in TARGETS:
+        _ops(target, rope, x, cos, sin)
+        kernels = [k for k in kiln.last_report().kernels if k["target"] != "aten"]
+        assert len(kernels) == 1, kernels
