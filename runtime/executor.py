@@ -23,6 +23,22 @@ STORAGE_CLONING = frozenset({"aten.slice_scatter.default", "aten.select_scatter.
                              "aten.diagonal_scatter.default"})
 
 
+def _resolve_view(node):
+    """The callable of a node's op. ``as_strided``'s storage offset counts from the start of its
+    source's storage as the IR types it; at run time the source may be a slice of the arena (or a
+    view whose storage starts elsewhere), so the offset moves by the difference."""
+    fn = resolve(node.op)
+    src = node.args[0] if node.args else None
+    if node.op != "aten.as_strided.default" or not isinstance(src, Value) or src.type is None:
+        return fn
+    base = src.type.offset
+
+    def as_strided(x, size, stride, storage_offset=None):
+        at = base if storage_offset is None else storage_offset
+        return fn(x, size, stride, x.storage_offset() + at - base)
+    return as_strided
+
+
 def is_non_overlapping_and_dense(t: torch.Tensor) -> bool:
     """The elements fill exactly numel() slots of memory, in some order of the dimensions."""
     expected = 1
@@ -161,7 +177,7 @@ class CompiledGraph:
                     and len(outs) == 1 and outs[0][0] not in escaping and "callable" not in node.attrs \
                     and not any(True for _ in iter_values((node.args[1:], node.kwargs))):
                 lasting[outs[0][0]] = len(steps)
-                steps.append((VIEW, resolve(node.op), src.name,
+                steps.append((VIEW, _resolve_view(node), src.name,
                               (tuple(node.args[1:]), dict(node.kwargs), lasting[src.name]), outs, frees))
             elif is_kernel_op(node.op):
                 in_place = {v.name: self.plan.overwrites[v.name] for v in node.outputs
@@ -196,7 +212,7 @@ class CompiledGraph:
     @staticmethod
     def _aten_call(node) -> tuple:
         """(node, the callable, whether it clones its first argument's whole storage), resolved once."""
-        return node, node.attrs.get("callable") or resolve(node.op), node.op in STORAGE_CLONING
+        return node, node.attrs.get("callable") or _resolve_view(node), node.op in STORAGE_CLONING
 
     def _run_out(self, k: int, views, env):
         """An ATen op writing into its arena view; on failure (a device or autograd mismatch)

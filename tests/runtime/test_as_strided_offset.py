@@ -1,0 +1,31 @@
+"""as_strided's storage offset counts from the start of its source's storage. A source kiln
+placed in the arena starts wherever its buffer does, so the runtime must move the offset by the
+buffer's place (GPT-2's backward builds its fused-QKV gradient with as_strided over a zero
+buffer: wrong gradients when that buffer was no longer a folded constant)."""
+import pytest
+import torch
+
+
+def f(x):
+    a = torch.sin(x)
+    b = (a * 2).sum(-1, keepdim=True) + x       # a and b live in the arena at once
+    c = torch.cos(b) * 3
+    w = torch.as_strided(c, (4, 6), (12, 2), 5)
+    return w * a[:4, :6] + 1
+
+
+@pytest.mark.parametrize("target", ["cpu", "triton"])
+def test_as_strided_of_an_arena_value(target):
+    torch._dynamo.reset()
+    x = torch.randn(16, 12, generator=torch.Generator().manual_seed(0))
+    got = torch.compile(f, backend="kiln", options={"target": target})(x)
+    torch.testing.assert_close(got, f(x))
+
+
+def test_as_strided_without_offset_keeps_the_sources():
+    def g(x):
+        c = torch.cos(torch.sin(x) * 2 + x)
+        return torch.as_strided(c[2:], (3, 4), (12, 1)) * 2
+    torch._dynamo.reset()
+    x = torch.randn(16, 12)
+    torch.testing.assert_close(torch.compile(g, backend="kiln", options={"target": "cpu"})(x), g(x))
