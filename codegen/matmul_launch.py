@@ -88,6 +88,20 @@ def load_matmul(k: Kernel) -> None:
             fast[key] = direct_launcher(ret, g, tuple(c.values()), args)
         return ret
 
+    overlap: dict = {}
+
+    def apart(o, ins) -> bool:
+        """``o`` overlaps no input; remembered per set of addresses (the shapes are fixed): measuring
+        every input's extent on each call was the executor's largest Python cost in a tiny BERT
+        layer's profile (bench/host_tiny_bert.py --profile)."""
+        key = (o.data_ptr(), *[x.data_ptr() if isinstance(x, torch.Tensor) else 0 for x in ins])
+        ok = overlap.get(key)
+        if ok is None:
+            if len(overlap) >= 64:
+                overlap.clear()
+            ok = overlap[key] = not _shares_storage(o, ins)
+        return ok
+
     def run_aten(ins, outs):
         """cuBLAS products; a segment with no epilogue is written straight into its output, and so
         is one whose epilogue is a bias add (through addmm); the others get the template's
@@ -98,7 +112,7 @@ def load_matmul(k: Kernel) -> None:
         prods = []
         for s in segs:
             o = outs[s["out"]] if s["out"] is not None else None
-            inplace = not s["direct"] and s.get("inplace") and not _shares_storage(o, ins)
+            inplace = not s["direct"] and s.get("inplace") and apart(o, ins)
             for j, b in enumerate(s["b"]):
                 if s["direct"]:
                     p = mm(a, ins[b], out=o)
