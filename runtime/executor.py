@@ -23,20 +23,34 @@ STORAGE_CLONING = frozenset({"aten.slice_scatter.default", "aten.select_scatter.
                              "aten.diagonal_scatter.default"})
 
 
+AS_STRIDED = ("aten.as_strided.default", "aten.as_strided_scatter.default")
+
+
 def _resolve_view(node):
-    """The callable of a node's op. ``as_strided``'s storage offset counts from the start of its
-    source's storage as the IR types it; at run time the source may be a slice of the arena (or a
-    view whose storage starts elsewhere), so the offset moves by the difference."""
+    """The callable of a node's op. ``as_strided``'s and ``as_strided_scatter``'s storage offset
+    counts from the start of their source's storage as the IR types it; at run time the source
+    may be a slice of the arena (or a view whose storage starts elsewhere), so the offset moves
+    by the difference."""
     fn = resolve(node.op)
     src = node.args[0] if node.args else None
-    if node.op != "aten.as_strided.default" or not isinstance(src, Value) or src.type is None:
+    if node.op not in AS_STRIDED or not isinstance(src, Value) or src.type is None:
         return fn
     base = src.type.offset
 
     def as_strided(x, size, stride, storage_offset=None):
         at = base if storage_offset is None else storage_offset
         return fn(x, size, stride, x.storage_offset() + at - base)
-    return as_strided
+
+    def as_strided_scatter(x, src, size, stride, storage_offset=None):
+        # ATen clones the whole storage under x (clone_preserve_strides) and writes src at the
+        # offset counted from its start: under an arena slice that copied the arena and wrote
+        # the arena's first elements (zero gradients for GPT-2's fused QKV in arena mode)
+        if x.storage_offset() or x.untyped_storage().nbytes() > x.numel() * x.element_size():
+            if is_non_overlapping_and_dense(x):
+                x = x.clone()           # dense: keeps its strides, at offset 0 of its own storage
+        at = base if storage_offset is None else storage_offset
+        return fn(x, src, size, stride, x.storage_offset() + at - base)
+    return as_strided if node.op == "aten.as_strided.default" else as_strided_scatter
 
 
 def is_non_overlapping_and_dense(t: torch.Tensor) -> bool:

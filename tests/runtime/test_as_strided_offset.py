@@ -29,3 +29,22 @@ def test_as_strided_without_offset_keeps_the_sources():
     torch._dynamo.reset()
     x = torch.randn(16, 12)
     torch.testing.assert_close(torch.compile(g, backend="kiln", options={"target": "cpu"})(x), g(x))
+
+
+def h(x, y):
+    a = torch.sin(y) * 2                        # placed in the arena first
+    buf = torch.cos(x) + a.sum()                # the scatter's target: a slice of the arena
+    out = torch.as_strided_scatter(buf, torch.tanh(y[:4, :6]), (4, 6), (12, 2), 5)
+    return out * 3 + a
+
+
+@pytest.mark.parametrize("target", ["cpu", "triton"])
+def test_as_strided_scatter_into_an_arena_value(target):
+    """ATen's as_strided_scatter clones the whole storage under its input and counts the offset
+    from that storage's start: over an arena slice it copied the arena and wrote its first
+    elements (GPT-2's fused-QKV gradient came out zero in arena mode)."""
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(16, 12, generator=g), torch.randn(16, 12, generator=g)
+    got = torch.compile(h, backend="kiln", options={"target": target})(x, y)
+    torch.testing.assert_close(got, h(x, y))
