@@ -2,13 +2,14 @@
 types and how to run it (the reference implementation is the ATen overload itself)."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 from enum import Enum
 from typing import Any
 
 import torch
 
-from .graph import Node, Value, map_values
+from .graph import Node, Value, iter_values, map_values
 from .types import TensorType
 
 
@@ -96,11 +97,24 @@ def _to_meta(v: Value):
     return v.type.meta() if isinstance(v.type, TensorType) else v
 
 
+def _device_of(args: tuple, kwargs: dict) -> str:
+    """Where an op's outputs live: its tensor operands' device (a 0-d operand elsewhere is a
+    CPU scalar and does not count), else its ``device`` keyword, else the CPU."""
+    types = [v.type for v in iter_values((args, kwargs)) if isinstance(v.type, TensorType)]
+    for t in sorted(types, key=lambda t: t.rank == 0):
+        return t.device
+    dev = torch.device(kwargs.get("device") or "cpu").type
+    return "cpu" if dev == "meta" else dev
+
+
 def infer(op: str, args: tuple, kwargs: dict) -> list[TensorType | None]:
-    """Output types of ``op`` applied to these arguments, by running the op on meta tensors."""
+    """Output types of ``op`` applied to these arguments, by running the op on meta tensors (on
+    the operands' device: meta tensors forget it)."""
     res = resolve(op)(*map_values(args, _to_meta), **map_values(kwargs, _to_meta))
     outs = res if isinstance(res, (tuple, list)) else (res,)
-    return [TensorType.of(o) if isinstance(o, torch.Tensor) else None for o in outs]
+    dev = _device_of(args, kwargs)
+    return [dataclasses.replace(TensorType.of(o), device=dev) if isinstance(o, torch.Tensor) else None
+            for o in outs]
 
 
 def run(node: Node, args: tuple, kwargs: dict) -> Any:

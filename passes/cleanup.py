@@ -68,7 +68,14 @@ FACTORIES = {"aten.arange.default", "aten.arange.start", "aten.arange.start_step
              "aten.scalar_tensor.default", "aten.zeros.default", "aten.ones.default", "aten.eye.default"}
 
 
-def constant_fold(g: Graph, max_bytes: int = 1 << 16) -> Graph:
+# A folded value is held by the compiled graph for good, where eager makes it per call and frees
+# it: only values within one block of the CUDA caching allocator (512 bytes) fold. A backward's
+# zero-filled gradient buffers (index_put's and slice_scatter's targets) did fold at 64 KiB and
+# put the zoo's training steps above eager's peak (bench/RESULTS.md, seventh session).
+FOLD_MAX_BYTES = 512
+
+
+def constant_fold(g: Graph, max_bytes: int = FOLD_MAX_BYTES) -> Graph:
     """Evaluate nodes whose inputs are all compile-time constants (and small) once, now.
     Graph outputs are left to run: eager returns a fresh tensor on every call."""
     consts = dict(g.constants)

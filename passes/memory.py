@@ -18,10 +18,13 @@ against a step's kernels. (Under a budget the tier plan accounts for the arena: 
 from __future__ import annotations
 
 import functools
+import logging
 from dataclasses import dataclass, field
 
 from kiln.ir import Graph, Node, OpKind, op_kind, resolve
 from kiln.ir.ops import is_kernel_op
+
+log = logging.getLogger("kiln.memory")
 
 ALIGN = 64
 DYNAMIC_MARGIN = (1 << 20, 0.05)    # dynamic mode must save >= 1 MiB and >= 5% of the arena plan's peak
@@ -29,6 +32,7 @@ DYNAMIC_MARGIN = (1 << 20, 0.05)    # dynamic mode must save >= 1 MiB and >= 5% 
 # CPU a fresh large tensor is a new mmap whose pages fault on first touch (~10 ms per 32 MiB on a
 # 2-core machine, more than the kernel that fills it): there the arena is kept.
 DYNAMIC_DEVICES = ("cuda",)
+ALLOC_GRAIN = 512       # the CUDA caching allocator rounds every block up to 512 bytes
 # ATen ops whose outputs the runtime writes into the arena through their out= overload.
 OUT_VARIANTS = {"aten.mm.default": "aten.mm.out", "aten.addmm.default": "aten.addmm.out",
                 "aten.bmm.default": "aten.bmm.out", "aten.baddbmm.default": "aten.baddbmm.out"}
@@ -194,9 +198,10 @@ def plan_buffers(bufs: dict[str, Buffer], planner: str = "greedy", time_limit: f
     return plan
 
 
-def storage_peaks(g: Graph, arena: set[str], overwrites: dict[str, str]) -> tuple[int, int]:
+def storage_peaks(g: Graph, arena: set[str], overwrites: dict[str, str], grain: int = 1) -> tuple[int, int]:
     """(peak of storage outside ``arena``, peak of all storage) over the graph's steps, counting
-    every output that does not alias an input; an in-place output shares its input's storage."""
+    every output that does not alias an input; an in-place output shares its input's storage.
+    ``grain``: the allocator's block granularity, each separate allocation rounds up to it."""
     roots: dict[str, set[str]] = {}
     size: dict[str, int] = {}
     born: dict[str, int] = {}
@@ -211,7 +216,8 @@ def storage_peaks(g: Graph, arena: set[str], overwrites: dict[str, str]) -> tupl
             if v.name in overwrites:
                 roots[v.name] = set(roots.get(overwrites[v.name], ()))
             elif fresh:
-                roots[v.name], size[v.name], born[v.name] = {v.name}, v.type.storage_bytes if v.type else 0, i
+                nb = v.type.storage_bytes if v.type else 0
+                roots[v.name], size[v.name], born[v.name] = {v.name}, -(-nb // grain) * grain, i
             else:
                 roots[v.name] = set(src)
     end = len(g.nodes)
@@ -230,29 +236,38 @@ def storage_peaks(g: Graph, arena: set[str], overwrites: dict[str, str]) -> tupl
     return other, total
 
 
-def arena_plan(g: Graph, target: str = "cpu", planner: str = "greedy", time_limit: float = 2.0
-               ) -> tuple[MemoryPlan, int]:
+def arena_plan(g: Graph, target: str = "cpu", planner: str = "greedy", time_limit: float = 2.0,
+               grain: int = 1) -> tuple[MemoryPlan, int]:
     """The arena-mode plan of a scheduled graph, and the peak of all its storage live at once
-    (what the dynamic mode would hold)."""
+    (what the dynamic mode would hold). ``grain``: the device allocator's block granularity, so
+    that both sides count what the allocator would hand out (on a KB-sized graph the arena's
+    64-byte packing against a 512-byte block per tensor decides the mode)."""
     from .inplace import reuse_in_place
     bufs = liveness(g)
     aliases, overwrites = reuse_in_place(g, bufs, storage_roots(g), target)
     plan = plan_buffers(bufs, planner, time_limit)
     plan.aliases, plan.overwrites = aliases, overwrites
-    other, total = storage_peaks(g, set(bufs) | set(aliases), overwrites)
-    plan.device_bytes = plan.arena_bytes + other
+    other, total = storage_peaks(g, set(bufs) | set(aliases), overwrites, grain)
+    plan.device_bytes = -(-plan.arena_bytes // grain) * grain + other
     return plan, total
 
 
 def plan_memory(g: Graph, options=None) -> Graph:
     target = options.resolved_target() if options is not None and hasattr(options, "resolved_target") else "cpu"
-    plan, total = arena_plan(g, target, getattr(options, "planner", "greedy"), getattr(options, "ilp_time_limit", 2.0))
-    devices = {v.type.device.split(":")[0] for n in g.nodes for v in n.outputs if v.type is not None}
+    # 0-d values do not count: a CPU scalar (a folded scalar_tensor's arithmetic) in a CUDA
+    # graph is a number, not device storage, and kept its backward graphs off dynamic mode
+    devices = {v.type.device.split(":")[0] for n in g.nodes for v in n.outputs if v.type is not None and v.type.rank}
+    caching = bool(devices) and devices <= set(DYNAMIC_DEVICES)
+    plan, total = arena_plan(g, target, getattr(options, "planner", "greedy"), getattr(options, "ilp_time_limit", 2.0),
+                             ALLOC_GRAIN if caching else 1)
     training = g.meta.get("graph_kind") in ("forward", "backward") and getattr(options, "memory_budget", None) is None
     least, share = (1, 0.0) if training else DYNAMIC_MARGIN
-    if devices and devices <= set(DYNAMIC_DEVICES) and plan.device_bytes - total >= max(least, share * plan.device_bytes):
+    arena_bytes = plan.device_bytes
+    if caching and plan.device_bytes - total >= max(least, share * plan.device_bytes):
         plan = MemoryPlan(overwrites=plan.overwrites, planner=plan.planner, status=plan.status,
                           greedy_bytes=plan.greedy_bytes, solve_s=plan.solve_s, mode="dynamic", device_bytes=total)
+    log.debug("memory plan of the %s graph: %s (arena mode %d B at peak, dynamic %d B; devices %s)",
+              g.meta.get("graph_kind"), plan.mode, arena_bytes, total, sorted(devices))
     g2 = g.copy()
     g2.meta["memory_plan"] = plan
     return g2

@@ -272,3 +272,42 @@ def test_training_graphs_take_dynamic_mode_when_lower_at_all(monkeypatch):
     arena, total = memory.arena_plan(run_pipeline(captured.copy(), kiln.Options(target="cpu"))[0])
     assert 0 < arena.device_bytes - total < memory.DYNAMIC_MARGIN[1] * arena.device_bytes
     assert modes == {("inference", None): "arena", ("forward", None): "dynamic", ("forward", 1 << 30): "arena"}
+
+
+def test_a_scalar_elsewhere_does_not_keep_a_graph_off_dynamic_mode(monkeypatch):
+    """A 0-d value on another device (on a GPU: a CPU scalar_tensor's arithmetic) is a number,
+    not storage: the graph's mode follows its tensors. A value of rank 1 there does count (the
+    CPU stands in for CUDA's caching allocator, "cuda" for the other device)."""
+    import dataclasses
+
+    import kiln.passes.memory as memory
+
+    def f(x, w1, w2, w3):
+        h = torch.relu(x @ w1) * 2.0
+        return torch.tanh(h @ w2) @ w3
+
+    g = torch.Generator().manual_seed(0)
+    args = [torch.randn(64, 64, generator=g), torch.randn(64, 64, generator=g),
+            torch.randn(64, 64, generator=g), torch.randn(64, 4096, generator=g)]
+    opts = kiln.Options(target="cpu")
+    planned, _ = run_pipeline(_captured_graph(f, args), opts)
+    planned.meta["graph_kind"] = "forward"
+    monkeypatch.setattr(memory, "DYNAMIC_DEVICES", ("cpu",))
+    modes = {}
+    for shape in ((), (1,)):
+        t = dataclasses.replace(TensorType.of(torch.zeros(shape)), device="cuda")
+        s = Node("aten.scalar_tensor.default" if not shape else "aten.zeros.default", (1.0,) if not shape else ([1],),
+                 {}, [Value("elsewhere", t)])
+        modes[shape] = plan_memory(planned.copy([s, *planned.nodes]), opts).meta["memory_plan"].mode
+    assert modes == {(): "dynamic", (1,): "arena"}
+
+
+def test_allocator_grain_counts_each_block():
+    """On a caching allocator every tensor takes whole 512-byte blocks: both modes' estimates
+    count them, so 64-byte-aligned arena packing is not mistaken for a saving on small graphs."""
+    import kiln.passes.memory as memory
+    planned, _ = run_pipeline(_captured_graph(_mlp, _mlp_args()), kiln.Options(target="cpu"))
+    exact, total = memory.arena_plan(planned)
+    blocks, total_blocks = memory.arena_plan(planned, grain=memory.ALLOC_GRAIN)
+    assert blocks.device_bytes % memory.ALLOC_GRAIN == 0 and total_blocks % memory.ALLOC_GRAIN == 0
+    assert blocks.device_bytes >= exact.device_bytes and total_blocks >= total
