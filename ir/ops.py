@@ -100,9 +100,10 @@ def _to_meta(v: Value):
 def _device_of(args: tuple, kwargs: dict) -> str:
     """Where an op's outputs live: its tensor operands' device (a 0-d operand elsewhere is a
     CPU scalar and does not count), else its ``device`` keyword, else the CPU."""
-    types = [v.type for v in iter_values((args, kwargs)) if isinstance(v.type, TensorType)]
-    for t in sorted(types, key=lambda t: t.rank == 0):
-        return t.device
+    types = sorted((v.type for v in iter_values((args, kwargs)) if isinstance(v.type, TensorType)),
+                   key=lambda t: t.rank == 0)
+    if types:
+        return types[0].device
     dev = torch.device(kwargs.get("device") or "cpu").type
     return "cpu" if dev == "meta" else dev
 

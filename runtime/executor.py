@@ -26,7 +26,7 @@ STORAGE_CLONING = frozenset({"aten.slice_scatter.default", "aten.select_scatter.
 AS_STRIDED = ("aten.as_strided.default", "aten.as_strided_scatter.default")
 
 
-def _resolve_view(node):
+def _op_callable(node):
     """The callable of a node's op. ``as_strided``'s and ``as_strided_scatter``'s storage offset
     counts from the start of their source's storage as the IR types it; at run time the source
     may be a slice of the arena (or a view whose storage starts elsewhere), so the offset moves
@@ -191,7 +191,7 @@ class CompiledGraph:
                     and len(outs) == 1 and outs[0][0] not in escaping and "callable" not in node.attrs \
                     and not any(True for _ in iter_values((node.args[1:], node.kwargs))):
                 lasting[outs[0][0]] = len(steps)
-                steps.append((VIEW, _resolve_view(node), src.name,
+                steps.append((VIEW, _op_callable(node), src.name,
                               (tuple(node.args[1:]), dict(node.kwargs), lasting[src.name]), outs, frees))
             elif is_kernel_op(node.op):
                 in_place = {v.name: self.plan.overwrites[v.name] for v in node.outputs
@@ -226,7 +226,7 @@ class CompiledGraph:
     @staticmethod
     def _aten_call(node) -> tuple:
         """(node, the callable, whether it clones its first argument's whole storage), resolved once."""
-        return node, node.attrs.get("callable") or _resolve_view(node), node.op in STORAGE_CLONING
+        return node, node.attrs.get("callable") or _op_callable(node), node.op in STORAGE_CLONING
 
     def _run_out(self, k: int, views, env):
         """An ATen op writing into its arena view; on failure (a device or autograd mismatch)
