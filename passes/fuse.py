@@ -167,6 +167,17 @@ class _Groups:
                     return True
         return False
 
+    def _out_bytes(self, members: set[int]) -> int:
+        """Bytes the members would store: values read outside them or returned by the graph."""
+        return sum(v.type.storage_bytes for i in members for v in self.nodes[i].outputs
+                   if v.type is not None and (v.name in self.out_names or any(
+                       self.pos[id(u)] not in members for u in self.users.get(v.name, []))))
+
+    def _feeds_epilogue(self, members: set[int]) -> bool:
+        """Does a group outside ``members`` that reads their outputs read a matmul's product?"""
+        return any(self._epilogue_like(self.gid[k]) for i in members for v in self.nodes[i].outputs
+                   for u in self.users.get(v.name, []) if (k := self.pos[id(u)]) not in members)
+
     def _inside(self, n: Node, gid: int) -> bool:
         return self.gid[self.pos[id(n)]] == gid
 
@@ -182,6 +193,13 @@ class _Groups:
         if plan is None:
             return False
         if _reshaping(plan) and (self._epilogue_like(ga) or self._epilogue_like(gb)):
+            return False
+        # Across a reshape, a group that feeds a matmul's epilogue (which it cannot join, above)
+        # may only grow if it then stores no more than either side did: in program order it
+        # would otherwise take, one by one, ops that belong to that epilogue (the GELU backward's
+        # three terms became three stored tensors read by the epilogue instead of one input).
+        if _reshaping(plan) and self._feeds_epilogue(ma | mb) \
+                and self._out_bytes(ma | mb) > max(self._out_bytes(ma), self._out_bytes(mb)):
             return False
         keep, drop = (ga, gb) if ga < gb else (gb, ga)
         self.members[keep] = sorted(ma | mb)

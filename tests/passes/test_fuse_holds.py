@@ -34,3 +34,40 @@ def test_bias_chain_stays_with_its_product():
     ops = [m.op for m in readers[0].body.nodes]
     # one kernel reads the product: its casts, the bias, the residual and the norm
     assert ops.count("aten.add.Tensor") >= 2 and "aten.mean.dim" in ops, ops
+
+
+def test_gelu_backward_terms_stay_in_the_matmul_epilogue(monkeypatch):
+    """Across a reshape a group may only grow if it then stores no more than before. The test
+    zoo's block recomputes GELU's derivative in its backward from the saved [16, 128] product
+    viewed as [2, 8, 128]: in program order the product's group took the derivative's terms one
+    by one and stored three tensors for the next matmul's epilogue (which cannot join it)
+    instead of the one input the epilogue reads now."""
+    import kiln.passes.pipeline as pipeline
+    from memory_graphs import zoo
+    seen = []
+    at = [i for i, (name, _) in enumerate(pipeline.PIPELINE) if name == "matmul"][0]
+    matmul = pipeline.PIPELINE[at][1]
+
+    def keep(g, o):
+        g = matmul(g, o)
+        seen.append(g)
+        return g
+    monkeypatch.setattr(pipeline, "PIPELINE", [*pipeline.PIPELINE[:at], ("matmul", keep), *pipeline.PIPELINE[at + 1:]])
+    torch.manual_seed(0)
+    block, (x,) = zoo()[1]("block")[:2]          # the test zoo's transformer block, [2, 8, 32]
+    x.requires_grad_(True)
+    torch._dynamo.reset()
+    torch.compile(block, backend="kiln", options={"target": "triton"})(x).sum().backward()
+    [g] = [g for g in seen if g.meta.get("graph_kind") == "backward"]
+    consumers = {}
+    for n in g.nodes:
+        for v in n.inputs():
+            consumers.setdefault(v.name, []).append(n)
+
+    def readers(v):         # through views
+        for u in consumers.get(v.name, []):
+            yield from (readers(u.out) if u.op == "aten.view.default" else [u])
+    feeding = [n for n in g.nodes if n.op.startswith("kiln.fused")
+               and (rs := [u for v in n.outputs for u in readers(v)])
+               and all(u.op.startswith("kiln.matmul") for u in rs)]
+    assert feeding and all(len(n.outputs) == 1 for n in feeding), [[v.name for v in n.outputs] for n in feeding]
