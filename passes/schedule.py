@@ -106,9 +106,13 @@ def _peaks(g: Graph, nodes, split: bool) -> tuple[int, int]:
     return peak[0], peak[1]
 
 
-def _list_schedule(seg: list[Node], st: _Storage, pending: dict[str, int], w_other: int) -> list[Node]:
+def _list_schedule(seg: list[Node], st: _Storage, pending: dict[str, int], w_other: int,
+                   lazy_sources: bool = False) -> list[Node]:
     """Greedy memory-aware order of one barrier-free segment; bytes outside the arena weigh
-    ``w_other`` (0 or 1) against planned bytes."""
+    ``w_other`` (0 or 1) against planned bytes. ``lazy_sources``: a node that reads nothing
+    (a zero-filled buffer) becomes ready only once a reader of it waits on nothing else; the
+    greedy choice would otherwise run it first whenever it allocates least, and hold it (a
+    backward's embedding-gradient buffer) for the whole graph."""
     pos = {id(n): i for i, n in enumerate(seg)}
     prod = {v.name: n for n in seg for v in n.outputs}
     preds: dict[int, set[int]] = {i: set() for i in range(len(seg))}
@@ -125,7 +129,14 @@ def _list_schedule(seg: list[Node], st: _Storage, pending: dict[str, int], w_oth
         for p in ps:
             succs[p].append(i)
     waiting = {i: len(ps) for i, ps in preds.items()}
-    ready = {i for i, k in waiting.items() if k == 0}
+    lazy = {i for i, n in enumerate(seg) if lazy_sources and not preds[i] and not st.reads[id(n)]
+            and st.allocs.get(id(n)) and succs[i]}
+    # a reader's wait on other nodes than lazy sources; at 0 its lazy sources are released
+    others = {i: len(ps - lazy) for i, ps in preds.items()}
+    ready = {i for i, k in waiting.items() if k == 0 and i not in lazy}
+    for j in range(len(seg)):
+        if others[j] == 0 and preds[j] & lazy:
+            ready |= preds[j] & lazy
     order: list[Node] = []
 
     w = lambda r: st.nbytes[r] if r in st.planned else w_other * st.nbytes[r]  # noqa: E731
@@ -135,9 +146,13 @@ def _list_schedule(seg: list[Node], st: _Storage, pending: dict[str, int], w_oth
         freed = sum(w(r) for r in st.reads[id(n)] if pending.get(r) == 1 and r not in st.escaping)
         return freed - sum(w(r) for r in st.allocs.get(id(n), ()))
 
-    while ready:
+    done: set[int] = set()
+    while ready or len(done) < len(seg):
+        if not ready:           # lazy sources whose readers wait on something never released
+            ready = {i for i in lazy if i not in done}
         i = max(ready, key=lambda j: (score(j), -j))
         ready.remove(i)
+        done.add(i)
         n = seg[i]
         order.append(n)
         for r in st.reads[id(n)]:
@@ -146,10 +161,14 @@ def _list_schedule(seg: list[Node], st: _Storage, pending: dict[str, int], w_oth
             waiting[j] -= 1
             if waiting[j] == 0:
                 ready.add(j)
+            if i not in lazy:
+                others[j] -= 1
+                if others[j] == 0:
+                    ready |= {k for k in preds[j] & lazy if k not in done}
     return order
 
 
-def memory_order(g: Graph, w_other: int = 1) -> list[Node]:
+def memory_order(g: Graph, w_other: int = 1, lazy_sources: bool = False) -> list[Node]:
     st = _Storage(g, g.nodes)
     pending: dict[str, int] = {}
     for n in g.nodes:
@@ -159,7 +178,7 @@ def memory_order(g: Graph, w_other: int = 1) -> list[Node]:
     seg: list[Node] = []
     for n in g.nodes + [None]:
         if n is None or _is_barrier(n):
-            order += _list_schedule(seg, st, pending, w_other)
+            order += _list_schedule(seg, st, pending, w_other, lazy_sources)
             seg = []
             if n is not None:
                 order.append(n)
@@ -205,8 +224,8 @@ def schedule(g: Graph, options=None) -> Graph:
     meta["schedule"] records the device cost and the peak of all storage before and after."""
     before = device_cost(g)
     best, best_cost = None, before
-    for w_other in (1, 0):
-        order = memory_order(g, w_other)
+    for w_other, lazy in ((1, False), (0, False), (1, True), (0, True)):
+        order = memory_order(g, w_other, lazy)
         cost = device_cost(g, order)
         if cost < best_cost:
             best, best_cost = order, cost

@@ -131,3 +131,27 @@ def test_views_of_inputs_sink_to_their_first_reader():
 def _inputs_for(shapes):
     g = torch.Generator().manual_seed(0)
     return [torch.randn(s, generator=g) for s in shapes]
+
+
+def test_buffers_that_read_nothing_wait_for_their_reader():
+    """A node that reads nothing (a zero-filled buffer) is ready from the start, and the greedy
+    choice runs it first whenever it allocates least: then it is held through the graph's peak
+    (a backward's embedding-gradient buffer, made at the top and filled at the end). Released
+    only once its reader waits on nothing else, it is made after the peak."""
+    x, w = Value("x", tt([64, 32])), Value("w", tt([32, 256]))
+    z, c, d = Value("z", tt([64, 64])), Value("c", tt([64, 256])), Value("d", tt([64, 256]))
+    sd, out = Value("sd", tt([64, 1])), Value("out", tt([64, 64]))
+    g = Graph(inputs=[x, w], nodes=[
+        Node("aten.full.default", ([64, 64], 0.0), {"dtype": torch.float32}, [z]),
+        Node("aten.mm.default", (x, w), {}, [c]),
+        Node("aten.exp.default", (c,), {}, [d]),
+        Node("aten.sum.dim_IntList", (d, [1], True), {}, [sd]),
+        Node("aten.add.Tensor", (z, sd), {}, [out])], outputs=[out])
+    before = peak_bytes(g)
+    assert before == (64 * 64 + 2 * 64 * 256) * 4          # z, c and d live at once
+    s = schedule(g)
+    pos = {n.outputs[0].name: i for i, n in enumerate(s.nodes)}
+    assert pos["z"] > pos["sd"] and peak_bytes(s) == 2 * 64 * 256 * 4
+    gen = torch.Generator().manual_seed(0)
+    xs = [torch.randn(64, 32, generator=gen), torch.randn(32, 256, generator=gen) / 8]
+    torch.testing.assert_close(CompiledGraph(s, {})(*xs)[0], torch.exp(xs[0] @ xs[1]).sum(1, keepdim=True).expand(64, 64))
