@@ -69,10 +69,14 @@ FACTORIES = {"aten.arange.default", "aten.arange.start", "aten.arange.start_step
 
 
 # A folded value is held by the compiled graph for good, where eager makes it per call and frees
-# it: only values within one block of the CUDA caching allocator (512 bytes) fold. A backward's
-# zero-filled gradient buffers (index_put's and slice_scatter's targets) did fold at 64 KiB and
-# put the zoo's training steps above eager's peak (bench/RESULTS.md, seventh session).
-FOLD_MAX_BYTES = 512
+# it. A uniform fill costs a kernel nothing to make where it is read, so only fills within one
+# block of the CUDA caching allocator (512 bytes) fold: a backward's zero-filled gradient buffers
+# (index_put's and slice_scatter's targets) did fold at 64 KiB and put the zoo's training steps
+# above eager's peak (bench/RESULTS.md, seventh session). Other values (positions, masks) fold
+# up to 64 KiB.
+FILLS = {"aten.full.default", "aten.zeros.default", "aten.ones.default", "aten.scalar_tensor.default"}
+FILL_MAX_BYTES = 512
+FOLD_MAX_BYTES = 1 << 16
 
 
 def constant_fold(g: Graph, max_bytes: int = FOLD_MAX_BYTES) -> Graph:
@@ -87,7 +91,8 @@ def constant_fold(g: Graph, max_bytes: int = FOLD_MAX_BYTES) -> Graph:
         foldable = ((all(v.name in consts for v in ins) if ins else n.op in FACTORIES)
                     and not _side_effect(n) and not is_random(n.op) and not n.attrs
                     and (op_kind(n.op) != OpKind.OPAQUE or n.op in FACTORIES)
-                    and all(v.type is not None and v.type.nbytes <= max_bytes and v.name not in outputs
+                    and all(v.type is not None and v.name not in outputs
+                            and v.type.nbytes <= (FILL_MAX_BYTES if n.op in FILLS else max_bytes)
                             for v in n.outputs))
         if not foldable:
             out.append(n)

@@ -48,11 +48,11 @@ def test_graph_outputs_are_not_folded():
     assert "full" not in g2.constants
 
 
-def test_large_factories_are_not_held_as_constants():
-    """A folded value is held by the compiled graph for good (eager makes it per call): only
-    values within one allocator block fold; a larger zero buffer runs each call."""
-    from kiln.passes.cleanup import FOLD_MAX_BYTES
-    n = FOLD_MAX_BYTES // 4 + 1
+def test_large_fills_are_not_held_as_constants():
+    """A folded value is held by the compiled graph for good (eager makes it per call): uniform
+    fills fold only within one allocator block; a larger zero buffer runs each call."""
+    from kiln.passes.cleanup import FILL_MAX_BYTES
+    n = FILL_MAX_BYTES // 4 + 1
     x, z, y = Value("x", tt([n])), Value("z", tt([n])), Value("y", tt([n]))
     g = Graph(inputs=[x], nodes=[
         Node("aten.zeros.default", ([n],), {"dtype": torch.float32, "device": torch.device("cpu")}, [z]),
