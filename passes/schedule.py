@@ -129,8 +129,7 @@ def _list_schedule(seg: list[Node], st: _Storage, pending: dict[str, int], w_oth
         for p in ps:
             succs[p].append(i)
     waiting = {i: len(ps) for i, ps in preds.items()}
-    lazy = {i for i, n in enumerate(seg) if lazy_sources and not preds[i] and not st.reads[id(n)]
-            and st.allocs.get(id(n)) and succs[i]}
+    lazy = {i for i, n in enumerate(seg) if lazy_sources and not n.inputs() and st.allocs.get(id(n)) and succs[i]}
     # a reader's wait on other nodes than lazy sources; at 0 its lazy sources are released
     others = {i: len(ps - lazy) for i, ps in preds.items()}
     ready = {i for i, k in waiting.items() if k == 0 and i not in lazy}
