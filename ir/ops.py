@@ -98,14 +98,15 @@ def _to_meta(v: Value):
 
 
 def _device_of(args: tuple, kwargs: dict) -> str:
-    """Where an op's outputs live: its tensor operands' device (a 0-d operand elsewhere is a
-    CPU scalar and does not count), else its ``device`` keyword, else the CPU."""
+    """Where an op's outputs live: its ``device`` keyword (a copy to another device, a factory),
+    else its tensor operands' device (a 0-d operand elsewhere is a CPU scalar and does not
+    count), else the CPU."""
+    dev = kwargs.get("device")
+    if dev is not None and torch.device(dev).type != "meta":
+        return torch.device(dev).type
     types = sorted((v.type for v in iter_values((args, kwargs)) if isinstance(v.type, TensorType)),
                    key=lambda t: t.rank == 0)
-    if types:
-        return types[0].device
-    dev = torch.device(kwargs.get("device") or "cpu").type
-    return "cpu" if dev == "meta" else dev
+    return types[0].device if types else "cpu"
 
 
 def infer(op: str, args: tuple, kwargs: dict) -> list[TensorType | None]:

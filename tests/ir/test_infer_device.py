@@ -21,3 +21,6 @@ def test_inferred_types_keep_the_operands_device():
     scalar = Value("s", TensorType.of(torch.tensor(2.0)))       # a CPU 0-d operand is a scalar
     assert infer("aten.mul.Tensor", (scalar, x), {})[0].device == "cuda"
     assert infer("aten.mul.Tensor", (Value("y", _on("cpu", 2, 3)), 2), {})[0].device == "cpu"
+    from kiln.ir.ops import _device_of          # (meta tensors cannot run a copy to a device)
+    assert _device_of((x,), {"device": torch.device("cpu")}) == "cpu"      # an explicit device wins
+    assert _device_of((x,), {"device": torch.device("meta")}) == "cuda"    # verify's metaized factories
