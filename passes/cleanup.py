@@ -180,3 +180,34 @@ def drop_copy_kernels(g: Graph) -> Graph:
         inner = {v.name: a for v, a in zip(body.inputs, n.args)}.get(src.name) if src is not None else None
         return inner if isinstance(inner, Value) and inner.type == n.out.type else None
     return _alias_away(g, alias_of)
+
+
+def split_fills(g: Graph) -> Graph:
+    """Give each pointwise or reduction reader of a uniform fill (zeros, ones, full) its own copy
+    of the fill, placed just before it. Fusion then makes the fill inside each reader's kernel;
+    one shared fill would be stored by the first reader's kernel as an output and held until the
+    last reader (GPT-2's backward kept a zero [B, S, 3, H, D] gradient buffer across a layer).
+    Readers that are not generated kernels (index_put, as_strided_scatter) share the original."""
+    fills = {n.out.name: n for n in g.nodes if n.op in FILLS and not n.inputs() and len(n.outputs) == 1
+             and n.out.type is not None and n.out.type.rank}
+    escaping = {v.name for v in g.output_values()}
+    fills = {k: n for k, n in fills.items() if k not in escaping}
+    if not fills:
+        return g
+    names = g.fresh_namer("fill")
+    seen: set[str] = set()
+    out: list[Node] = []
+    for n in g.nodes:
+        kind = op_kind(n.op)
+        mine = {}
+        if kind in (OpKind.POINTWISE, OpKind.REDUCTION):
+            for v in n.inputs():
+                if v.name in fills and v.name in seen and v.name not in mine:
+                    f = fills[v.name]
+                    mine[v.name] = Value(next(names), v.type)
+                    out.append(Node(f.op, f.args, dict(f.kwargs), [mine[v.name]], dict(f.attrs)))
+        if len(n.outputs) == 1 and n.out.name in fills:
+            seen.add(n.out.name)
+        out.append(Node(n.op, map_values(n.args, lambda v: mine.get(v.name, v)),
+                        map_values(n.kwargs, lambda v: mine.get(v.name, v)), n.outputs, n.attrs) if mine else n)
+    return dce(g.copy(out))

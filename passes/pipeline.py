@@ -6,7 +6,7 @@ import time
 from kiln.ir import Graph
 from .addmm import recompose_addmm
 from .attention import attention
-from .cleanup import canonicalize_views, constant_fold, cse, dce, drop_copy_kernels
+from .cleanup import canonicalize_views, constant_fold, cse, dce, drop_copy_kernels, split_fills
 from .fuse import fuse
 from .gather import gather_rows
 from .matmul import matmul_fusion
@@ -26,6 +26,7 @@ PIPELINE = [
     ("gather", gather_rows),             # embeddings as generated row-gather kernels
     ("addmm", recompose_addmm),          # cpu target: the bias back into ATen's addmm
     ("hoist_unsqueeze", lambda g, o: hoist_unsqueeze(g)),   # pointwise ops in their consumers' rank
+    ("split_fills", lambda g, o: split_fills(g)),          # a zero fill made inside each kernel reading it
     ("fuse", fuse),
     ("drop_copy_kernels", lambda g, o: drop_copy_kernels(g)),
     ("matmul", matmul_fusion),

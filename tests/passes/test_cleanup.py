@@ -59,3 +59,24 @@ def test_large_fills_are_not_held_as_constants():
         Node("aten.add.Tensor", (x, z), {}, [y])], outputs=[y])
     g2 = constant_fold(g)
     assert "z" not in g2.constants and [nd.op for nd in g2.nodes] == ["aten.zeros.default", "aten.add.Tensor"]
+
+
+def test_each_kernel_reader_of_a_fill_gets_its_own():
+    """A zero fill read by two pointwise ops: each reader gets its own copy, so fusion makes the
+    fill inside each kernel instead of storing it from the first and holding it for the second;
+    an ATen reader (here index_put) keeps the original."""
+    from kiln.passes.cleanup import split_fills
+    x, z, a, b, c = (Value(n, tt([64])) for n in ("x", "z", "a", "b", "c"))
+    i, p = Value("i", tt([4], torch.int64)), Value("p", tt([64]))
+    g = Graph(inputs=[x, i], nodes=[
+        Node("aten.zeros.default", ([64],), {"dtype": torch.float32}, [z]),
+        Node("aten.add.Tensor", (x, z), {}, [a]),
+        Node("aten.exp.default", (a,), {}, [b]),
+        Node("aten.mul.Tensor", (b, z), {}, [c]),
+        Node("aten.index_put.default", (z, [i], c), {}, [p])], outputs=[p])
+    g2 = split_fills(g)
+    ops = [n.op for n in g2.nodes]
+    assert ops == ["aten.zeros.default", "aten.zeros.default", "aten.add.Tensor", "aten.exp.default",
+                   "aten.zeros.default", "aten.mul.Tensor", "aten.index_put.default"]
+    readers = {n.op: [v.name for v in n.inputs()] for n in g2.nodes}
+    assert readers["aten.index_put.default"][0] == "z" and "z" not in readers["aten.add.Tensor"]
