@@ -4,22 +4,16 @@ of a kiln call and of the executor. Runs on the CPU too (target cpu).
 
     PYTHONPATH=$PWD python bench/gpu_host_breakdown.py
 """
-import time, sys, gc, weakref, functools, cProfile, pstats, io
+import sys, gc, weakref, functools, cProfile, pstats, io
 import torch, kiln
 from kiln.api import kiln_backend
 from kiln.options import Options
 from kiln.runtime import CompiledGraph
+from host_timer import best_us
 dev = "cuda" if torch.cuda.is_available() else "cpu"
 tgt = "triton" if dev == "cuda" else "cpu"
-sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
 def us(f, n=3000):
-    for _ in range(100): f()
-    best = 1e9
-    for _ in range(5):
-        sync(); t = time.perf_counter()
-        for _ in range(n): f()
-        sync(); best = min(best, (time.perf_counter() - t) / n * 1e6)
-    return best
+    return best_us(f, n, warmup=100)
 x = torch.randn(16, 16, device=dev)
 fn = lambda x: torch.softmax(x, -1)
 cap = {}

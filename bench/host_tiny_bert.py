@@ -7,9 +7,10 @@ Runs on the CPU too (target cpu).
 ``--profile``: cProfile of 2000 calls of kiln with CUDA graphs off, the functions that take most
 time themselves (where the executor's per-step host time goes).
 """
-import cProfile, pstats, time, sys, torch, kiln
+import cProfile, pstats, sys, torch, kiln
 from transformers import BertConfig
 from transformers.models.bert.modeling_bert import BertLayer
+from host_timer import best_us
 dev = "cuda" if torch.cuda.is_available() else "cpu"
 sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
 torch.manual_seed(0)
@@ -17,12 +18,7 @@ cfg = BertConfig(hidden_size=64, num_attention_heads=4, intermediate_size=256, a
 m = BertLayer(cfg).to(dev).eval()
 x = torch.randn(2, 16, 64, device=dev)
 def us(f, n=2000):
-    best = 1e9
-    for _ in range(5):
-        sync(); t = time.perf_counter()
-        for _ in range(n): f()
-        sync(); best = min(best, (time.perf_counter() - t) / n * 1e6)
-    return best
+    return best_us(f, n)
 with torch.no_grad():
     ref = m(x)[0] if isinstance(m(x), tuple) else m(x)
     print(f"eager {us(lambda: m(x)):.1f} us")

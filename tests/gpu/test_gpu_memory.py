@@ -11,6 +11,7 @@ from kiln.api import kiln_backend
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "bench"))
 from gpu_memory import peak, warm_workspaces  # noqa: E402
+from models.mlp import ResidualMLP  # noqa: E402
 
 # CUDA graph replay off: a captured graph keeps its tensors in a private pool that the
 # allocator's peak statistics do not see during replay, so the figures would flatter kiln
@@ -20,16 +21,9 @@ pytestmark = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-class MLP(torch.nn.Module):
-    def __init__(self, d=1024, layers=4):
-        super().__init__()
-        self.layers = torch.nn.ModuleList(torch.nn.Linear(d, d) for _ in range(layers))
-        self.norm = torch.nn.LayerNorm(d)
-
-    def forward(self, x):
-        for lin in self.layers:
-            x = x + torch.nn.functional.gelu(lin(self.norm(x)))
-        return x
+def MLP():
+    """The model this file and bench/gpu_peak_trace.py measure."""
+    return ResidualMLP(1024, 4)
 
 
 @needs_cuda

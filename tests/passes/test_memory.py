@@ -244,6 +244,18 @@ def test_dynamic_mode_when_the_arena_would_cost_more(monkeypatch):
         torch.testing.assert_close(cg(*args)[0], f(*args), rtol=1e-4, atol=1e-5)
 
 
+def _wide_tail(x, w1, w2, w3):
+    """Small intermediates, then a last matmul 64x wider: an arena held to the end costs more."""
+    h = torch.relu(x @ w1) * 2.0
+    return torch.tanh(h @ w2) @ w3
+
+
+def _wide_tail_args():
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(64, 64, generator=g), torch.randn(64, 64, generator=g),
+            torch.randn(64, 64, generator=g), torch.randn(64, 4096, generator=g)]
+
+
 def test_training_graphs_take_dynamic_mode_when_lower_at_all(monkeypatch):
     """An arena held to the end costs a training forward its dead intermediates while the last,
     large output is written (BERT's MLM head: the logits). Dynamic mode saves only ~2% here, under
@@ -251,13 +263,7 @@ def test_training_graphs_take_dynamic_mode_when_lower_at_all(monkeypatch):
     plan accounts for the arena) it keeps the arena."""
     import kiln.passes.memory as memory
 
-    def f(x, w1, w2, w3):
-        h = torch.relu(x @ w1) * 2.0
-        return torch.tanh(h @ w2) @ w3
-
-    g = torch.Generator().manual_seed(0)
-    args = [torch.randn(64, 64, generator=g), torch.randn(64, 64, generator=g),
-            torch.randn(64, 64, generator=g), torch.randn(64, 4096, generator=g)]
+    f, args = _wide_tail, _wide_tail_args()
     captured = _captured_graph(f, args)
     monkeypatch.setattr(memory, "DYNAMIC_DEVICES", ("cuda", "cpu"))
     modes = {}
@@ -282,13 +288,7 @@ def test_a_scalar_elsewhere_does_not_keep_a_graph_off_dynamic_mode(monkeypatch):
 
     import kiln.passes.memory as memory
 
-    def f(x, w1, w2, w3):
-        h = torch.relu(x @ w1) * 2.0
-        return torch.tanh(h @ w2) @ w3
-
-    g = torch.Generator().manual_seed(0)
-    args = [torch.randn(64, 64, generator=g), torch.randn(64, 64, generator=g),
-            torch.randn(64, 64, generator=g), torch.randn(64, 4096, generator=g)]
+    f, args = _wide_tail, _wide_tail_args()
     opts = kiln.Options(target="cpu")
     planned, _ = run_pipeline(_captured_graph(f, args), opts)
     planned.meta["graph_kind"] = "forward"

@@ -8,18 +8,7 @@ import torch
 
 import kiln
 from kiln.runtime import CompiledGraph, executor
-
-
-class MLP(torch.nn.Module):
-    def __init__(self, d=64, layers=3):
-        super().__init__()
-        self.layers = torch.nn.ModuleList(torch.nn.Linear(d, d) for _ in range(layers))
-        self.norm = torch.nn.LayerNorm(d)
-
-    def forward(self, x):
-        for lin in self.layers:
-            x = x + torch.nn.functional.gelu(lin(self.norm(x)))
-        return x
+from models.mlp import ResidualMLP
 
 
 def test_freed_activations_are_released(monkeypatch):
@@ -28,7 +17,7 @@ def test_freed_activations_are_released(monkeypatch):
     monkeypatch.setattr(memory, "DYNAMIC_DEVICES", ("cuda", "cpu"))   # no arena: the GPU's plan
     monkeypatch.setattr(memory, "DYNAMIC_MARGIN", (0, 0.0))
     torch._dynamo.reset()
-    m = MLP().eval()
+    m = ResidualMLP(64, 3).eval()
     with torch.no_grad():
         f = kiln.compile(m, target="cpu")
         x = torch.randn(32, 64)
