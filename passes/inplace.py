@@ -8,10 +8,14 @@ and stores it (each element handled by one program); a Triton reduction kernel s
 per-element (xr) outputs only at the end of a one-pass row or in the final loop over the row,
 after the loads of the same elements in that loop, and no later loop reads the row again. The
 numba renderer may stash a value in an output before its final loop, so on the cpu target only
-pointwise kernels run in place; CUDA C kernels declare pointers __restrict__, so none do."""
+pointwise kernels run in place; CUDA C kernels declare pointers __restrict__, so none do.
+
+ATen ops that have an in-place form (an embedding's gradient: index_put into a zero fill) may
+also write over their first argument where it dies there (aten_overwrites); the runtime then calls
+the in-place form. Only in dynamic mode, where that argument is a tensor of its own."""
 from __future__ import annotations
 
-from kiln.ir import Graph, Node, OpKind, op_kind
+from kiln.ir import Graph, Node, OpKind, Value, op_kind
 
 PLACES = {"triton": ("pointwise", "reduction"), "cpu": ("pointwise",), "cuda": ()}
 
@@ -95,3 +99,63 @@ def reuse_in_place(g: Graph, bufs: dict, roots: dict[str, set[str]], target: str
                 taken.add(r)
                 break
     return aliases, overwrites
+
+
+# ATen ops the functionalised graph spells out of place, and the in-place form the runtime calls
+# when their first argument dies at them: the output is that argument, written over.
+INPLACE_ATEN = {"aten.index_put.default": "aten.index_put_.default",
+                "aten.index_add.default": "aten.index_add_.default",
+                "aten.index_copy.default": "aten.index_copy_.default",
+                "aten.scatter_add.default": "aten.scatter_add_.default",
+                "aten.scatter.src": "aten.scatter_.src",
+                "aten.scatter.value": "aten.scatter_.value"}
+
+
+def dynamic_overwrites(g: Graph, overwrites: dict[str, str], target: str = "cpu") -> dict[str, str]:
+    """``overwrites`` (the arena plan's) plus what dynamic mode, where every value is a tensor of
+    its own, may also write in place: a kernel output over any input that is the whole of a
+    tensor this graph made and dies at the kernel (elementwise_safe), not only over arena
+    buffers; and an INPLACE_ATEN op's output over its first argument under the same conditions
+    and of the same type (the runtime calls the in-place form). An embedding's gradient was its
+    zero fill, the scattered copy of it, and their sum with the tied projection's gradient:
+    three vocabulary-sized tensors live at once, now one."""
+    from .memory import fresh_outputs, plannable
+    roots: dict[str, set[str]] = {}
+    whole: set[str] = set()         # values that are the whole of a storage this graph made
+    last: dict[str, int] = {}
+    for i, n in enumerate(g.nodes):
+        for v in n.inputs():
+            for r in roots.get(v.name, ()):
+                last[r] = i
+        fresh = (fresh_outputs(n.op) and "callable" not in n.attrs) or plannable(n)
+        src = set().union(*(roots.get(v.name, set()) for v in n.inputs())) if n.inputs() else set()
+        for v in n.outputs:
+            roots[v.name] = {v.name} if fresh else set(src)
+            if fresh:
+                whole.add(v.name)
+    for v in g.output_values():
+        for r in roots.get(v.name, ()):
+            last[r] = len(g.nodes)
+    out = dict(overwrites)
+    taken = set(overwrites.values())
+
+    def dies_here(u, i: int, n: Node) -> bool:
+        return isinstance(u, Value) and u.name in whole and u.name not in taken and last.get(u.name) == i \
+            and not any(u.name in roots.get(w.name, ()) for w in n.inputs() if w is not u)
+
+    for i, n in enumerate(g.nodes):
+        if n.op == "kiln.fused":
+            for v in n.outputs:
+                if v.name in out:
+                    continue
+                u = next((u for u in n.inputs() if dies_here(u, i, n) and elementwise_safe(n, v, u, target)), None)
+                if u is not None:
+                    out[v.name] = u.name
+                    taken.add(u.name)
+        elif n.op in INPLACE_ATEN and len(n.outputs) == 1 and "callable" not in n.attrs and n.args:
+            x, t = n.args[0], n.out.type
+            if dies_here(x, i, n) and x.type is not None and t is not None and (x.type.shape, x.type.strides,
+                    x.type.dtype, x.type.offset, x.type.device) == (t.shape, t.strides, t.dtype, t.offset, t.device):
+                out[n.out.name] = x.name
+                taken.add(x.name)
+    return out

@@ -198,14 +198,30 @@ def plan_buffers(bufs: dict[str, Buffer], planner: str = "greedy", time_limit: f
     return plan
 
 
-def storage_peaks(g: Graph, arena: set[str], overwrites: dict[str, str], grain: int = 1) -> tuple[int, int]:
+def freed_inputs(g: Graph) -> list[str]:
+    """The inputs a graph frees at their last use: a backward's saved activations and tangents
+    (AOTAutograd's boxed call hands the graph the only references to them), not the weights nor
+    the forward's inputs (``primals_*``: the caller holds those). Other graphs free none."""
+    if g.meta.get("graph_kind") != "backward":
+        return []
+    kept = set(g.meta.get("weight_inputs") or ())
+    return [v.name for v in g.inputs if v.name not in kept and not v.name.startswith("primals_")]
+
+
+def storage_peaks(g: Graph, arena: set[str], overwrites: dict[str, str], grain: int = 1,
+                  inputs: list[str] = ()) -> tuple[int, int]:
     """(peak of storage outside ``arena``, peak of all storage) over the graph's steps, counting
     every output that does not alias an input; an in-place output shares its input's storage.
-    ``grain``: the allocator's block granularity, each separate allocation rounds up to it."""
+    ``grain``: the allocator's block granularity, each separate allocation rounds up to it.
+    ``inputs``: graph inputs counted too, from the first step to their last use (freed_inputs)."""
     roots: dict[str, set[str]] = {}
     size: dict[str, int] = {}
     born: dict[str, int] = {}
     last: dict[str, int] = {}
+    types = {v.name: v.type for v in g.inputs}
+    for name in inputs:
+        nb = types[name].storage_bytes if types.get(name) is not None else 0
+        roots[name], size[name], born[name] = {name}, -(-nb // grain) * grain, 0
     for i, n in enumerate(g.nodes):
         for v in n.inputs():
             for r in roots.get(v.name, ()):
@@ -262,12 +278,27 @@ def plan_memory(g: Graph, options=None) -> Graph:
                              ALLOC_GRAIN if caching else 1)
     training = g.meta.get("graph_kind") in ("forward", "backward") and getattr(options, "memory_budget", None) is None
     least, share = (1, 0.0) if training else DYNAMIC_MARGIN
-    arena_bytes = plan.device_bytes
-    if caching and plan.device_bytes - total >= max(least, share * plan.device_bytes):
-        plan = MemoryPlan(overwrites=plan.overwrites, planner=plan.planner, status=plan.status,
+    arena_bytes, dynamic_bytes, overwrites, freed = plan.device_bytes, total, plan.overwrites, []
+    if caching:
+        from .inplace import dynamic_overwrites
+        # what the allocator would hold: in dynamic mode more outputs may be written over an
+        # input that dies at their node (inplace.dynamic_overwrites), and a
+        # backward's saved activations count from its start until their last use, the arena
+        # being taken while they are all live
+        if getattr(options, "memory_budget", None) is None:
+            overwrites = dynamic_overwrites(g, plan.overwrites, target)
+        freed = freed_inputs(g)
+        held = set(plan.buffers) | set(plan.aliases)
+        other, _ = storage_peaks(g, held, plan.overwrites, ALLOC_GRAIN, freed)
+        arena_bytes = -(-plan.arena_bytes // ALLOC_GRAIN) * ALLOC_GRAIN + other
+        dynamic_bytes = storage_peaks(g, held, overwrites, ALLOC_GRAIN, freed)[1]
+        total = storage_peaks(g, held, overwrites, ALLOC_GRAIN)[1]
+    if caching and arena_bytes - dynamic_bytes >= max(least, share * arena_bytes):
+        plan = MemoryPlan(overwrites=overwrites, planner=plan.planner, status=plan.status,
                           greedy_bytes=plan.greedy_bytes, solve_s=plan.solve_s, mode="dynamic", device_bytes=total)
-    log.debug("memory plan of the %s graph: %s (arena mode %d B at peak, dynamic %d B; devices %s)",
-              g.meta.get("graph_kind"), plan.mode, arena_bytes, total, sorted(devices))
+    log.debug("memory plan of the %s graph: %s (arena mode %d B at peak, dynamic %d B%s; devices %s)",
+              g.meta.get("graph_kind"), plan.mode, arena_bytes, dynamic_bytes,
+              f", counting {len(freed)} inputs freed at their last use" if freed else "", sorted(devices))
     g2 = g.copy()
     g2.meta["memory_plan"] = plan
     return g2

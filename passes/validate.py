@@ -1,9 +1,10 @@
 """An independent check of a memory plan against its graph. It recomputes liveness itself, from
 op schemas (a return annotated as an alias, a mutating or unknown op, a view) rather than from
 memory.py's analysis, and checks what the runtime relies on: two values whose bytes overlap are
-never live at once (except a pointwise kernel writing over an input at that input's last use),
-every value and view lies inside its buffer, offsets are aligned, buffers fit the arena and the
-arena fits its capacity, and nothing in the arena reaches a graph output."""
+never live at once (except a pointwise kernel, or an ATen op in its in-place form, writing over
+an input at that input's last use), every value and view lies inside its buffer, offsets are
+aligned, buffers fit the arena and the arena fits its capacity, and nothing in the arena reaches a
+graph output."""
 from __future__ import annotations
 
 from kiln.ir import Graph, OpKind, op_kind, resolve
@@ -32,8 +33,18 @@ def _may_alias(n) -> bool:
 
 def _in_place_ok(g: Graph, i: int, old: str, new: str, types) -> bool:
     """A fused kernel whose output ``new`` has the layout of its input ``old``, covers the whole
-    loop domain, and whose body reads ``old`` only through pointwise ops of that same shape."""
+    loop domain, and whose body reads ``old`` only through pointwise ops of that same shape; or
+    an ATen op with an in-place form (``index_put_``) whose first argument is ``old``."""
     n = g.nodes[i]
+    if n.op.startswith("aten.") and n.op.count(".") == 2:     # run as its in-place form, which
+        ns, name, overload = n.op.split(".")                    # must exist and write argument 0
+        try:
+            resolve(f"{ns}.{name}_.{overload}")
+        except KeyError:
+            return False
+        a, b = types[old], types[new]
+        return bool(n.args) and getattr(n.args[0], "name", None) == old and len(n.outputs) == 1 \
+            and (a.shape, a.strides, a.dtype) == (b.shape, b.strides, b.dtype)
     plan = n.attrs.get("plan") or {}
     if n.op != "kiln.fused" or plan.get("kind") not in ("pointwise", "reduction") \
             or old not in {v.name for v in n.inputs()}:

@@ -11,6 +11,7 @@ import torch
 
 from kiln.ir import Graph, OpKind, Value, iter_values, op_kind
 from kiln.ir.ops import is_kernel_op, resolve, run as run_aten
+from kiln.passes.inplace import INPLACE_ATEN
 from kiln.passes.memory import MemoryPlan, out_variant
 from .host_alloc import empty_strided
 
@@ -202,6 +203,10 @@ class CompiledGraph:
             elif self.plan.buffer_of(outs[0][0]) is not None and out_variant(node.op) and len(outs) == 1:
                 steps.append((OUT, (node, resolve(out_variant(node.op))), binder(node.args), binder(node.kwargs),
                               outs, frees))
+            elif self.plan.mode == "dynamic" and node.op in INPLACE_ATEN and outs[0][0] in self.plan.overwrites:
+                # its first argument dies here (inplace.aten_overwrites): written over, not copied
+                steps.append((ATEN, (node, resolve(INPLACE_ATEN[node.op]), False), binder(node.args),
+                              binder(node.kwargs), outs, frees))
             else:
                 steps.append((ATEN, self._aten_call(node), binder(node.args), binder(node.kwargs), outs, frees))
         self._outputs = binder(list(self.graph.outputs))

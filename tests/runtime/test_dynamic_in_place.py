@@ -1,0 +1,73 @@
+"""Dynamic mode (a caching allocator's plan, CUDA's; the CPU stands in) writes in place where
+the arena could not: an embedding's gradient is scattered into its zero fill (index_put run as
+index_put_) and summed with the tied projection's gradient over it, so the three vocabulary-sized
+tensors eager holds there are one. The plan must pass the independent validator and the step
+must give eager's gradients."""
+import functools
+
+import pytest
+import torch
+
+import kiln
+from kiln.api import kiln_backend
+from kiln.passes import memory, pipeline
+from kiln.passes.validate import validate_plan
+from models.grads import assert_grads_close, step_grads
+from models.zoo import build
+
+
+@pytest.fixture
+def planned_graphs(monkeypatch):
+    """The memory-planned graphs of every compile while the fixture is active, CUDA's rules."""
+    monkeypatch.setattr(memory, "DYNAMIC_DEVICES", ("cuda", "cpu"))
+    graphs = []
+    k = next(i for i, (name, _) in enumerate(pipeline.PIPELINE) if name == "plan_memory")
+    plan = pipeline.PIPELINE[k][1]
+
+    def keep(g, o):
+        g2 = plan(g, o)
+        graphs.append(g2)
+        return g2
+    monkeypatch.setattr(pipeline, "PIPELINE", [*pipeline.PIPELINE[:k], ("plan_memory", keep), *pipeline.PIPELINE[k + 1:]])
+    return graphs
+
+
+def test_embedding_gradient_scatters_into_its_fill(planned_graphs):
+    model, (ids,) = build("embed")
+    r = torch.randn(model(ids).shape)       # (a softmax's plain sum has no gradient)
+    want = step_grads(model, lambda: (model(ids) * r).sum().backward())
+    torch._dynamo.reset()
+    fast = torch.compile(model, backend=functools.partial(kiln_backend, options={"target": "cpu"}))
+    for _ in range(2):      # the second step reuses the compiled graphs
+        got = step_grads(model, lambda: (fast(ids) * r).sum().backward())
+        assert_grads_close(got, want, tol=1e-5)
+    bwd = [g for g in planned_graphs if g.meta.get("graph_kind") == "backward"][-1]
+    plan = bwd.meta["memory_plan"]
+    assert plan.mode == "dynamic"
+    assert validate_plan(bwd, plan) == []
+    ops = {v.name: n.op for n in bwd.nodes for v in n.outputs}
+    scattered = {v: u for v, u in plan.overwrites.items() if ops[v] == "aten.index_put.default"}
+    assert len(scattered) == 2, plan.overwrites                 # token and position tables
+    assert all(ops[u] == "kiln.fused" for u in scattered.values())     # each into its own fill
+    # the tied weight's two gradients summed over the scattered one
+    assert any(u in scattered and ops[v] == "kiln.fused" for v, u in plan.overwrites.items())
+    torch._dynamo.reset()
+
+
+def test_validator_refuses_an_in_place_form_over_a_later_read(planned_graphs):
+    """The validator's own check: the fill written over while something still reads it later."""
+    model, (ids,) = build("embed")
+    torch._dynamo.reset()
+    fast = torch.compile(model, backend=functools.partial(kiln_backend, options={"target": "cpu"}))
+    fast(ids).sum().backward()
+    bwd = [g for g in planned_graphs if g.meta.get("graph_kind") == "backward"][-1]
+    plan = bwd.meta["memory_plan"]
+    v, u = next((v, u) for v, u in plan.overwrites.items()
+                if next(n for n in bwd.nodes if n.outputs[0].name == v).op == "aten.index_put.default")
+    from kiln.ir import Node
+    fill = next(x for n in bwd.nodes for x in n.outputs if x.name == u)
+    late = Node("aten.clone.default", (fill,), {}, [kiln.ir.Value("late_read", fill.type)])
+    g2 = bwd.copy(bwd.nodes + [late])
+    g2.outputs = list(g2.outputs) + [late.outputs[0]]
+    assert any("read later" in e for e in validate_plan(g2, plan)), validate_plan(g2, plan)
+    torch._dynamo.reset()
