@@ -20,13 +20,19 @@ def _side_effect(n: Node) -> bool:
 
 
 def dce(g: Graph) -> Graph:
+    """Drops nodes whose outputs nothing reads (side effects kept), and constants nothing reads
+    (the runtime would hold their tensors)."""
     live = {v.name for v in g.output_values()}
     keep = []
     for n in reversed(g.nodes):
         if _side_effect(n) or any(v.name in live for v in n.outputs):
             keep.append(n)
             live.update(v.name for v in n.inputs())
-    return g.copy(list(reversed(keep)))
+    g2 = g.copy(list(reversed(keep)))
+    if any(v.name not in live for v in g.constant_values):
+        g2.constant_values = [v for v in g.constant_values if v.name in live]
+        g2.constants = {v.name: g.constants[v.name] for v in g2.constant_values}
+    return g2
 
 
 def _key(obj):

@@ -62,3 +62,27 @@ def test_training_through_embedding(target):
     for g, r in zip(got, [p.grad for p in m.parameters()]):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
     assert got[0][0].abs().sum() == 0           # padding_idx's row gets no gradient
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("rows", [(0, 8, 1), (3, 11, 1), (2, 17, 3)])
+def test_position_embedding_rows_are_a_slice(target, rows):
+    """``embedding(w, arange(..))`` (a position embedding) is a slice of the weight: no gather
+    kernel, no index tensor held as a constant; the values are eager's."""
+    w = torch.randn(20, 16)
+
+    def f(x, w):
+        pos = torch.arange(*rows).unsqueeze(0)
+        return x + F.embedding(pos, w)
+    x = torch.randn(2, len(range(*rows)), 16)
+    got, kinds = _run(f, x, w, target=target)
+    torch.testing.assert_close(got, f(x, w))
+    assert "gather" not in [k for k, _ in kinds]
+
+
+def test_rows_past_the_table_still_raise():
+    """An arange reaching past the weight's rows stays a gather: eager raises, a slice would clamp."""
+    w = torch.randn(6, 4)
+    f = kiln.compile(lambda w: F.embedding(torch.arange(4, 8), w), target="cpu")
+    with pytest.raises(IndexError, match="out of range"):
+        f(w)
