@@ -52,7 +52,7 @@ def arange_of(g: Graph, idx: Value, producers: dict) -> range | None:
             return None
         first, step = int(t[0]), int(t[1] - t[0]) if t.numel() > 1 else 1
         r = range(first, first + step * t.numel(), step) if step > 0 else None
-        if r is None or not torch.equal(t, torch.arange(r.start, r.stop, r.step, dtype=t.dtype)):
+        if r is None or not torch.equal(t, torch.arange(r.start, r.stop, r.step, dtype=t.dtype, device=t.device)):
             return None
     else:
         return None
