@@ -40,7 +40,46 @@ def case(name: str, small: bool):
     return mk, lambda: ((), ins())
 
 
-def traced_peak(run, base: int, top: int) -> int:
+def label_blocks() -> dict[int, list]:
+    """address -> [(bytes, "graph kind:value name"), ...] in order, for every tensor kiln's
+    compiled graphs make from now on: each live CompiledGraph's kernel and ATen steps are wrapped
+    to note their outputs' addresses (a fresh tensor's address is its allocator block's)."""
+    from kiln.passes.memory import fresh_outputs
+    from kiln.runtime import CompiledGraph, executor
+    labels: dict[int, list] = {}
+    for cg in [o for o in gc.get_objects() if type(o) is CompiledGraph]:
+        kind = cg.graph.meta.get("graph_kind", "?")
+
+        def note(names, res, kind=kind):
+            for name, t in zip(names, res if isinstance(res, (list, tuple)) else [res]):
+                if name is not None and isinstance(t, torch.Tensor) and t.device.type == "cuda":
+                    st = t.untyped_storage()
+                    labels.setdefault(st.data_ptr(), []).append((st.nbytes(), f"{kind}:{name}"))
+        for k, (mode, what, args, extra, outs, frees) in enumerate(cg._steps):
+            names = [o[0] for o in outs]
+            if mode == executor.KERNEL:      # (outputs written over an input make no block)
+                names = [n if n not in (extra or {}) else None for n in names]
+                class Launch:
+                    def __init__(self, inner, names, note):
+                        self.inner, self.names, self.note = inner, names, note
+
+                    def launch(self, a, res):
+                        self.note(self.names, res)
+                        return self.inner.launch(a, res)
+                what = Launch(what, names, note)
+            elif mode == executor.ATEN and fresh_outputs(what[0].op):     # (views make none)
+                node, fn, cloning = what
+
+                def call(*a, _fn=fn, _names=names, _note=note, **kw):
+                    r = _fn(*a, **kw)
+                    _note(_names, r)
+                    return r
+                what = (node, call, cloning)
+            cg._steps[k] = (mode, what, args, extra, outs, frees)
+    return labels
+
+
+def traced_peak(run, base: int, top: int, labels: dict | None = None) -> int:
     """Runs ``run()`` under the allocator's history; prints the blocks live at its peak."""
     torch.cuda.synchronize()
     gc.collect()
@@ -54,6 +93,10 @@ def traced_peak(run, base: int, top: int) -> int:
     for e in snap["device_traces"][0]:
         if e["action"] == "alloc":
             live[e["addr"]] = e
+            notes = (labels or {}).get(e["addr"], [])    # the first note this block can hold
+            k = next((i for i, (nb, _) in enumerate(notes) if nb <= e["size"]), None)
+            if k is not None:
+                e["label"] = notes.pop(k)[1]
             cur += e["size"]
         elif e["action"] == "free_requested" and e["addr"] in live:
             cur -= live.pop(e["addr"])["size"]
@@ -64,7 +107,8 @@ def traced_peak(run, base: int, top: int) -> int:
     for e in sorted(best[1].values(), key=lambda e: -e["size"])[:top]:
         frames = [f"{f['filename'].split('/')[-1]}:{f['line']} {f['name']}" for f in e.get("frames", [])
                   if not any(s in f["filename"] for s in SKIP)][:4]
-        print(f"  {e['size']:>12,} B  {' <- '.join(frames)}")
+        label = e.get("label", "")
+        print(f"  {e['size']:>12,} B  {label + '  ' if label else ''}{' <- '.join(frames)}")
     return best[0]
 
 
@@ -94,8 +138,9 @@ def main() -> None:
     compiled = torch.compile(model, backend=functools.partial(kiln_backend, options=OPTIONS))
     for _ in range(2):
         step(compiled)()
-    print("kiln:")
-    traced_peak(step(compiled), base, a.top)
+    labels = label_blocks()
+    print("kiln (blocks named graph kind:value where kiln's steps made them):")
+    traced_peak(step(compiled), base, a.top, labels)
     torch.cuda.synchronize()
     print(f"held after the steps above the base: {torch.cuda.memory_allocated() - base:,} B")
 
