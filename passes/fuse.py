@@ -178,6 +178,48 @@ class _Groups:
         return any(self._epilogue_like(self.gid[k]) for i in members for v in self.nodes[i].outputs
                    for u in self.users.get(v.name, []) if (k := self.pos[id(u)]) not in members)
 
+    def side_branch(self, k: int, i: int) -> bool:
+        """Would pointwise node ``i`` joining the group of its producer ``k`` make it a side
+        output of another reduction's kernel? So when ``k`` is in a reduction's group without
+        depending on a reduction there (the reduction's prologue, not its epilogue), and a
+        reduction that ``i`` feeds (through pointwise ops) reduces differently: that one would
+        read what this kernel stores instead of taking ``i`` into its own prologue."""
+        gid = self.gid[k]
+        members = self.members[gid]
+        if len(members) == 1 or not any(op_kind(self.nodes[j].op) == OpKind.REDUCTION for j in members):
+            return False
+        stack, seen = [k], set()
+        while stack:
+            j = stack.pop()
+            if op_kind(self.nodes[j].op) == OpKind.REDUCTION:
+                return False
+            for v in self.nodes[j].inputs():
+                p = self.prod.get(v.name)
+                if p is not None and (q := self.pos[id(p)]) not in seen and self.gid[q] == gid:
+                    seen.add(q)
+                    stack.append(q)
+        mine = self.plan_of(gid)
+        if mine is None:
+            return False
+        stack, seen = [i], {i}
+        while stack:
+            j = stack.pop()
+            for v in self.nodes[j].outputs:
+                for u in self.users.get(v.name, []):
+                    q = self.pos[id(u)]
+                    if q in seen or self.gid[q] == gid:
+                        continue
+                    seen.add(q)
+                    kind = op_kind(u.op)
+                    if kind == OpKind.REDUCTION:
+                        theirs = self.plan([q])
+                        if theirs is not None and (theirs["domain"], theirs["reduce_dims"]) != \
+                                (mine["domain"], mine["reduce_dims"]):
+                            return True
+                    elif kind in (OpKind.POINTWISE, OpKind.VIEW):
+                        stack.append(q)
+        return False
+
     def _inside(self, n: Node, gid: int) -> bool:
         return self.gid[self.pos[id(n)]] == gid
 
@@ -214,13 +256,21 @@ def fuse(g: Graph, options=None) -> Graph:
     G = _Groups(g)
     target = _target(options)
     fusible = [_fusible(n, target) for n in g.nodes]
-    # vertical: pull each fusible producer into its consumer's group, in program order
-    for i, n in enumerate(g.nodes):
-        if not fusible[i]:
-            continue
-        for v in n.inputs():
-            p = G.prod.get(v.name)
-            if p is not None and fusible[G.pos[id(p)]]:
+    # vertical: pull each fusible producer into its consumer's group, in program order. First
+    # pass: a pointwise node does not join a reduction's group through a value the reduction
+    # does not feed (its prologue) when it feeds a reduction of another shape (see side_branch),
+    # so that one can take it first (a layer norm backward's column sums took the row sums'
+    # prologue and stored four tensors for them); the second pass makes the merges left.
+    for side_branches in (False, True):
+        for i, n in enumerate(g.nodes):
+            if not fusible[i]:
+                continue
+            for v in n.inputs():
+                p = G.prod.get(v.name)
+                if p is None or not fusible[G.pos[id(p)]]:
+                    continue
+                if not side_branches and op_kind(n.op) == OpKind.POINTWISE and G.side_branch(G.pos[id(p)], i):
+                    continue
                 G.try_merge(G.pos[id(p)], i)
     # horizontal: groups that read a common input and share an iteration space
     readers: dict[str, list[int]] = {}

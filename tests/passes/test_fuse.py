@@ -244,3 +244,25 @@ def test_softmax_backward_is_one_reduction():
     g, got, want = compile_fn(fn, y, gy)
     assert len(kernels(g)) == 1 and not unfused(g)
     check(got, want)
+
+
+def test_layer_norm_backward_keeps_row_and_column_sums_apart():
+    """A layer norm's backward reduces over rows (the input's gradient) and over columns (the
+    weight's and bias's): two kernels. The column sums' kernel must not take the row sums'
+    prologue as side outputs: it stored them for the row kernel to read back (the test zoo's
+    block: four tensors where one is needed)."""
+    B, S, D = 4, 8, 32
+    x, gy, r = torch.randn(B, S, D), torch.randn(B, S, D), torch.randn(B, S, D)
+    w, b = torch.randn(D), torch.randn(D)
+    mean = x.mean(-1, keepdim=True)
+    rstd = torch.rsqrt(x.var(-1, unbiased=False, keepdim=True) + 1e-5)
+
+    def fn(gy, x, mean, rstd, w, b, r):
+        dx, dw, db = torch.ops.aten.native_layer_norm_backward(gy, x, [D], mean, rstd, w, b, [True, True, True])
+        return dx + r, dw, db
+    g, got, want = compile_fn(fn, gy, x, mean, rstd, w, b, r)
+    check(got, want)
+    outs = {v.name for v in g.output_values()}
+    stored = sum(v.type.storage_bytes for n in kernels(g) for v in n.outputs if v.name not in outs)
+    assert len(kernels(g)) == 2 and not unfused(g)
+    assert stored <= B * S * D * 4
