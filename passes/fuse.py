@@ -57,6 +57,7 @@ class _Groups:
         self.gid = {i: i for i in range(len(g.nodes))}          # node index -> group id
         self.members = {i: [i] for i in range(len(g.nodes))}   # group id -> node indices
         self.plans: dict[int, dict] = {}
+        self._alone: dict[int, dict | None] = {}               # node index -> its plan on its own
 
     def body(self, idxs: list[int]) -> Graph:
         idxs = sorted(idxs)
@@ -212,7 +213,9 @@ class _Groups:
                     seen.add(q)
                     kind = op_kind(u.op)
                     if kind == OpKind.REDUCTION:
-                        theirs = self.plan([q])
+                        if q not in self._alone:
+                            self._alone[q] = self.plan([q])
+                        theirs = self._alone[q]
                         if theirs is not None and (theirs["domain"], theirs["reduce_dims"]) != \
                                 (mine["domain"], mine["reduce_dims"]):
                             return True

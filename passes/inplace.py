@@ -10,9 +10,10 @@ after the loads of the same elements in that loop, and no later loop reads the r
 numba renderer may stash a value in an output before its final loop, so on the cpu target only
 pointwise kernels run in place; CUDA C kernels declare pointers __restrict__, so none do.
 
-ATen ops that have an in-place form (an embedding's gradient: index_put into a zero fill) may
-also write over their first argument where it dies there (aten_overwrites); the runtime then calls
-the in-place form. Only in dynamic mode, where that argument is a tensor of its own."""
+In dynamic mode, where every value is a tensor of its own, more may run in place
+(dynamic_overwrites): a kernel over any tensor the graph made, and an ATen op that has an in-place
+form (an embedding's gradient: index_put into a zero fill) over its first argument; the runtime
+then calls the in-place form."""
 from __future__ import annotations
 
 from kiln.ir import Graph, Node, OpKind, Value, op_kind

@@ -282,9 +282,9 @@ def plan_memory(g: Graph, options=None) -> Graph:
     if caching:
         from .inplace import dynamic_overwrites
         # what the allocator would hold: in dynamic mode more outputs may be written over an
-        # input that dies at their node (inplace.dynamic_overwrites), and a
-        # backward's saved activations count from its start until their last use, the arena
-        # being taken while they are all live
+        # input that dies at their node (inplace.dynamic_overwrites), and a backward's saved
+        # activations count from its start until their last use (the arena is taken while they
+        # are all live)
         if getattr(options, "memory_budget", None) is None:
             overwrites = dynamic_overwrites(g, plan.overwrites, target)
         freed = freed_inputs(g)

@@ -204,7 +204,7 @@ class CompiledGraph:
                 steps.append((OUT, (node, resolve(out_variant(node.op))), binder(node.args), binder(node.kwargs),
                               outs, frees))
             elif self.plan.mode == "dynamic" and node.op in INPLACE_ATEN and outs[0][0] in self.plan.overwrites:
-                # its first argument dies here (inplace.aten_overwrites): written over, not copied
+                # its first argument dies here (inplace.dynamic_overwrites): written over, not copied
                 steps.append((ATEN, (node, resolve(INPLACE_ATEN[node.op]), False), binder(node.args),
                               binder(node.kwargs), outs, frees))
             else:
