@@ -99,3 +99,33 @@ def test_backward_mode_counts_the_saved_activations_it_frees(planned_graphs, mon
             assert set(memory.freed_inputs(bwd)) >= {"convolution", "relu", "tangents_1"}
     assert modes == {True: "dynamic", False: "arena"}
     torch._dynamo.reset()
+
+
+def test_gpt2_training_step_in_dynamic_mode(planned_graphs):
+    """A real model with a tied embedding (GPT-2, small random config, dropout off): its backward
+    writes in place where dynamic mode allows and its gradients are eager's."""
+    import os
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "passes"))
+    from memory_graphs import transformers_models
+    models = transformers_models()
+    if "gpt2" not in models:
+        pytest.skip("needs transformers")
+    mk, kw = models["gpt2"]
+    torch.manual_seed(0)
+    model, kwargs = mk().train(), kw()
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    r = torch.randn(model(**kwargs).logits.shape)
+    want = step_grads(model, lambda: (model(**kwargs).logits * r).sum().backward())
+    torch._dynamo.reset()
+    fast = torch.compile(model, backend=functools.partial(kiln_backend, options={"target": "cpu"}))
+    for _ in range(2):
+        assert_grads_close(step_grads(model, lambda: (fast(**kwargs).logits * r).sum().backward()), want, tol=1e-5)
+    bwd = [g for g in planned_graphs if g.meta.get("graph_kind") == "backward"][-1]
+    plan = bwd.meta["memory_plan"]
+    ops = {v.name: n.op for n in bwd.nodes for v in n.outputs}
+    assert plan.mode == "dynamic" and validate_plan(bwd, plan) == []
+    assert any(ops[v] == "aten.index_put.default" for v in plan.overwrites)
+    torch._dynamo.reset()
