@@ -120,23 +120,9 @@ def dynamic_overwrites(g: Graph, overwrites: dict[str, str], target: str = "cpu"
     and of the same type (the runtime calls the in-place form). An embedding's gradient was its
     zero fill, the scattered copy of it, and their sum with the tied projection's gradient:
     three vocabulary-sized tensors live at once, now one."""
-    from .memory import fresh_outputs, plannable
-    roots: dict[str, set[str]] = {}
-    whole: set[str] = set()         # values that are the whole of a storage this graph made
-    last: dict[str, int] = {}
-    for i, n in enumerate(g.nodes):
-        for v in n.inputs():
-            for r in roots.get(v.name, ()):
-                last[r] = i
-        fresh = (fresh_outputs(n.op) and "callable" not in n.attrs) or plannable(n)
-        src = set().union(*(roots.get(v.name, set()) for v in n.inputs())) if n.inputs() else set()
-        for v in n.outputs:
-            roots[v.name] = {v.name} if fresh else set(src)
-            if fresh:
-                whole.add(v.name)
-    for v in g.output_values():
-        for r in roots.get(v.name, ()):
-            last[r] = len(g.nodes)
+    from .memory import storage_lifetimes
+    roots, born, last = storage_lifetimes(g)
+    whole = set(born)           # values that are the whole of a storage this graph made
     out = dict(overwrites)
     taken = set(overwrites.values())
 

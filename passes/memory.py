@@ -208,20 +208,16 @@ def freed_inputs(g: Graph) -> list[str]:
     return [v.name for v in g.inputs if v.name not in kept and not v.name.startswith("primals_")]
 
 
-def storage_peaks(g: Graph, arena: set[str], overwrites: dict[str, str], grain: int = 1,
-                  inputs: list[str] = ()) -> tuple[int, int]:
-    """(peak of storage outside ``arena``, peak of all storage) over the graph's steps, counting
-    every output that does not alias an input; an in-place output shares its input's storage.
-    ``grain``: the allocator's block granularity, each separate allocation rounds up to it.
-    ``inputs``: graph inputs counted too, from the first step to their last use (freed_inputs)."""
-    roots: dict[str, set[str]] = {}
-    size: dict[str, int] = {}
-    born: dict[str, int] = {}
+def storage_lifetimes(g: Graph, overwrites: dict[str, str] | None = None, inputs=()
+                      ) -> tuple[dict[str, set[str]], dict[str, int], dict[str, int]]:
+    """(value -> the storages it may alias, storage -> step that makes it, storage -> last step
+    that reads it through any alias; len(nodes) for one a graph output holds). A storage is
+    named by the fresh output that makes it, or by one of ``inputs`` (made at step 0); an output
+    in ``overwrites`` shares its input's storages."""
+    overwrites = overwrites or {}
+    roots: dict[str, set[str]] = {name: {name} for name in inputs}
+    born: dict[str, int] = dict.fromkeys(inputs, 0)
     last: dict[str, int] = {}
-    types = {v.name: v.type for v in g.inputs}
-    for name in inputs:
-        nb = types[name].storage_bytes if types.get(name) is not None else 0
-        roots[name], size[name], born[name] = {name}, -(-nb // grain) * grain, 0
     for i, n in enumerate(g.nodes):
         for v in n.inputs():
             for r in roots.get(v.name, ()):
@@ -232,14 +228,26 @@ def storage_peaks(g: Graph, arena: set[str], overwrites: dict[str, str], grain: 
             if v.name in overwrites:
                 roots[v.name] = set(roots.get(overwrites[v.name], ()))
             elif fresh:
-                nb = v.type.storage_bytes if v.type else 0
-                roots[v.name], size[v.name], born[v.name] = {v.name}, -(-nb // grain) * grain, i
+                roots[v.name], born[v.name] = {v.name}, i
             else:
                 roots[v.name] = set(src)
-    end = len(g.nodes)
     for v in g.output_values():
         for r in roots.get(v.name, ()):
-            last[r] = end
+            last[r] = len(g.nodes)
+    return roots, born, last
+
+
+def storage_peaks(g: Graph, arena: set[str], overwrites: dict[str, str], grain: int = 1,
+                  inputs: list[str] = ()) -> tuple[int, int]:
+    """(peak of storage outside ``arena``, peak of all storage) over the graph's steps, counting
+    every output that does not alias an input; an in-place output shares its input's storage.
+    ``grain``: the allocator's block granularity, each separate allocation rounds up to it.
+    ``inputs``: graph inputs counted too, from the first step to their last use (freed_inputs)."""
+    _, born, last = storage_lifetimes(g, overwrites, inputs)
+    types = {v.name: v.type for v in g.inputs}
+    types.update((v.name, v.type) for n in g.nodes for v in n.outputs)
+    size = {r: -(-(types[r].storage_bytes if types.get(r) is not None else 0) // grain) * grain for r in born}
+    end = len(g.nodes)
     delta = [[0, 0] for _ in range(end + 2)]
     for r, nb in size.items():
         k = int(r not in arena)

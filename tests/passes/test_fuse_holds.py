@@ -42,17 +42,9 @@ def test_gelu_backward_terms_stay_in_the_matmul_epilogue(monkeypatch):
     viewed as [2, 8, 128]: in program order the product's group took the derivative's terms one
     by one and stored three tensors for the next matmul's epilogue (which cannot join it)
     instead of the one input the epilogue reads now."""
-    import kiln.passes.pipeline as pipeline
     from memory_graphs import zoo
-    seen = []
-    at = [i for i, (name, _) in enumerate(pipeline.PIPELINE) if name == "matmul"][0]
-    matmul = pipeline.PIPELINE[at][1]
-
-    def keep(g, o):
-        g = matmul(g, o)
-        seen.append(g)
-        return g
-    monkeypatch.setattr(pipeline, "PIPELINE", [*pipeline.PIPELINE[:at], ("matmul", keep), *pipeline.PIPELINE[at + 1:]])
+    from models.pipeline_spy import pass_outputs
+    seen = pass_outputs(monkeypatch, "matmul")
     torch.manual_seed(0)
     block, (x,) = zoo()[1]("block")[:2]          # the test zoo's transformer block, [2, 8, 32]
     x.requires_grad_(True)

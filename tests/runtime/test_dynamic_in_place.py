@@ -10,9 +10,10 @@ import torch
 
 import kiln
 from kiln.api import kiln_backend
-from kiln.passes import memory, pipeline
+from kiln.passes import memory
 from kiln.passes.validate import validate_plan
 from models.grads import assert_grads_close, step_grads
+from models.pipeline_spy import pass_outputs
 from models.zoo import build
 
 
@@ -20,16 +21,7 @@ from models.zoo import build
 def planned_graphs(monkeypatch):
     """The memory-planned graphs of every compile while the fixture is active, CUDA's rules."""
     monkeypatch.setattr(memory, "DYNAMIC_DEVICES", ("cuda", "cpu"))
-    graphs = []
-    k = next(i for i, (name, _) in enumerate(pipeline.PIPELINE) if name == "plan_memory")
-    plan = pipeline.PIPELINE[k][1]
-
-    def keep(g, o):
-        g2 = plan(g, o)
-        graphs.append(g2)
-        return g2
-    monkeypatch.setattr(pipeline, "PIPELINE", [*pipeline.PIPELINE[:k], ("plan_memory", keep), *pipeline.PIPELINE[k + 1:]])
-    return graphs
+    return pass_outputs(monkeypatch, "plan_memory")
 
 
 def test_embedding_gradient_scatters_into_its_fill(planned_graphs):
