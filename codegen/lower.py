@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kiln.ir import Graph, Node, OpKind, op_kind
-from kiln.ir.scalar import E, Ref, lower_pointwise, neutral, reduction_spec
+from kiln.ir.scalar import Const, E, Ref, lower_pointwise, neutral, reduction_spec
 from kiln.passes.loops import dims_of
 
 COMPUTE = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
@@ -192,9 +192,54 @@ def lower(node: Node) -> LoopKernel:
         a.xstrides, a.rstrides = st[:nx_], st[nx_:]
     stores = [Access(i, st[:nx_], st[nx_:], v.type.dtype, var_of[v.name])
               for i, (v, st) in enumerate(zip(body.outputs, strides[len(load_list):]))]
+    stmts = fold_erfc(stmts, {a.var for a in stores})
     return LoopKernel(node.attrs["name"], plan["kind"], xs, rs, load_list, stores, stmts, ops,
                       len(body.inputs), len(body.outputs),
                       [list(v.type.strides) for v in body.inputs], [list(v.type.strides) for v in body.outputs])
+
+
+def refs(e) -> list[str]:
+    """Variables an expression (or a Reduce) reads."""
+    if isinstance(e, Ref):
+        return [e.name]
+    if isinstance(e, E):
+        return [r for a in e.args for r in refs(a)]
+    if isinstance(e, Reduce):
+        return [e.src]
+    return []
+
+
+def _one(e) -> bool:
+    return isinstance(e, Const) and not isinstance(e.value, bool) and float(e.value) == 1.0
+
+
+def fold_erfc(stmts: list[Stmt], stored: set[str]) -> list[Stmt]:
+    """``erf(x) + 1`` (GELU's CDF, in the forward and in gelu_backward) becomes ``erfc(-x)`` and
+    ``1 - erf(x)`` ``erfc(x)`` where nothing else reads the erf: for
+    x < 0 the sum cancels to a few ulp of 1 (GELU's negative tail came out 0), erfc keeps it; and
+    erfc has a cheaper GPU form than erf (codegen/triton_gen.py's ``_erfc``)."""
+    uses: dict[str, int] = {}
+    for st in stmts:
+        for r in refs(st.expr):
+            uses[r] = uses.get(r, 0) + 1
+    by_var = {st.var: st for st in stmts}
+    dropped: set[str] = set()
+    out = []
+    for st in stmts:
+        e = st.expr
+        new = None
+        if isinstance(e, E) and e.op in ("add", "sub") and compute_dtype(e.dtype) == torch.float32:
+            a, b = e.args
+            u = a if e.op == "add" and _one(b) else b if _one(a) else None
+            src = by_var.get(u.name) if isinstance(u, Ref) else None
+            if (src is not None and isinstance(src.expr, E) and src.expr.op == "erf" and uses[u.name] == 1
+                    and u.name not in stored and compute_dtype(src.expr.dtype) == torch.float32):
+                x = src.expr.args[0]
+                arg = E("neg", (x,), x.dtype) if e.op == "add" else x
+                new = Stmt(st.var, E("erfc", (arg,), e.dtype), st.dtype, st.space)
+                dropped.add(u.name)
+        out.append(new or st)
+    return [st for st in out if st.var not in dropped]
 
 
 def neutral_of(r: Reduce):

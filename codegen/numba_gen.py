@@ -28,10 +28,10 @@ import re
 
 
 from kiln.ir.scalar import Const, E, neutral
-from .lower import LoopKernel, Reduce, compute_dtype
+from .lower import LoopKernel, Reduce, compute_dtype, refs
 from .numba_math import EXPORTS, SOURCE_HASH
 from .scalar_render import NP, NumbaRenderer
-from .schedule_stmts import Stage, plan_stages, refs
+from .schedule_stmts import Stage, plan_stages
 from .templates import ENV
 
 
@@ -65,7 +65,7 @@ def _decompose(var: str, sizes: list[int], prefix: str) -> list[str]:
     return lines
 
 
-EXPENSIVE = {"exp", "exp2", "expm1", "log", "log2", "log10", "log1p", "erf", "tanh", "sigmoid", "gelu",
+EXPENSIVE = {"exp", "exp2", "expm1", "log", "log2", "log10", "log1p", "erf", "erfc", "tanh", "sigmoid", "gelu",
              "gelu_tanh", "sin", "cos", "tan", "sinh", "cosh", "pow"}
 
 

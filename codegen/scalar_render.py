@@ -114,6 +114,9 @@ class TritonRenderer(Renderer):
     def op_sin(self, a, **k): return f"tl.sin({a})"
     def op_cos(self, a, **k): return f"tl.cos({a})"
     def op_erf(self, a, **k): return f"tl.erf({a})"
+    def op_erfc(self, a, dt=None, **k):
+        self.helpers.add("erfc")
+        return f"_erfc({a})"
     def op_exp2(self, a, **k): return f"tl.exp2({a})"
     def op_log2(self, a, **k): return f"tl.log2({a})"
     def op_sigmoid(self, a, **k): return f"tl.sigmoid({a})"
@@ -220,6 +223,8 @@ class NumbaRenderer(Renderer):
     def op_log(self, a, dt=None, **k): return self._helper("log", a, dt) or f"math.log({a})"
     def op_log1p(self, a, dt=None, **k): return self._helper("log1p", a, dt) or f"math.log1p({a})"
     def op_erf(self, a, dt=None, **k): return self._helper("erf", a, dt) or f"math.erf({a})"
+    def op_erfc(self, a, dt=None, **k):        # 1 - erf: the same bits as the sum it replaces
+        return f"({self.k(1.0, dt)} - {self.op_erf(a, dt=dt)})"
     def op_tanh(self, a, dt=None, **k): return self._helper("tanh", a, dt) or f"math.tanh({a})"
 
     def op_sigmoid(self, a, dt=None, **k):
@@ -363,6 +368,7 @@ class CudaRenderer(Renderer):
     def op_cos(self, a, e=None, **k): return self._f("cos", a, e)
     def op_tan(self, a, e=None, **k): return self._f("tan", a, e)
     def op_erf(self, a, e=None, **k): return self._f("erf", a, e)
+    def op_erfc(self, a, e=None, **k): return self._f("erfc", a, e)
     def op_tanh(self, a, e=None, **k): return self._f("tanh", a, e)
     def op_sinh(self, a, e=None, **k): return self._f("sinh", a, e)
     def op_cosh(self, a, e=None, **k): return self._f("cosh", a, e)

@@ -5,18 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kiln.ir.scalar import E, Ref
-from .lower import Access, LoopKernel, Reduce, Stmt
-
-
-def refs(e) -> list[str]:
-    if isinstance(e, Ref):
-        return [e.name]
-    if isinstance(e, E):
-        return [r for a in e.args for r in refs(a)]
-    if isinstance(e, Reduce):
-        return [e.src]
-    return []
+from .lower import Access, LoopKernel, Reduce, Stmt, refs
 
 
 @dataclass

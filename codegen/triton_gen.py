@@ -55,6 +55,27 @@ def _idiv_mod(a, b):
 @triton.jit
 def _idiv_fmod(a, b):
     return a - _idiv_trunc(a, b) * b""",
+    "erfc": """@triton.jit
+def _erfc(x):
+    # fp32 erfc(|x|) = 2^(z P(z)), z = min(|x|, 5), P a degree-10 least-squares fit of
+    # log2(erfc(z)) / z on [0, 5]: within 3e-7 of erfc (relative 7e-6); past 5 the exponent falls
+    # on at the slope erfc has there, to 0 at inf (NaN stays NaN). erfc(-|x|) = 2 - erfc(|x|).
+    # ~20 instructions, against ~30 for libdevice's erf (GELU bf16 at 96% of an H200's copy
+    # bandwidth, 86% with tl.erf).
+    a = tl.abs(x)
+    z = tl.minimum(a, 5.0)
+    p = z * 4.5185323926943965e-08 + -1.4033321349415928e-06
+    p = p * z + 1.9087226974079385e-05
+    p = p * z + -0.00014761263446416706
+    p = p * z + 0.0006889196229167283
+    p = p * z + -0.0016953973099589348
+    p = p * z + -0.000944068597164005
+    p = p * z + 0.028734248131513596
+    p = p * z + -0.14884622395038605
+    p = p * z + -0.9183048009872437
+    p = p * z + -1.6279194355010986
+    e = tl.math.exp2(p * z + (a - z) * -14.704957822420498)
+    return tl.where(x < 0, 2.0 - e, e)""",
     "maxnan": """@triton.jit
 def _max_nan(a, b):
     if a.dtype.is_floating():       # one NaN-propagating max instruction (fmax.NaN)
