@@ -112,13 +112,20 @@ def _aligned(tensors) -> tuple:
     return tuple(t.data_ptr() % 16 == 0 for t in tensors)
 
 
+def _set(hook) -> bool:
+    """A launch hook is set: a callable, or (Triton 3.6+) a HookChain with hooks in it. An empty
+    chain is the default there, and counting it as set sent every launch through the runner."""
+    return hook is not None and bool(getattr(hook, "calls", True))
+
+
 def _launch_hooks():
     try:
         from triton import knobs
-        return lambda: knobs.runtime.launch_enter_hook is not None or knobs.runtime.launch_exit_hook is not None
+        rt = knobs.runtime
+        return lambda: _set(rt.launch_enter_hook) or _set(rt.launch_exit_hook)
     except ImportError:         # Triton before knobs: the hooks are CompiledKernel class attributes
         from triton.compiler.compiler import CompiledKernel as C
-        return lambda: C.launch_enter_hook is not None or C.launch_exit_hook is not None
+        return lambda: _set(C.launch_enter_hook) or _set(C.launch_exit_hook)
 
 
 def direct_launcher(ck, grid, extra, tensors):

@@ -99,3 +99,32 @@ def test_embedding_gather_kernel(dtype):
     ids = torch.randint(0, 1000, (3, 50), device="cuda")
     torch._dynamo.reset()
     assert torch.equal(kiln.compile(F.embedding, target="triton")(ids, wt), F.embedding(ids, wt))
+
+
+@needs_cuda
+def test_launch_hooks_see_kiln_launches():
+    """Kernels launch through Triton's launcher directly unless a launch hook is set (Triton 3.6+
+    keeps an empty HookChain there by default, which is no hook); a hook added later sees them."""
+    from triton import knobs
+    torch._dynamo.reset()
+    fn = lambda x: torch.softmax(x, -1) * 2        # noqa: E731
+    f = kiln.compile(fn, target="triton", cudagraphs=False)
+    x = torch.randn(64, 64, device="cuda")
+    for _ in range(3):
+        torch.testing.assert_close(f(x), fn(x))
+    seen = []
+    hook = lambda *a, **k: seen.append(1)           # noqa: E731
+    chain = knobs.runtime.launch_enter_hook
+    if hasattr(chain, "add"):
+        chain.add(hook)
+    else:
+        knobs.runtime.launch_enter_hook = hook
+    try:
+        torch.testing.assert_close(f(x), fn(x))
+        torch.cuda.synchronize()
+    finally:
+        if hasattr(chain, "remove"):
+            chain.remove(hook)
+        else:
+            knobs.runtime.launch_enter_hook = chain
+    assert seen

@@ -32,3 +32,16 @@ def test_cuda_graph_replay_cost_counts_outputs_and_moving_inputs():
 ])
 def test_auto_replay_rule(host, gpu, copy, replay):
     assert should_replay(host, gpu, copy) is replay
+
+
+def test_gpu_bound_decision_skips_the_per_call_work():
+    """Once "auto" has decided a graph is GPU-bound, a call goes straight to the compiled graph
+    (a compiled graph has one input signature; the runner's per-call key was host time)."""
+    from kiln.runtime.cudagraphs import CudaGraphRunner
+    seen = []
+    r = CudaGraphRunner(compiled=lambda *a: seen.append(a) or "ran", policy="auto")
+    r.launch_bound, r.calls = False, r.warmup
+    marker = object()
+    assert r(marker) == "ran" and seen == [(marker,)] and r.key is None    # no per-call key taken
+    r.launch_bound, r.calls = False, 1  # still warming up: the decision may change
+    assert r(marker) == "ran" and r.key == (marker,)
