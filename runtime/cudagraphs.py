@@ -64,6 +64,7 @@ class CudaGraphRunner:
         self.key = None
         self.seen_ptrs: list[list[int | None]] = []
         self.samples: list[tuple[float, float]] = []        # (host ms, GPU ms) of timed warm-up calls
+        self._capturing = torch.cuda.is_current_stream_capturing if torch.cuda.is_available() else bool
         _LIVE.add(self)
 
     def __getattr__(self, name):            # graph, plan, kernels ... come from the wrapped graph
@@ -125,6 +126,10 @@ class CudaGraphRunner:
         return f"CUDA graph: not captured yet ({self.calls} of {self.warmup} warm-up calls)"
 
     def __call__(self, *inputs):
+        if self._capturing():
+            # the caller is capturing its own CUDA graph (a decode loop, a benchmark): the kernels
+            # go into it; replaying or timing here would fail (no replay or sync inside a capture)
+            return self.compiled(*inputs)
         if self.launch_bound is False and self.calls >= self.warmup and self.policy == "auto":
             # decided: GPU-bound, no replay. A compiled graph has one input signature (kiln
             # compiles each shape on its own), so nothing below can change that; skipping the

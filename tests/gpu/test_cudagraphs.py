@@ -73,3 +73,33 @@ def test_gpu_bound_graph_is_not_captured_under_auto():
     r = _new_runner(before)
     assert r.launch_bound is False and r.cg is None
     assert "GPU-bound" in r.describe()
+
+
+@needs_cuda
+@pytest.mark.parametrize("policy", ["auto", True])
+def test_call_inside_the_callers_own_capture(policy):
+    """A caller may capture a compiled function in its own CUDA graph (a decode loop, a benchmark)
+    after kiln has started replaying its own: the call then runs the kernels into the caller's
+    capture instead of replaying (no replay or timing sync inside a capture)."""
+    torch._dynamo.reset()
+    before = _runners()
+    torch.manual_seed(0)
+    model = Small().cuda().eval()
+    f = kiln.compile(model, target="triton", cudagraphs=policy)
+    x = torch.randn(8, 64, device="cuda")
+    with torch.no_grad():
+        for _ in range(5):
+            f(x)
+        assert _new_runner(before).cg is not None          # kiln replays its own graph by now
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            f(x)
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            out = f(x)
+        x.copy_(torch.randn(8, 64, device="cuda"))
+        g.replay()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(out, model(x), rtol=1e-4, atol=1e-4)
