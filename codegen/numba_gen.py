@@ -11,7 +11,8 @@ Shape of the generated code (every choice measured on a 2-core AVX-512 CPU, fp32
 - rows are the kept (x) dims; the reduced (r) dims, or the innermost kept dim of a pointwise
   kernel, are plain ``range`` loops over the contiguous dim that LLVM vectorises. Several r dims
   are nested loops, so no element pays an index div/mod; x dims are decomposed once per row.
-- reductions are scalar accumulators (fastmath ``reassoc`` lets LLVM vectorise sums); float max/
+- reductions are scalar accumulators (``reassoc`` on the accumulating add alone, numba_math._radd,
+  lets LLVM vectorise sums without licensing rewrites like x * 0 + x -> x elsewhere); float max/
   min use ``llvm.maximum``/``llvm.minimum`` (NaN-propagating like torch), which vectorise where
   a compare-and-select with a NaN test does not. The prologue is recomputed in each pass over a
   row (a row of 2048 fp32 is 8 KiB and stays in L1).
@@ -36,7 +37,7 @@ from .templates import ENV
 
 
 ENTRY = "kernel"
-FASTMATH = '{"reassoc", "contract", "nsz", "arcp"}'
+FASTMATH = '{"contract", "nsz", "arcp"}'     # no reassoc: see numba_math._radd
 CHUNK = 4096            # elements per row when a pointwise kernel has a single (flat) dim
 GRAIN = 1 << 16         # least work (elements x passes) worth handing to another thread
 
@@ -224,6 +225,9 @@ def render(lk: LoopKernel) -> tuple[str, dict]:
             if rd.kind in ("max", "min") and rd.acc_dtype.is_floating_point:
                 rnd.helpers.add("fminmax")
                 return f"{a} = _f{'maximum' if rd.kind == 'max' else 'minimum'}({a}, {src})"
+            if rd.kind in ("sum", "mean", "prod") and rd.acc_dtype.is_floating_point:
+                rnd.helpers.add("racc")         # reassoc on the accumulation alone (numba_math)
+                return f"{a} = _r{'mul' if rd.kind == 'prod' else 'add'}({a}, {src})"
             return {"sum": f"{a} += {src}", "mean": f"{a} += {src}", "prod": f"{a} *= {src}",
                     "max": f"{a} = {src} if {src} > {a} else {a}",
                     "min": f"{a} = {src} if {src} < {a} else {a}",

@@ -9,7 +9,8 @@ tests/codegen/test_numba_math.py: <= 1 ulp for exp, expm1, log (fp32), <= 2 for 
 fp32 tanh, <= 3 for fp64 tanh, <= 6 (4e-7 absolute) for fp32 erf; special values as libm. Each helper is its own njit function with its own
 fast-math flags (no ``reassoc``/``arcp``), and LLVM inlines it into the kernel keeping those
 flags, so the kernel's looser flags never reorder the range reduction or turn 1/sqrt into an
-estimate. They live in one module, compiled once per process (and cached on disk by numba),
+estimate; the reduction steps ``_radd``/``_rmul`` are the other way round (``reassoc`` on the
+accumulation alone). They live in one module, compiled once per process (and cached on disk by numba),
 rather than in every kernel source: that saves ~0.1 s of numba compile per kernel that uses one.
 
 numba's disk cache does not notice when a function a cached kernel calls has changed, so every
@@ -149,6 +150,21 @@ def _llvm_binary(name):
 
 _fmaximum = _llvm_binary("maximum")
 _fminimum = _llvm_binary("minimum")
+
+
+# -- reduction steps -------------------------------------------------------------------------------
+# The one place a kernel may reassociate: its sums' and products' accumulating add / multiply carry
+# ``reassoc`` on their own instruction, which is what LLVM's loop vectoriser needs to split a sum
+# over vector lanes. The kernel itself is compiled without it: under a function-wide ``reassoc``
+# LLVM rewrote ``x * 0 + x`` as ``x`` (inf where eager gives NaN).
+@numba.njit(fastmath={"reassoc", "contract", "nsz"}, error_model="numpy", cache=True)
+def _radd(a, b):
+    return a + b
+
+
+@numba.njit(fastmath={"reassoc", "contract", "nsz"}, error_model="numpy", cache=True)
+def _rmul(a, b):
+    return a * b
 
 
 # -- exp, expm1, tanh ----------------------------------------------------------------------------
@@ -412,7 +428,7 @@ def _rsqrt64(x):
 # helper name (as NumbaRenderer / numba_gen record it) -> the names a kernel imports for it
 EXPORTS = {
     "idiv": ("_idiv_trunc", "_idiv_floor", "_idiv_mod", "_idiv_fmod"),
-    "fminmax": ("_fmaximum", "_fminimum"),
+    "fminmax": ("_fmaximum", "_fminimum"), "racc": ("_radd", "_rmul"),
     "exp32": ("_exp32",), "exp64": ("_exp64",), "expm1_32": ("_expm1_32",), "expm1_64": ("_expm1_64",),
     "tanh32": ("_tanh32",), "tanh64": ("_tanh64",), "log32": ("_log32",), "log64": ("_log64",),
     "log1p32": ("_log1p32",), "log1p64": ("_log1p64",),

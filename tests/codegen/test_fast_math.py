@@ -1,0 +1,36 @@
+"""Generated kernels allow no algebra that changes what eager computes on inf, NaN or rounding:
+numba kernels once had a function-wide ``reassoc``, under which LLVM rewrote ``x * 0 + x`` as
+``x`` (inf where eager gives NaN) and ``(x + 1) - x`` as 1. Only the reductions' accumulating add
+and multiply may reassociate (numba_math._radd/_rmul), which vectorises sums and products."""
+import pytest
+import torch
+
+import kiln
+
+TARGETS = ["cpu", "triton"]
+X = torch.tensor([[1.0, float("nan"), 2.0, 3e8], [float("inf"), -1.0, 0.0, float("-inf")]])
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("fn", [
+    lambda x: x * 0 + x,
+    lambda x: (x + 1) - x,
+    lambda x: (x * 0 + x).amax(-1),
+    lambda x: (x * 0 + x).sum(-1),
+    lambda x: ((x + 1) - x).sum(-1) + (x - x).prod(-1),
+], ids=["x*0+x", "(x+1)-x", "amax", "sum", "sum+prod"])
+def test_no_algebra_on_inf_nan_or_rounding(target, fn):
+    torch._dynamo.reset()
+    got = kiln.compile(fn, target=target)(X)
+    torch.testing.assert_close(got, fn(X), equal_nan=True, rtol=0, atol=0)
+    assert any(k["target"] != "aten" for k in kiln.last_report().kernels)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_sums_and_products_still_match(dtype):
+    x = torch.randn(37, 1000, dtype=dtype)
+    torch._dynamo.reset()
+    got = kiln.compile(lambda x: (x.sum(-1), (1 + x * 1e-3).prod(-1), x.mean(0)), target="cpu")(x)
+    want = (x.sum(-1), (1 + x * 1e-3).prod(-1), x.mean(0))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
