@@ -37,7 +37,7 @@ from .templates import ENV
 
 
 ENTRY = "kernel"
-FASTMATH = '{"contract", "nsz", "arcp"}'     # no reassoc: see numba_math._radd
+FASTMATH = '{"contract", "nsz"}'     # no reassoc (see numba_math._radd), no arcp (1/y overflows for tiny y)
 CHUNK = 4096            # elements per row when a pointwise kernel has a single (flat) dim
 GRAIN = 1 << 16         # least work (elements x passes) worth handing to another thread
 

@@ -1,6 +1,7 @@
 """Generated kernels allow no algebra that changes what eager computes on inf, NaN or rounding:
 numba kernels once had a function-wide ``reassoc``, under which LLVM rewrote ``x * 0 + x`` as
-``x`` (inf where eager gives NaN) and ``(x + 1) - x`` as 1. Only the reductions' accumulating add
+``x`` (inf where eager gives NaN) and ``(x + 1) - x`` as 1, and ``arcp``, under which a division
+by a row's tiny sum became a multiply by its reciprocal, inf. Only the reductions' accumulating add
 and multiply may reassociate (numba_math._radd/_rmul), which vectorises sums and products."""
 import pytest
 import torch
@@ -34,3 +35,14 @@ def test_cpu_sums_and_products_still_match(dtype):
     want = (x.sum(-1), (1 + x * 1e-3).prod(-1), x.mean(0))
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_division_is_a_division(target):
+    x = torch.full((2, 4), 1e-39)
+    x[1] = torch.tensor([1e-40, 2e-40, 3e-40, 4e-40])     # the row sum's reciprocal overflows fp32
+    y, d = torch.randn(3, 1000), torch.tensor([3.0])
+    torch._dynamo.reset()
+    got = kiln.compile(lambda x, y, d: (x / x.sum(-1, keepdim=True), y / d), target=target)(x, y, d)
+    torch.testing.assert_close(got[0], x / x.sum(-1, keepdim=True))
+    assert torch.equal(got[1], y / d)                   # IEEE division, as eager: not x * (1 / d)
