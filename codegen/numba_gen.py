@@ -37,7 +37,9 @@ from .templates import ENV
 
 
 ENTRY = "kernel"
-FASTMATH = '{"contract", "nsz"}'     # no reassoc (see numba_math._radd), no arcp (1/y overflows for tiny y)
+# only FMA contraction: no reassoc (see numba_math._radd), no arcp (1 / y overflows for tiny y),
+# no nsz (x + 0 folded to x keeps -0.0, and 1 / (x + 0) came out -inf where eager gives inf)
+FASTMATH = '{"contract"}'
 CHUNK = 4096            # elements per row when a pointwise kernel has a single (flat) dim
 GRAIN = 1 << 16         # least work (elements x passes) worth handing to another thread
 

@@ -152,6 +152,15 @@ _fmaximum = _llvm_binary("maximum")
 _fminimum = _llvm_binary("minimum")
 
 
+# -- float remainder ------------------------------------------------------------------------------
+@numba.njit(fastmath=_FM, error_model="numpy", cache=True)
+def _fmod_floor(a, b):
+    """torch.remainder on floats: the exact fmod moved to the divisor's sign, as ATen computes it
+    (a - floor(a / b) * b was off by whole multiples of b once a / b lost its integer part)."""
+    m = np.fmod(a, b)
+    return m + b if m != 0 and (m < 0) != (b < 0) else m
+
+
 # -- reduction steps -------------------------------------------------------------------------------
 # The one place a kernel may reassociate: its sums' and products' accumulating add / multiply carry
 # ``reassoc`` on their own instruction, which is what LLVM's loop vectoriser needs to split a sum
@@ -428,7 +437,7 @@ def _rsqrt64(x):
 # helper name (as NumbaRenderer / numba_gen record it) -> the names a kernel imports for it
 EXPORTS = {
     "idiv": ("_idiv_trunc", "_idiv_floor", "_idiv_mod", "_idiv_fmod"),
-    "fminmax": ("_fmaximum", "_fminimum"), "racc": ("_radd", "_rmul"),
+    "fminmax": ("_fmaximum", "_fminimum"), "racc": ("_radd", "_rmul"), "fmod": ("_fmod_floor",),
     "exp32": ("_exp32",), "exp64": ("_exp64",), "expm1_32": ("_expm1_32",), "expm1_64": ("_expm1_64",),
     "tanh32": ("_tanh32",), "tanh64": ("_tanh64",), "log32": ("_log32",), "log64": ("_log64",),
     "log1p32": ("_log1p32",), "log1p64": ("_log1p64",),

@@ -150,7 +150,8 @@ class TritonRenderer(Renderer):
         if isinstance(rhs, Const) and float(rhs.value) in (1.0, 2.0, 3.0, 0.5, -1.0, -0.5, 0.0):
             v = float(rhs.value)
             return {1.0: a, 2.0: f"({a} * {a})", 3.0: f"({a} * {a} * {a})", 0.5: f"tl.sqrt({a})",
-                    -1.0: f"(1.0 / {a})", -0.5: f"tl.rsqrt({a})", 0.0: f"({a} * 0 + 1)"}[v]
+                    -1.0: f"(1.0 / {a})", -0.5: f"tl.rsqrt({a})",
+                    0.0: f"tl.where({a} == {a}, 1, 1).to({a}.dtype)"}[v]       # 1 for NaN and inf too
         if not fp:
             self.helpers.add("ipow")
             return f"_ipow({a}, {b})"
@@ -170,10 +171,18 @@ class TritonRenderer(Renderer):
         return f"tl.floor({a} / {b})" if fp else self._idiv(a, b, "floor")
     def op_truncdiv(self, a, b, fp=True, **k):
         return self.op_trunc(f"({a} / {b})") if fp else self._idiv(a, b, "trunc")
+    # float fmod / remainder are exact (libdevice's fmod), as eager's: a - trunc(a / b) * b was off
+    # by whole multiples of b once a / b lost its integer part to rounding
     def op_mod(self, a, b, fp=True, **k):
-        return f"({a} - tl.floor({a} / {b}) * {b})" if fp else self._idiv(a, b, "mod")
+        if fp:
+            self.helpers.add("fmod")
+            return f"_fmod_floor({a}, {b})"
+        return self._idiv(a, b, "mod")
     def op_fmod(self, a, b, fp=True, **k):
-        return f"({a} - {self.op_trunc(f'({a} / {b})')} * {b})" if fp else self._idiv(a, b, "fmod")
+        if fp:
+            self.helpers.add("fmod")
+            return f"_fmod({a}, {b})"
+        return self._idiv(a, b, "fmod")
 
 
 class NumbaRenderer(Renderer):
@@ -304,7 +313,10 @@ class NumbaRenderer(Renderer):
     def op_truncdiv(self, a, b, fp=True, **k):
         return f"np.trunc({a} / {b})" if fp else f"_idiv_trunc({a}, {b})"
     def op_mod(self, a, b, fp=True, **k):
-        return f"({a} - np.floor({a} / {b}) * {b})" if fp else f"_idiv_mod({a}, {b})"
+        if fp:
+            self.helpers.add("fmod")
+            return f"_fmod_floor({a}, {b})"
+        return f"_idiv_mod({a}, {b})"
     def op_fmod(self, a, b, fp=True, **k):
         return f"np.fmod({a}, {b})" if fp else f"_idiv_fmod({a}, {b})"       # numba has no math.fmod
 
@@ -409,6 +421,6 @@ class CudaRenderer(Renderer):
     def op_truncdiv(self, a, b, fp=True, e=None, **k):
         return self._f("trunc", f"({a}) / ({b})", e) if fp else f"(({a}) / ({b}))"
     def op_mod(self, a, b, fp=True, e=None, **k):
-        return f"(({a}) - {self._f('floor', f'({a}) / ({b})', e)} * ({b}))" if fp else f"kiln_imod({a}, {b})"
+        return f"kiln_fmod_floor({a}, {b})" if fp else f"kiln_imod({a}, {b})"
     def op_fmod(self, a, b, fp=True, e=None, **k):
         return self.fn("fmod", f"{a}, {b}", e.dtype) if fp else f"(({a}) % ({b}))"

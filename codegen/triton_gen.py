@@ -17,7 +17,8 @@ def _rint(x):
     f = tl.floor(x)
     d = x - f
     odd = (f - 2.0 * tl.floor(f * 0.5)) == 1.0
-    return tl.where(d > 0.5, f + 1.0, tl.where(d < 0.5, f, tl.where(odd, f + 1.0, f)))""",
+    r = tl.where(d > 0.5, f + 1.0, tl.where(d < 0.5, f, tl.where(odd, f + 1.0, f)))
+    return tl.where(r == 0.0, x * 0.0, r)      # round(-0.4) is -0.0, as eager has it""",
     "pow": """@triton.jit
 def _pow(a, b):
     r = tl.exp2(b * tl.log2(tl.abs(a)))
@@ -76,6 +77,26 @@ def _erfc(x):
     p = p * z + -1.6279194355010986
     e = tl.math.exp2(p * z + (a - z) * -14.704957822420498)
     return tl.where(x < 0, 2.0 - e, e)""",
+    "fmod": """import os
+
+from triton.language.extra import libdevice
+
+_INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+
+
+@triton.jit
+def _fmod(a, b):
+    # exact, as C's fmod: libdevice's on a GPU; the interpreter's float % is numpy's fmod
+    if _INTERPRETED:
+        return a % b
+    else:
+        return libdevice.fmod(a, b)
+
+
+@triton.jit
+def _fmod_floor(a, b):
+    m = _fmod(a, b)
+    return tl.where((m != 0) & ((m < 0) != (b < 0)), m + b, m)""",
     "maxnan": """@triton.jit
 def _max_nan(a, b):
     if a.dtype.is_floating():       # one NaN-propagating max instruction (fmax.NaN)

@@ -42,3 +42,20 @@ def test_cuda_sources_compile_with_nvcc(tmp_path):
         r = subprocess.run(["nvcc", "-std=c++17", "-arch=sm_90", "-c", str(p), "-o", os.devnull],
                            capture_output=True, text=True)
         assert r.returncode == 0, f"{p}:\n{r.stderr[:2000]}"
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+def test_float_remainder_sources_compile_with_nvcc(tmp_path):
+    """kiln_fmod_floor (torch.remainder on floats) for float and double."""
+    def model(a, b, c):
+        return torch.remainder(a, b) + torch.fmod(a, 3.0), torch.remainder(c, 0.3)
+    groups = _groups(model, torch.randn(4, 16), torch.randn(16), torch.randn(4, 16, dtype=torch.float64))
+    assert groups
+    for n in groups:
+        src, _ = render(lower(n))
+        assert "kiln_fmod_floor" in src or "fmod" in src
+        p = tmp_path / f"{n.attrs['name']}.cu"
+        p.write_text(src)
+        r = subprocess.run(["nvcc", "-std=c++17", "-arch=sm_90", "-c", str(p), "-o", os.devnull],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, f"{p}:\n{r.stderr[:2000]}"

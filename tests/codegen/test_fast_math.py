@@ -46,3 +46,39 @@ def test_division_is_a_division(target):
     got = kiln.compile(lambda x, y, d: (x / x.sum(-1, keepdim=True), y / d), target=target)(x, y, d)
     torch.testing.assert_close(got[0], x / x.sum(-1, keepdim=True))
     assert torch.equal(got[1], y / d)                   # IEEE division, as eager: not x * (1 / d)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_signed_zeros_and_pow_zero(target):
+    """No ``nsz``: x + 0 is +0.0 for x = -0.0 (1 / (x + 0) is +inf, as eager); round(-0.4) is -0.0;
+    x ** 0 is 1 for NaN and inf too."""
+    x = torch.tensor([-0.0, 0.0, -0.4, float("nan"), float("inf"), -2.5])
+
+    def fn(x):
+        return 1 / (x + 0), torch.round(x), x.pow(0.0)
+    torch._dynamo.reset()
+    got, want = kiln.compile(fn, target=target)(x), fn(x)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, equal_nan=True, rtol=0, atol=0)
+        assert torch.equal(torch.signbit(g), torch.signbit(w))
+
+
+A = torch.tensor([12345678.0, 1e7 + 3, 7.5, -7.5, 1e-3, -0.0, 5.0, float("inf"), -3.0, 2.0 ** 100])
+B = torch.tensor([0.1, 3.0, 2.0, 2.0, 7.0, 3.0, float("inf"), 2.0, float("inf"), 3.0])
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_float_remainder_and_fmod_are_exact(target, dtype):
+    """Both as eager computes them (fmod exact, remainder = fmod moved to the divisor's sign):
+    a - floor(a / b) * b was off by whole multiples of b for large quotients (0.216 for
+    remainder(12345678, 0.1), eager 0.016)."""
+    a, b = A.to(dtype), B.to(dtype)
+
+    def fn(a, b):
+        return torch.remainder(a, b), torch.fmod(a, b), torch.remainder(a, 0.3)
+    torch._dynamo.reset()
+    got, want = kiln.compile(fn, target=target)(a, b), fn(a, b)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, equal_nan=True, rtol=0, atol=0)
+        assert torch.equal(torch.signbit(g), torch.signbit(w))
