@@ -173,16 +173,17 @@ class TritonRenderer(Renderer):
         return self.op_trunc(f"({a} / {b})") if fp else self._idiv(a, b, "trunc")
     # float fmod / remainder are exact (libdevice's fmod), as eager's: a - trunc(a / b) * b was off
     # by whole multiples of b once a / b lost its integer part to rounding
-    def op_mod(self, a, b, fp=True, **k):
-        if fp:
-            self.helpers.add("fmod")
-            return f"_fmod_floor({a}, {b})"
-        return self._idiv(a, b, "mod")
-    def op_fmod(self, a, b, fp=True, **k):
-        if fp:
-            self.helpers.add("fmod")
-            return f"_fmod({a}, {b})"
-        return self._idiv(a, b, "fmod")
+    def op_mod(self, a, b, fp=True, e=None, **k):
+        return self._fmod("_fmod_floor", a, b, e) if fp else self._idiv(a, b, "mod")
+    def op_fmod(self, a, b, fp=True, e=None, **k):
+        return self._fmod("_fmod", a, b, e) if fp else self._idiv(a, b, "fmod")
+    def _fmod(self, fn, a, b, e):
+        """A constant operand becomes a scalar of the op's dtype: a literal passed to a helper is
+        fp32, and libdevice's fmod has no (fp64, fp32) form."""
+        self.helpers.add("fmod")
+        dt = TL[compute_dtype(e.dtype)]
+        a, b = (f"tl.full([], {s}, {dt})" if isinstance(x, Const) else s for s, x in zip((a, b), e.args))
+        return f"{fn}({a}, {b})"
 
 
 class NumbaRenderer(Renderer):
