@@ -125,6 +125,8 @@ _TABLE["aten.bitwise_not.default"] = _unary("not_")
 
 @_reg("aten.add.Tensor", "aten.add.Scalar", "aten.sub.Tensor", "aten.sub.Scalar")
 def _add_sub(out, a, b, alpha=1, _op="add", **kw):
+    if out == torch.bool and _op == "add":      # bool + bool is a logical or (1-bit ints wrapped: 1 + 1 = 0)
+        return E("lor", (cast(a, out), cast(b, out)), out)
     b = cast(b, out)
     if alpha != 1:
         b = E("mul", (b, cast(Const(alpha, torch.float64 if isinstance(alpha, float) else torch.int64), out)), out)

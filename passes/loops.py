@@ -86,11 +86,29 @@ def _default_map(shape, domain, notes: set) -> DimMap:
     return tuple(out)
 
 
+# views whose elements are their source's in row-major order: a group folds them into indexing
+RESHAPES = {"aten.view.default", "aten._unsafe_view.default", "aten.reshape.default", "aten.unsqueeze.default",
+            "aten.squeeze.dim", "aten.squeeze.dims", "aten.squeeze.default", "aten.alias.default",
+            "aten.detach.default"}
+
+
 def _view_map(node: Node, m: DimMap, domain, notes: set) -> DimMap:
     src, dst = node.args[0].type.shape, node.out.type.shape
     op = node.op
     if op == "aten.permute.default":
         return tuple(m[d % len(src)] for d in node.args[1])
+    if op in ("aten.transpose.int", "aten.t.default"):
+        a, b = (node.args[1] % len(src), node.args[2] % len(src)) if op == "aten.transpose.int" else (0, 1)
+        out = list(m)
+        if len(out) > 1:
+            out[a], out[b] = m[b], m[a]
+        return tuple(out)
+    if op in ("aten.slice.Tensor", "aten.narrow.default") and tuple(src) == tuple(dst):
+        return tuple(m)             # the whole dim: the same elements
+    if op not in RESHAPES and op != "aten.expand.default":
+        # a slice, select, diagonal, unfold or as_strided reads other elements than the ones its
+        # position walks: folded as a reshape it read the wrong ones (softmax(x)[..., :1] * y)
+        raise NotFusible(f"{op} is not a reshape")
     if op in ("aten.expand.default",):
         off = len(dst) - len(src)
         out = list(_default_map(dst, domain, notes))

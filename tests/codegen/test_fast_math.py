@@ -132,3 +132,15 @@ def test_float_remainder_kernels_compile_for_sm90():
     if r.returncode != 0 and "ptxas" in r.stderr.lower() and "not found" in r.stderr.lower():
         pytest.skip("Triton's ptxas is not available")
     assert r.returncode == 0, r.stderr[-3000:]
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_bool_add_is_logical_or(target):
+    """bool + bool is torch's logical or; as 1-bit integers Triton wrapped True + True to False."""
+    x = torch.randn(4, 6)
+
+    def fn(x):
+        return ((x > 0) + (x < 1)).sum(-1), (x > 0) + True, ((x > 0) * (x < 1)).sum(-1)
+    torch._dynamo.reset()
+    for g, w in zip(kiln.compile(fn, target=target)(x), fn(x)):
+        assert torch.equal(g, w)

@@ -266,3 +266,22 @@ def test_layer_norm_backward_keeps_row_and_column_sums_apart():
     stored = sum(v.type.storage_bytes for n in kernels(g) for v in n.outputs if v.name not in outs)
     assert len(kernels(g)) == 2 and not unfused(g)
     assert stored <= B * S * D * 4
+
+
+@pytest.mark.parametrize("target", ["cpu", "triton"])
+@pytest.mark.parametrize("fn", [
+    lambda x, y: x.softmax(-1)[:, :, :1] * y,                       # slice of the reduced dim
+    lambda x, y: (x / x.sum(-1, keepdim=True))[:, :, 1].unsqueeze(-1) * y,   # select
+    lambda x, y: x.softmax(-1)[:, 1:2, :] * y,                      # slice of a kept dim
+    lambda x, y: x.softmax(-1).flip(-1) * y,
+    lambda x, y: (x - x.amax(-1, keepdim=True)).transpose(1, 2) * y,
+    lambda x, y: x.softmax(-1)[:, :, 0:4] * y,                      # a whole-dim slice: fused
+], ids=["slice-r", "select", "slice-x", "flip", "transpose", "whole-slice"])
+def test_views_that_move_elements_are_not_folded_as_reshapes(target, fn):
+    """A group folds only views that keep row-major order (reshapes) or permute dims into its
+    indexing; a slice or select of a value computed inside the group was once folded as a reshape
+    and read the wrong elements (softmax(x)[..., :1] * y off by up to 0.6)."""
+    torch.manual_seed(0)
+    x, y = torch.randn(2, 4, 4), torch.randn(2, 4, 4)
+    torch._dynamo.reset()
+    torch.testing.assert_close(kiln.compile(fn, target=target)(x, y), fn(x, y))
