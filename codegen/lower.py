@@ -214,10 +214,10 @@ def _one(e) -> bool:
 
 
 def fold_erfc(stmts: list[Stmt], stored: set[str]) -> list[Stmt]:
-    """``erf(x) + 1`` (GELU's CDF, in the forward and in gelu_backward) becomes ``erfc(-x)`` and
-    ``1 - erf(x)`` ``erfc(x)`` where nothing else reads the erf: for
-    x < 0 the sum cancels to a few ulp of 1 (GELU's negative tail came out 0), erfc keeps it; and
-    erfc has a cheaper GPU form than erf (codegen/triton_gen.py's ``_erfc``)."""
+    """Where nothing else reads the erf, ``erf(x) + 1`` (GELU's CDF, forward and gelu_backward)
+    becomes ``erfc(-x)`` and ``1 - erf(x)`` becomes ``erfc(x)``. For x < 0 the sum cancels to a
+    few ulp of 1 (GELU's negative tail came out 0) where erfc keeps it, and erfc has a cheaper
+    GPU form than erf (codegen/triton_gen.py's ``_erfc``)."""
     uses: dict[str, int] = {}
     for st in stmts:
         for r in refs(st.expr):

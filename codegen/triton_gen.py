@@ -61,8 +61,8 @@ def _erfc(x):
     # fp32 erfc(|x|) = 2^(z P(z)), z = min(|x|, 5), P a degree-10 least-squares fit of
     # log2(erfc(z)) / z on [0, 5]: within 3e-7 of erfc (relative 7e-6); past 5 the exponent falls
     # on at the slope erfc has there, to 0 at inf (NaN stays NaN). erfc(-|x|) = 2 - erfc(|x|).
-    # ~20 instructions, against ~30 for libdevice's erf (GELU bf16 at 96% of an H200's copy
-    # bandwidth, 86% with tl.erf).
+    # Cheaper than libdevice's erf: bias+GELU+residual (bf16) compiles to 28 SASS instructions
+    # per element against 40, and streams at 96% of an H200's copy bandwidth against 86%.
     a = tl.abs(x)
     z = tl.minimum(a, 5.0)
     p = z * 4.5185323926943965e-08 + -1.4033321349415928e-06
