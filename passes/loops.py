@@ -105,17 +105,17 @@ def _view_map(node: Node, m: DimMap, domain, notes: set) -> DimMap:
         return tuple(out)
     if op in ("aten.slice.Tensor", "aten.narrow.default") and tuple(src) == tuple(dst):
         return tuple(m)             # the whole dim: the same elements
-    if op not in RESHAPES and op != "aten.expand.default":
-        # a slice, select, diagonal, unfold or as_strided reads other elements than the ones its
-        # position walks: folded as a reshape it read the wrong ones (softmax(x)[..., :1] * y)
-        raise NotFusible(f"{op} is not a reshape")
-    if op in ("aten.expand.default",):
+    if op == "aten.expand.default":
         off = len(dst) - len(src)
         out = list(_default_map(dst, domain, notes))
         for i in range(len(src)):
             if src[i] != 1:
                 out[off + i] = m[i]
         return tuple(out)
+    if op not in RESHAPES:
+        # a slice, select, diagonal, unfold or as_strided reads other elements than the ones its
+        # position walks: folded as a reshape it read the wrong ones (softmax(x)[..., :1] * y)
+        raise NotFusible(f"{op} is not a reshape")
     # unsqueeze / squeeze / view / reshape that only add or drop size-1 dims
     if [s for s in src if s != 1] == [s for s in dst if s != 1]:
         kept = iter([md for s, md in zip(src, m) if s != 1])
