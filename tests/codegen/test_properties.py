@@ -27,6 +27,11 @@ UNARY = {
     "unsqueezed": lambda x: (x.unsqueeze(0) + 1).squeeze(0),
     "row_centred": lambda x: x - x.mean(-1, keepdim=True),
     "col_max": lambda x: x - x.amax(0, keepdim=True),
+    # slices and selects of computed values, broadcast back (once folded into a group as reshapes)
+    "first_col": lambda x: x * (x * 2)[..., :1],
+    "last_col": lambda x: x - (x + 1).narrow(-1, x.shape[-1] - 1, 1),
+    "first_row": lambda x: x + (x * 0.5).select(0, 0),
+    "first_col_softmax": lambda x: x * x.softmax(-1)[..., :1],
 }
 BINARY = {
     "add": torch.add, "sub": torch.sub, "mul": torch.mul, "max": torch.maximum, "min": torch.minimum,
