@@ -38,6 +38,8 @@ _FM = {"contract", "nsz"}
 # -- integer division with PyTorch's (C) sign conventions -------------------------------------
 @numba.njit(inline="always")
 def _idiv_trunc(a, b):
+    if b == 0:      # eager's CPU kernels raise this too (numba's numpy error model would return 0)
+        raise RuntimeError("ZeroDivisionError")
     q = abs(a) // abs(b)
     return -q if (a < 0) != (b < 0) else q
 

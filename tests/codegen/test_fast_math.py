@@ -144,3 +144,19 @@ def test_bool_add_is_logical_or(target):
     torch._dynamo.reset()
     for g, w in zip(kiln.compile(fn, target=target)(x), fn(x)):
         assert torch.equal(g, w)
+
+
+@pytest.mark.parametrize("fn", [lambda a, b: a // b, lambda a, b: a % b, lambda a, b: torch.fmod(a, b),
+                                lambda a, b: torch.div(a, b, rounding_mode="trunc")],
+                         ids=["floordiv", "remainder", "fmod", "trunc"])
+def test_cpu_integer_division_by_zero_raises_as_eager(fn):
+    """Eager's CPU kernels raise on an integer division by zero; numba's error model returned 0."""
+    a, b = torch.tensor([5, 6, -7]), torch.tensor([2, 0, 3])
+    with pytest.raises(RuntimeError, match="ZeroDivisionError"):
+        fn(a, b)
+    torch._dynamo.reset()
+    f = kiln.compile(fn, target="cpu")
+    with pytest.raises(RuntimeError, match="ZeroDivisionError"):
+        f(a, b)
+    ok = torch.tensor([2, -4, 3])
+    assert torch.equal(f(a, ok), fn(a, ok))
