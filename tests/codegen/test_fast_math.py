@@ -1,8 +1,10 @@
-"""Generated kernels allow no algebra that changes what eager computes on inf, NaN or rounding:
-numba kernels once had a function-wide ``reassoc``, under which LLVM rewrote ``x * 0 + x`` as
-``x`` (inf where eager gives NaN) and ``(x + 1) - x`` as 1, and ``arcp``, under which a division
-by a row's tiny sum became a multiply by its reciprocal, inf. Only the reductions' accumulating add
-and multiply may reassociate (numba_math._radd/_rmul), which vectorises sums and products."""
+"""Generated kernels compute what eager computes, edge cases included (each test names a wrong
+answer kiln once gave): no fast-math algebra in numba kernels (function-wide ``reassoc`` turned
+``x * 0 + x`` into ``x`` and ``(x + 1) - x`` into 1, ``arcp`` made a division by a tiny row sum a
+multiply by an overflowing reciprocal, ``nsz`` lost -0.0); only the reductions' accumulating add
+and multiply may reassociate (numba_math._radd/_rmul), which vectorises sums and products. Float
+remainder and fmod are exact; ``bool + bool`` is a logical or; ``x ** 0`` is 1 for NaN; integer
+division by zero raises on the cpu target as eager's CPU kernels do."""
 import pytest
 import torch
 
