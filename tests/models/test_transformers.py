@@ -11,6 +11,7 @@ import json
 import pytest
 import torch
 
+import kiln
 from kiln.ir import OpKind, op_kind
 
 transformers = pytest.importorskip("transformers")
@@ -97,3 +98,31 @@ def test_hf_model_cpu(name, tmp_path, record_property):
 def test_hf_model_triton(name, tmp_path):
     reports = _run(name, "triton", tmp_path)
     assert generated_ratio(reports)[0] >= 0.8
+
+
+def _small(config_cls, **kw):
+    return config_cls(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, **kw)
+
+
+@pytest.mark.parametrize("name, attention_kernels", [("mistral_sliding_window", 2), ("gemma2_softcap", 0)])
+@pytest.mark.parametrize("target", ["cpu", "triton"])
+def test_attention_look_alikes(name, attention_kernels, target):
+    """Attention that is not the plain pattern: Mistral's sliding window (a band mask, not a causal
+    one) runs as kiln attention with its mask; Gemma 2's soft-capped scores (tanh(s / c) * c before
+    the softmax) are no pattern kiln fuses, and must not be taken for one. Both match eager."""
+    if name == "mistral_sliding_window":
+        cfg = _small(transformers.MistralConfig, sliding_window=4)
+    else:
+        cfg = _small(transformers.Gemma2Config, head_dim=16, attn_logit_softcapping=5.0,
+                     final_logit_softcapping=3.0, sliding_window=4, query_pre_attn_scalar=16)
+    torch.manual_seed(0)
+    dev = "cuda" if target == "triton" and torch.cuda.is_available() else "cpu"
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval().to(dev)
+    ids = torch.randint(0, VOCAB, (B, 12), generator=torch.Generator().manual_seed(0)).to(dev)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        want = model(ids).logits
+        got = kiln.compile(model, target=target)(ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert sum(k["kind"] == "attention" for k in kiln.last_report().kernels) == attention_kernels
