@@ -29,7 +29,8 @@ _PTX = textwrap.dedent('''
         m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)
         fn = getattr(m, k["entry"])
         ptrs = [a for a in fn.arg_names if "ptr" in a]
-        sig = {a: ("*bf16" if a in ptrs else "constexpr") for a in fn.arg_names}
+        types = k.get("types", {})             # pointer dtypes; bf16 where a job names none
+        sig = {a: (types.get(a, "*bf16") if a in ptrs else "constexpr") for a in fn.arg_names}
         attrs = {(i,): [["tt.divisibility", 16]] for i in range(len(ptrs))}
         src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=k["constexprs"], attrs=attrs)
         ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": k["num_warps"]}).asm["ptx"]
