@@ -1,12 +1,11 @@
 """Timing candidates: warm-up, a cold L2 before every timed run, the median of the runs.
 
-On the GPU ``time_gpu`` uses ``triton.testing.do_bench(return_mode="median")``, which already
-does what a fair comparison needs: it runs ``fn`` once (JIT compile) and for ~``warmup`` ms
-untimed, then before *every* timed repetition zeroes a 256 MiB buffer
-(``driver.get_empty_cache_for_benchmark`` / ``clear_cache`` in triton/backends/nvidia/driver.py)
-so no input is left in L2, and times each repetition with its own CUDA events (the flush itself
-is outside the events). 256 MiB is several times the L2 of an H100 (50 MiB) or H200; on a device
-whose L2 is more than half that, ``time_gpu`` times with its own loop and a buffer of 4 x L2.
+On the GPU ``time_gpu`` evicts L2 before every timed repetition by *reading* a buffer of
+max(256 MiB, 4 x L2) and times each repetition with its own CUDA events (the flush is outside
+them). ``triton.testing.do_bench`` flushes by zeroing a buffer instead, which leaves L2 full of
+dirty lines that the timed kernel then pays to write back: on an H200 that added ~11 us to a 24 us
+GEMV and ranked its launch configs worse against their device time (Spearman 0.97 vs 0.99 for
+the read flush, 60 GEMV configs; bench/RESULTS.md, tenth session). Reads leave clean lines.
 
 A timer is any ``Callable[[fn], float]`` returning milliseconds; tests pass fakes.
 """
@@ -18,7 +17,8 @@ from typing import Callable
 
 Timer = Callable[[Callable[[], object]], float]
 
-DO_BENCH_FLUSH_BYTES = 256 * 2**20
+FLUSH_BYTES = 256 * 2**20
+_FLUSH: dict = {}
 
 
 def l2_bytes(device=None) -> int:
@@ -26,18 +26,22 @@ def l2_bytes(device=None) -> int:
     return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 * 2**20))
 
 
-def time_gpu(fn: Callable[[], object], warmup_ms: float = 10, rep_ms: float = 40) -> float:
-    """Median milliseconds of ``fn`` on the current CUDA device, L2 flushed before each run."""
-    l2 = l2_bytes()
-    if 2 * l2 <= DO_BENCH_FLUSH_BYTES:
-        from triton.testing import do_bench
-        return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
-    return _time_flushed(fn, 4 * l2, warmup_ms, rep_ms)
-
-
-def _time_flushed(fn, flush_bytes: int, warmup_ms: float, rep_ms: float) -> float:
+def _flusher():
+    """A function that reads a buffer several times the size of L2 (one per device, kept)."""
     import torch
-    buf = torch.empty(flush_bytes, dtype=torch.uint8, device="cuda")
+    dev = torch.cuda.current_device()
+    if dev not in _FLUSH:
+        n = max(FLUSH_BYTES, 4 * l2_bytes(dev)) // 4
+        buf = torch.zeros(n, dtype=torch.float32, device="cuda")
+        sink = torch.empty((), dtype=torch.float32, device="cuda")
+        _FLUSH[dev] = lambda: torch.sum(buf, dim=0, out=sink)
+    return _FLUSH[dev]
+
+
+def time_gpu(fn: Callable[[], object], warmup_ms: float = 10, rep_ms: float = 40) -> float:
+    """Median milliseconds of ``fn`` on the current CUDA device, L2 evicted (clean) before each run."""
+    import torch
+    flush = _flusher()
     fn()
     torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -47,8 +51,8 @@ def _time_flushed(fn, flush_bytes: int, warmup_ms: float, rep_ms: float) -> floa
     for _ in range(max(1, int(warmup_ms / est_ms))):
         fn()
     times = []
-    for _ in range(max(5, int(rep_ms / est_ms))):
-        buf.zero_()
+    for _ in range(min(max(5, int(rep_ms / est_ms)), 1000)):
+        flush()
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
         fn()
