@@ -157,9 +157,10 @@ def sweep_configs(meta) -> list[dict]:
     if meta["M"] <= 16:
         bm = max(1, 1 << (meta["M"] - 1).bit_length())
         for bn, bk, w in [(4, 512, 4), (8, 256, 4), (8, 512, 4), (16, 256, 4), (16, 512, 4), (32, 256, 4),
-                          (16, 512, 8), (32, 512, 8), (8, 1024, 4), (16, 1024, 8), (64, 128, 4), (32, 128, 2)]:
+                          (16, 512, 8), (32, 512, 8), (8, 1024, 4), (16, 1024, 8), (64, 128, 4), (32, 128, 2),
+                          (16, 256, 2), (8, 512, 2), (32, 256, 2), (8, 256, 2), (16, 128, 2), (16, 128, 1)]:
             for df, pf in [(0, 0), (1, 0), (0, 1), (1, 1)]:
-                if bm * bn * bk * (1 + df) <= 16384 * w // 4:
+                if bm * bn * bk * (1 + df) <= 16384 * w // 4 * 2:
                     cfgs.append({**base, "GEMV": 1, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 1,
                                  "DEFER": df, "PREFETCH": pf, "num_warps": w, "num_stages": 1})
         for bn, bk, w, st, sk in [(128, 128, 4, 4, 1), (128, 128, 4, 5, 1), (64, 128, 4, 6, 1), (128, 64, 4, 6, 1),
@@ -178,9 +179,19 @@ def sweep_configs(meta) -> list[dict]:
     return cfgs
 
 
+def spearman(a, b) -> float:
+    rank = lambda xs: {i: r for r, i in enumerate(sorted(range(len(xs)), key=xs.__getitem__))}  # noqa: E731
+    ra, rb = rank(a), rank(b)
+    n = len(a)
+    return 1 - 6 * sum((ra[i] - rb[i]) ** 2 for i in range(n)) / (n * (n * n - 1)) if n > 2 else float("nan")
+
+
 def sweep(compiled, dev, log, record):
     """Device time (CUDA-graph replays over 3 fresh input sets) of configs of each matmul kernel
-    alone; each config's outputs are checked against the kernel's cuBLAS path."""
+    alone; each config's outputs are checked against the kernel's cuBLAS path. Each config is also
+    timed as the tuner times it (time_gpu: L2 evicted by a read) and by do_bench (L2 evicted by
+    zeroing a buffer), and the rank correlation of each with the device time is printed."""
+    from triton.testing import do_bench
     from kiln.codegen.tuning import _sample
     for n in compiled.graph.nodes:
         if n.op != "kiln.matmul":
@@ -189,7 +200,7 @@ def sweep(compiled, dev, log, record):
         sets = [[_sample(v.type, dev) * 0.1 if v.type.dtype.is_floating_point else _sample(v.type, dev)
                  for v in n.args] for _ in range(3)]
         outs = [torch.empty_strided(v.type.shape, v.type.strides, dtype=v.type.dtype, device=dev) for v in n.outputs]
-        ref = None
+        ref, rows = None, []
         for cfg in sweep_configs(k.meta):
             k.meta["config"] = cfg
             k.launcher = None
@@ -200,11 +211,20 @@ def sweep(compiled, dev, log, record):
                 if ref is None:
                     ref = [o.clone() for o in outs]
                 ms = graph_ms(lambda *a: k.launch(list(a), outs), sets)
+                tuner_ms = time_gpu(lambda: k.launch(sets[0], outs))
+                zero_ms = do_bench(lambda: k.launch(sets[0], outs), warmup=10, rep=40, return_mode="median")
             except Exception as e:  # noqa: BLE001
                 log(f"    {k.name} {cfg}: FAILED {type(e).__name__}: {str(e)[:200]}")
                 continue
-            record.append({"kernel": k.name, "config": cfg, "device_ms": ms, "rel_err_vs_cublas": err})
-            log(f"    {k.name} {json.dumps(cfg)}: {ms:.4f} ms  rel_err_vs_cublas={err:.1e}")
+            rows.append({"kernel": k.name, "config": cfg, "device_ms": ms, "time_gpu_ms": tuner_ms,
+                         "do_bench_ms": zero_ms, "rel_err_vs_cublas": err})
+            log(f"    {k.name} {json.dumps(cfg)}: {ms:.4f} ms (time_gpu {tuner_ms:.4f}, do_bench {zero_ms:.4f})  "
+                f"rel_err_vs_cublas={err:.1e}")
+        dev_ms = [r["device_ms"] for r in rows]
+        log(f"    {k.name}: rank correlation with device time: time_gpu "
+            f"{spearman([r['time_gpu_ms'] for r in rows], dev_ms):.3f}, do_bench "
+            f"{spearman([r['do_bench_ms'] for r in rows], dev_ms):.3f} ({len(rows)} configs)")
+        record.extend(rows)
         k.meta.pop("config", None)
         k.launcher = None
 
