@@ -3,9 +3,10 @@
 On the GPU ``time_gpu`` evicts L2 before every timed repetition by *reading* a buffer of
 max(256 MiB, 4 x L2) and times each repetition with its own CUDA events (the flush is outside
 them). ``triton.testing.do_bench`` flushes by zeroing a buffer instead, which leaves L2 full of
-dirty lines that the timed kernel then pays to write back: on an H200 that added ~11 us to a 24 us
-GEMV and ranked its launch configs worse against their device time (Spearman 0.97 vs 0.99 for
-the read flush, 60 GEMV configs; bench/RESULTS.md, tenth session). Reads leave clean lines.
+dirty lines that the timed kernel then pays to write back: over 81 launch configs of a 24 us GEMV
+on an H200 it read 9.1 us above the device time (median; the read flush 2.8 us) and ranked the
+configs worse against it (rank correlation 0.963 against 0.996; ``bench/matmul.py --sweep gemv``,
+bench/RESULTS.md, tenth session). Reads leave clean lines.
 
 A timer is any ``Callable[[fn], float]`` returning milliseconds; tests pass fakes.
 """
