@@ -163,6 +163,23 @@ def _fmod_floor(a, b):
     return m + b if m != 0 and (m < 0) != (b < 0) else m
 
 
+@numba.njit(fastmath=_FM, error_model="numpy", cache=True)
+def _fdiv_floor(a, b, one):
+    """Floor division of floats as ATen's div_floor_floating computes it, from the exact fmod:
+    1 // 0.1 is 9 (0.1 is a little over a tenth) where floor(1 / 0.1) is 10, and inf // x is NaN.
+    ``one`` is 1 in the operands' type (a bare literal would widen float32 to float64)."""
+    if b == 0:
+        return a / b
+    m = np.fmod(a, b)
+    d = (a - m) / b
+    if m != 0 and (b < 0) != (m < 0):
+        d -= one
+    if d == 0:
+        return np.copysign(d, a / b)
+    f = np.floor(d)
+    return f + one if d - f > 0.5 else f
+
+
 # -- reduction steps -------------------------------------------------------------------------------
 # The one place a kernel may reassociate: its sums' and products' accumulating add / multiply carry
 # ``reassoc`` on their own instruction, which is what LLVM's loop vectoriser needs to split a sum
@@ -439,7 +456,7 @@ def _rsqrt64(x):
 # helper name (as NumbaRenderer / numba_gen record it) -> the names a kernel imports for it
 EXPORTS = {
     "idiv": ("_idiv_trunc", "_idiv_floor", "_idiv_mod", "_idiv_fmod"),
-    "fminmax": ("_fmaximum", "_fminimum"), "racc": ("_radd", "_rmul"), "fmod": ("_fmod_floor",),
+    "fminmax": ("_fmaximum", "_fminimum"), "racc": ("_radd", "_rmul"), "fmod": ("_fmod_floor", "_fdiv_floor"),
     "exp32": ("_exp32",), "exp64": ("_exp64",), "expm1_32": ("_expm1_32",), "expm1_64": ("_expm1_64",),
     "tanh32": ("_tanh32",), "tanh64": ("_tanh64",), "log32": ("_log32",), "log64": ("_log64",),
     "log1p32": ("_log1p32",), "log1p64": ("_log1p64",),

@@ -167,8 +167,8 @@ class TritonRenderer(Renderer):
     def _idiv(self, a, b, mode):
         self.helpers.add("idiv")
         return f"_idiv_{mode}({a}, {b})"
-    def op_floordiv(self, a, b, fp=True, **k):
-        return f"tl.floor({a} / {b})" if fp else self._idiv(a, b, "floor")
+    def op_floordiv(self, a, b, fp=True, e=None, **k):
+        return self._fmod("_fdiv_floor", a, b, e) if fp else self._idiv(a, b, "floor")
     def op_truncdiv(self, a, b, fp=True, **k):
         return self.op_trunc(f"({a} / {b})") if fp else self._idiv(a, b, "trunc")
     # float fmod / remainder are exact (libdevice's fmod), as eager's: a - trunc(a / b) * b was off
@@ -309,8 +309,11 @@ class NumbaRenderer(Renderer):
             v = float(rhs.value)
             return {0.5: f"math.sqrt({a})", -0.5: self.op_rsqrt(a, dt=dt), -1.0: self.op_reciprocal(a, dt=dt)}[v]
         return f"({a} ** {b})"
-    def op_floordiv(self, a, b, fp=True, **k):
-        return f"np.floor({a} / {b})" if fp else f"_idiv_floor({a}, {b})"
+    def op_floordiv(self, a, b, fp=True, e=None, **k):
+        if fp:
+            self.helpers.add("fmod")
+            return f"_fdiv_floor({a}, {b}, {self.k(1.0, e.dtype)})"
+        return f"_idiv_floor({a}, {b})"
     def op_truncdiv(self, a, b, fp=True, **k):
         return f"np.trunc({a} / {b})" if fp else f"_idiv_trunc({a}, {b})"
     def op_mod(self, a, b, fp=True, **k):
@@ -418,7 +421,7 @@ class CudaRenderer(Renderer):
             return f"(({a}) * ({a}))"
         return f"{self.fn('pow', f'{a}, {b}', e.dtype)}" if fp else f"kiln_ipow({a}, {b})"
     def op_floordiv(self, a, b, fp=True, e=None, **k):
-        return self._f("floor", f"({a}) / ({b})", e) if fp else f"kiln_idiv_floor({a}, {b})"
+        return f"kiln_fdiv_floor({a}, {b})" if fp else f"kiln_idiv_floor({a}, {b})"
     def op_truncdiv(self, a, b, fp=True, e=None, **k):
         return self._f("trunc", f"({a}) / ({b})", e) if fp else f"(({a}) / ({b}))"
     def op_mod(self, a, b, fp=True, e=None, **k):

@@ -96,7 +96,20 @@ def _fmod(a, b):
 @triton.jit
 def _fmod_floor(a, b):
     m = _fmod(a, b)
-    return tl.where((m != 0) & ((m < 0) != (b < 0)), m + b, m)""",
+    return tl.where((m != 0) & ((m < 0) != (b < 0)), m + b, m)
+
+
+@triton.jit
+def _fdiv_floor(a, b):
+    # as ATen's div_floor_floating: from the exact fmod (1 // 0.1 is 9, not floor(1 / 0.1) = 10)
+    q = a / b
+    m = _fmod(a, b)
+    d = (a - m) / b
+    d = tl.where((m != 0) & ((b < 0) != (m < 0)), d - 1, d)
+    f = tl.floor(d)
+    f = tl.where(d - f > 0.5, f + 1, f)
+    neg = (q < 0) | ((q == 0) & (1 / q < 0))
+    return tl.where(b == 0, q, tl.where(d == 0, tl.where(neg, -0.0, 0.0), f))""",
     "maxnan": """@triton.jit
 def _max_nan(a, b):
     if a.dtype.is_floating():       # one NaN-propagating max instruction (fmax.NaN)

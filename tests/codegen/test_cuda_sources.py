@@ -46,14 +46,15 @@ def test_cuda_sources_compile_with_nvcc(tmp_path):
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
 def test_float_remainder_sources_compile_with_nvcc(tmp_path):
-    """kiln_fmod_floor (torch.remainder on floats) for float and double."""
+    """kiln_fmod_floor (torch.remainder on floats) and kiln_fdiv_floor (floor division) for float
+    and double."""
     def model(a, b, c):
-        return torch.remainder(a, b) + torch.fmod(a, 3.0), torch.remainder(c, 0.3)
+        return torch.remainder(a, b) + torch.fmod(a, 3.0) + a // b, torch.remainder(c, 0.3) + c // 0.1
     groups = _groups(model, torch.randn(4, 16), torch.randn(16), torch.randn(4, 16, dtype=torch.float64))
     assert groups
     for n in groups:
         src, _ = render(lower(n))
-        assert "kiln_fmod_floor" in src or "fmod" in src
+        assert src.count("kiln_fmod_floor(") > 1 and src.count("kiln_fdiv_floor(") > 1     # defined and called
         p = tmp_path / f"{n.attrs['name']}.cu"
         p.write_text(src)
         r = subprocess.run(["nvcc", "-std=c++17", "-arch=sm_90", "-c", str(p), "-o", os.devnull],

@@ -3,7 +3,7 @@ answer kiln once gave): no fast-math algebra in numba kernels (function-wide ``r
 ``x * 0 + x`` into ``x`` and ``(x + 1) - x`` into 1, ``arcp`` made a division by a tiny row sum a
 multiply by an overflowing reciprocal, ``nsz`` lost -0.0); only the reductions' accumulating add
 and multiply may reassociate (numba_math._radd/_rmul), which vectorises sums and products. Float
-remainder and fmod are exact; ``bool + bool`` is a logical or; ``x ** 0`` is 1 for NaN; integer
+remainder, fmod and floor division are ATen's (from the exact fmod); ``bool + bool`` is a logical or; ``x ** 0`` is 1 for NaN; integer
 division by zero raises on the cpu target as eager's CPU kernels do."""
 import pytest
 import torch
@@ -86,9 +86,27 @@ def test_float_remainder_and_fmod_are_exact(target, dtype):
         assert torch.equal(torch.signbit(g), torch.signbit(w))
 
 
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_float_floor_division_is_atens(target, dtype):
+    """Floor division of floats as ATen computes it, from the exact fmod: floor(a / b) gave
+    1 // 0.1 = 10 and 7 // 0.1 = 70 (eager 9 and 69: 0.1 is a little over a tenth) and inf // x
+    = inf (eager NaN)."""
+    a = torch.tensor([1.0, 7.0, -1.0, 0.3, 1e30, 5.0, -0.0, float("inf"), -7.0, -0.5, 0.5, 0.0, float("nan")], dtype=dtype)
+    b = torch.tensor([0.1, 0.1, 0.1, 0.1, 3.0, -0.0, 2.0, 1e-30, 2.0, 3.0, -3.0, -1.0, 1.0], dtype=dtype)
+
+    def fn(a, b):
+        return a // b, torch.div(a, b, rounding_mode="floor"), torch.floor_divide(a, 0.1), (a + 1) // (b * 2)
+    torch._dynamo.reset()
+    got, want = kiln.compile(fn, target=target)(a, b), fn(a, b)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, equal_nan=True, rtol=0, atol=0)
+        assert torch.equal(torch.signbit(g[~w.isnan()]), torch.signbit(w[~w.isnan()]))
+
+
 def test_float_remainder_kernels_compile_for_sm90():
-    """libdevice's fmod takes one dtype for both operands: a constant operand (remainder(x, 0.3) on
-    fp64) must reach it as a scalar of that dtype. Compiled to PTX here, no GPU needed."""
+    """libdevice's fmod takes one dtype for both operands: a constant operand (remainder(x, 0.3) or
+    x // 0.1 on fp64) must reach it as a scalar of that dtype. Compiled to PTX here, no GPU needed."""
     from test_cuda_sources import _groups
     from test_triton_ptx import _ptx
 
@@ -97,7 +115,8 @@ def test_float_remainder_kernels_compile_for_sm90():
     names = {torch.float32: "fp32", torch.float64: "fp64"}
 
     def model(a, b, c):
-        return torch.remainder(a, b), torch.fmod(a, 3.0), torch.remainder(c, 0.3), torch.remainder(0.7, c)
+        return (torch.remainder(a, b), torch.fmod(a, 3.0), torch.remainder(c, 0.3), torch.remainder(0.7, c),
+                a // b, c // 0.1)
     jobs = []
     for n in _groups(model, torch.randn(4, 16), torch.randn(16), torch.randn(4, 16, dtype=torch.float64)):
         lk = lower(n)
