@@ -37,27 +37,29 @@ _FM = {"contract", "nsz"}
 
 # -- integer division with PyTorch's (C) sign conventions -------------------------------------
 @numba.njit(inline="always")
-def _idiv_trunc(a, b):
+def _idiv_floor(a, b):
     if b == 0:      # eager's CPU kernels raise this too (numba's numpy error model would return 0)
         raise RuntimeError("ZeroDivisionError")
-    q = abs(a) // abs(b)
-    return -q if (a < 0) != (b < 0) else q
+    return a // b   # numba's integer // floors, as Python's (exact: no abs, which overflows at the minimum)
 
 
 @numba.njit(inline="always")
-def _idiv_floor(a, b):
-    q = _idiv_trunc(a, b)
-    return q - 1 if (q * b != a) and ((a < 0) != (b < 0)) else q
+def _idiv_trunc(a, b):
+    q = _idiv_floor(a, b)
+    return q + 1 if (q * b != a) and ((a < 0) != (b < 0)) else q
 
 
 @numba.njit(inline="always")
 def _idiv_mod(a, b):
-    return a - _idiv_floor(a, b) * b
+    if b == 0:
+        raise RuntimeError("ZeroDivisionError")
+    return a % b    # Python's: the divisor's sign, as torch.remainder
 
 
 @numba.njit(inline="always")
 def _idiv_fmod(a, b):
-    return a - _idiv_trunc(a, b) * b
+    r = _idiv_mod(a, b)
+    return r - b if r != 0 and (r < 0) != (a < 0) else r
 
 
 # -- LLVM intrinsics ------------------------------------------------------------------------------

@@ -164,26 +164,28 @@ class TritonRenderer(Renderer):
             return f"tl.where({a} < 0, float('nan'), tl.exp2({b} * tl.log2({a})))"
         self.helpers.add("pow")
         return f"_pow({a}, {b})"
-    def _idiv(self, a, b, mode):
+    def _idiv(self, a, b, mode, e):
         self.helpers.add("idiv")
-        return f"_idiv_{mode}({a}, {b})"
+        return f"_idiv_{mode}({', '.join(self._typed(a, b, e))})"
     def op_floordiv(self, a, b, fp=True, e=None, **k):
-        return self._fmod("_fdiv_floor", a, b, e) if fp else self._idiv(a, b, "floor")
-    def op_truncdiv(self, a, b, fp=True, **k):
-        return self.op_trunc(f"({a} / {b})") if fp else self._idiv(a, b, "trunc")
+        return self._fmod("_fdiv_floor", a, b, e) if fp else self._idiv(a, b, "floor", e)
+    def op_truncdiv(self, a, b, fp=True, e=None, **k):
+        return self.op_trunc(f"({a} / {b})") if fp else self._idiv(a, b, "trunc", e)
     # float fmod / remainder are exact (libdevice's fmod), as eager's: a - trunc(a / b) * b was off
     # by whole multiples of b once a / b lost its integer part to rounding
     def op_mod(self, a, b, fp=True, e=None, **k):
-        return self._fmod("_fmod_floor", a, b, e) if fp else self._idiv(a, b, "mod")
+        return self._fmod("_fmod_floor", a, b, e) if fp else self._idiv(a, b, "mod", e)
     def op_fmod(self, a, b, fp=True, e=None, **k):
-        return self._fmod("_fmod", a, b, e) if fp else self._idiv(a, b, "fmod")
+        return self._fmod("_fmod", a, b, e) if fp else self._idiv(a, b, "fmod", e)
     def _fmod(self, fn, a, b, e):
-        """A constant operand becomes a scalar of the op's dtype: a literal passed to a helper is
-        fp32, and libdevice's fmod has no (fp64, fp32) form."""
         self.helpers.add("fmod")
+        return f"{fn}({', '.join(self._typed(a, b, e))})"
+    def _typed(self, a, b, e):
+        """A constant operand of a helper becomes a scalar of the op's dtype: a literal passed to
+        a helper is fp32 or int32, libdevice's fmod has no (fp64, fp32) form, and Triton refuses
+        // and % between uint8 and int32."""
         dt = TL[compute_dtype(e.dtype)]
-        a, b = (f"tl.full([], {s}, {dt})" if isinstance(x, Const) else s for s, x in zip((a, b), e.args))
-        return f"{fn}({a}, {b})"
+        return [f"tl.full([], {s}, {dt})" if isinstance(x, Const) else s for s, x in zip((a, b), e.args)]
 
 
 class NumbaRenderer(Renderer):

@@ -38,24 +38,25 @@ def _ipow(a, b):
     return r""",
     "idiv": """@triton.jit
 def _idiv_trunc(a, b):
-    q = tl.abs(a) // tl.abs(b)
-    return tl.where((a < 0) != (b < 0), -q, q)
+    # Triton's integer // and % are C's (truncating), compiled and interpreted alike
+    return a // b
 
 
 @triton.jit
 def _idiv_floor(a, b):
-    q = _idiv_trunc(a, b)
+    q = a // b
     return tl.where((q * b != a) & ((a < 0) != (b < 0)), q - 1, q)
 
 
 @triton.jit
 def _idiv_mod(a, b):
-    return a - _idiv_floor(a, b) * b
+    r = a % b
+    return tl.where((r != 0) & ((r < 0) != (b < 0)), r + b, r)
 
 
 @triton.jit
 def _idiv_fmod(a, b):
-    return a - _idiv_trunc(a, b) * b""",
+    return a % b""",
     "erfc": """@triton.jit
 def _erfc(x):
     # fp32 erfc(|x|) = 2^(z P(z)), z = min(|x|, 5), P a degree-10 least-squares fit of

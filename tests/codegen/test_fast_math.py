@@ -104,21 +104,44 @@ def test_float_floor_division_is_atens(target, dtype):
         assert torch.equal(torch.signbit(g[~w.isnan()]), torch.signbit(w[~w.isnan()]))
 
 
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8])
+def test_integer_division_is_exact_at_the_extremes(target, dtype):
+    """Integer //, trunc division, % and fmod as eager's, the dtype's minimum included: the
+    helpers divided absolute values, and abs(-128) is -128 in int8 (-128 // 3 gave 42)."""
+    lo, hi = torch.iinfo(dtype).min, torch.iinfo(dtype).max
+    if dtype == torch.uint8:
+        a, b = torch.tensor([250, 7, 9, 255, 0, 13], dtype=dtype), torch.tensor([7, 2, 4, 16, 3, 5], dtype=dtype)
+    else:
+        a = torch.tensor([-7, 7, -9, 9, lo, hi, -1, 5], dtype=dtype)
+        b = torch.tensor([2, -2, 4, -4, 3, 7, 3, -3], dtype=dtype)
+
+    def fn(a, b):
+        return (a // b, torch.div(a, b, rounding_mode="trunc"), a % b, torch.fmod(a, b), a // 3, a % 3,
+                torch.fmod(a, 5))
+    torch._dynamo.reset()
+    got, want = kiln.compile(fn, target=target)(a, b), fn(a, b)
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype and torch.equal(g, w), (g, w)
+
+
 def test_float_remainder_kernels_compile_for_sm90():
     """libdevice's fmod takes one dtype for both operands: a constant operand (remainder(x, 0.3) or
-    x // 0.1 on fp64) must reach it as a scalar of that dtype. Compiled to PTX here, no GPU needed."""
+    x // 0.1 on fp64) must reach it as a scalar of that dtype; and Triton refuses // between uint8
+    and an int32 literal (u // 7 did not compile on a GPU; the interpreter took it). Compiled to PTX here, no GPU needed."""
     from test_cuda_sources import _groups
     from test_triton_ptx import _ptx
 
     from kiln.codegen.lower import lower
     from kiln.codegen.triton_gen import render
-    names = {torch.float32: "fp32", torch.float64: "fp64"}
+    names = {torch.float32: "fp32", torch.float64: "fp64", torch.uint8: "u8"}
 
-    def model(a, b, c):
+    def model(a, b, c, u):
         return (torch.remainder(a, b), torch.fmod(a, 3.0), torch.remainder(c, 0.3), torch.remainder(0.7, c),
-                a // b, c // 0.1)
+                a // b, c // 0.1, u // 7 + u % 3)
     jobs = []
-    for n in _groups(model, torch.randn(4, 16), torch.randn(16), torch.randn(4, 16, dtype=torch.float64)):
+    for n in _groups(model, torch.randn(4, 16), torch.randn(16), torch.randn(4, 16, dtype=torch.float64),
+                     torch.arange(64, dtype=torch.uint8).reshape(4, 16)):
         lk = lower(n)
         src, _ = render(lk)
         types = {f"in_ptr{a.arg}": "*" + names[a.dtype] for a in lk.loads}
