@@ -107,9 +107,28 @@ class TritonRenderer(Renderer):
             return f"{s}.to({TL[dt]}).to(tl.float32)"
         return f"{s}.to({TL[dt]})"
 
+    # fp32 division and sqrt round as eager's (IEEE): Triton's `/` is div.full.f32 (2 ulp, subnormals
+    # flushed) and tl.sqrt is sqrt.approx.ftz, so floor(a / b) or floor(sqrt(n)) could land one
+    # below eager's. A power-of-two divisor is an exact multiply.
+    def op_truediv(self, a, b, e=None, **k):
+        d = e.args[1]
+        return self.div(a, b, compute_dtype(e.dtype), d.value if isinstance(d, Const) else None)
+    @staticmethod
+    def div(a, b, dt, const=None) -> str:
+        """``a / b`` in ``dt`` rounded as eager's; ``const``: b's value when it is a constant."""
+        if dt != torch.float32:
+            return f"({a} / {b})"
+        if const is not None and not isinstance(const, bool) and math.isfinite(float(const)) and float(const):
+            m, x = math.frexp(float(const))
+            if m in (0.5, -0.5) and -126 < x < 127:
+                return f"({a} * {1.0 / float(const)!r})"
+        return f"tl.div_rn({a}, {b})"
+    def op_reciprocal(self, a, e=None, **k):
+        return f"tl.div_rn(1.0, {a})" if compute_dtype(e.dtype) == torch.float32 else f"(1.0 / {a})"
     def op_exp(self, a, **k): return f"tl.exp({a})"
     def op_log(self, a, **k): return f"tl.log({a})"
-    def op_sqrt(self, a, **k): return f"tl.sqrt({a})"
+    def op_sqrt(self, a, e=None, **k):
+        return f"tl.sqrt_rn({a})" if compute_dtype(e.dtype) == torch.float32 else f"tl.sqrt({a})"
     def op_rsqrt(self, a, **k): return f"tl.rsqrt({a})"
     def op_sin(self, a, **k): return f"tl.sin({a})"
     def op_cos(self, a, **k): return f"tl.cos({a})"
@@ -125,8 +144,12 @@ class TritonRenderer(Renderer):
     def op_trunc(self, a, **k): return f"tl.where({a} < 0, tl.ceil({a}), tl.floor({a}))"
     def op_abs(self, a, **k): return f"tl.abs({a})"
     def op_isinf(self, a, **k): return f"(tl.abs({a}) == float('inf'))"
-    def op_expm1(self, a, **k): return f"tl.where(tl.abs({a}) < 1e-5, {a} + 0.5 * {a} * {a}, tl.exp({a}) - 1.0)"
-    def op_log1p(self, a, **k): return f"tl.where(tl.abs({a}) < 1e-4, {a} - 0.5 * {a} * {a}, tl.log(1.0 + {a}))"
+    def op_expm1(self, a, **k):
+        self.helpers.add("libdevice")
+        return f"_expm1({a})"
+    def op_log1p(self, a, **k):
+        self.helpers.add("libdevice")
+        return f"_log1p({a})"
     def op_where(self, c, a, b, **k): return f"tl.where({c}, {a}, {b})"
     def op_relu(self, a, **k): return f"tl.where({a} < 0, 0, {a})"
     def op_sign(self, a, fp=True, **k):         # sign(NaN) = 0, as eager computes it
@@ -149,8 +172,8 @@ class TritonRenderer(Renderer):
         rhs = e.args[1]
         if isinstance(rhs, Const) and float(rhs.value) in (1.0, 2.0, 3.0, 0.5, -1.0, -0.5, 0.0):
             v = float(rhs.value)
-            return {1.0: a, 2.0: f"({a} * {a})", 3.0: f"({a} * {a} * {a})", 0.5: f"tl.sqrt({a})",
-                    -1.0: f"(1.0 / {a})", -0.5: f"tl.rsqrt({a})",
+            return {1.0: a, 2.0: f"({a} * {a})", 3.0: f"({a} * {a} * {a})", 0.5: self.op_sqrt(a, e=e),
+                    -1.0: self.op_reciprocal(a, e=e), -0.5: f"tl.rsqrt({a})",
                     0.0: f"tl.where({a} == {a}, 1, 1).to({a}.dtype)"}[v]       # 1 for NaN and inf too
         if not fp:
             self.helpers.add("ipow")
@@ -170,7 +193,7 @@ class TritonRenderer(Renderer):
     def op_floordiv(self, a, b, fp=True, e=None, **k):
         return self._fmod("_fdiv_floor", a, b, e) if fp else self._idiv(a, b, "floor", e)
     def op_truncdiv(self, a, b, fp=True, e=None, **k):
-        return self.op_trunc(f"({a} / {b})") if fp else self._idiv(a, b, "trunc", e)
+        return self.op_trunc(self.op_truediv(a, b, e=e)) if fp else self._idiv(a, b, "trunc", e)
     # float fmod / remainder are exact (libdevice's fmod), as eager's: a - trunc(a / b) * b was off
     # by whole multiples of b once a / b lost its integer part to rounding
     def op_mod(self, a, b, fp=True, e=None, **k):
@@ -178,7 +201,7 @@ class TritonRenderer(Renderer):
     def op_fmod(self, a, b, fp=True, e=None, **k):
         return self._fmod("_fmod", a, b, e) if fp else self._idiv(a, b, "fmod", e)
     def _fmod(self, fn, a, b, e):
-        self.helpers.add("fmod")
+        self.helpers.add("libdevice")
         return f"{fn}({', '.join(self._typed(a, b, e))})"
     def _typed(self, a, b, e):
         """A constant operand of a helper becomes a scalar of the op's dtype: a literal passed to

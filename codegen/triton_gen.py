@@ -78,11 +78,33 @@ def _erfc(x):
     p = p * z + -1.6279194355010986
     e = tl.math.exp2(p * z + (a - z) * -14.704957822420498)
     return tl.where(x < 0, 2.0 - e, e)""",
-    "fmod": """import os
+    "libdevice": """import os
 
 from triton.language.extra import libdevice
 
 _INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+
+
+@triton.jit
+def _log1p(x):
+    # libdevice's on a GPU; log(1 + x) lost x's low bits to the rounding of 1 + x (1.7e-4 relative
+    # error at x = 2e-4). Interpreted (no libdevice there): Goldberg's log(u) * x / (u - 1)
+    if _INTERPRETED:
+        u = 1.0 + x
+        return tl.where((u == 1.0) | (x == float("inf")), x, tl.log(u) * (x / (u - 1.0)))
+    else:
+        return libdevice.log1p(x)
+
+
+@triton.jit
+def _expm1(x):
+    # libdevice's on a GPU. Interpreted: Kahan's (u - 1) * x / log(u), u = exp(x)
+    if _INTERPRETED:
+        u = tl.exp(x)
+        v = u - 1.0
+        return tl.where((u == 1.0) | (x == float("inf")), x, tl.where(v == -1.0, -1.0, v * (x / tl.log(u))))
+    else:
+        return libdevice.expm1(x)
 
 
 @triton.jit
@@ -103,9 +125,13 @@ def _fmod_floor(a, b):
 @triton.jit
 def _fdiv_floor(a, b):
     # as ATen's div_floor_floating: from the exact fmod (1 // 0.1 is 9, not floor(1 / 0.1) = 10)
-    q = a / b
     m = _fmod(a, b)
-    d = (a - m) / b
+    if a.dtype == tl.float32:     # IEEE division (Triton's fp32 `/` is within 2 ulp)
+        q = tl.div_rn(a, b)
+        d = tl.div_rn(a - m, b)
+    else:
+        q = a / b
+        d = (a - m) / b
     d = tl.where((m != 0) & ((b < 0) != (m < 0)), d - 1, d)
     f = tl.floor(d)
     f = tl.where(d - f > 0.5, f + 1, f)
@@ -212,7 +238,7 @@ class _Emitter:
             e = f"tl.reduce({v}, 1, _min_nan)"
         e = f"{e}[:, None]"
         if red.kind == "mean":
-            e = f"({e} / {float(red.count)})"
+            e = TritonRenderer.div(e, repr(float(red.count)), compute_dtype(red.acc_dtype), red.count)
         return e
 
     def neutral_lit(self, red: Reduce) -> str:

@@ -115,6 +115,9 @@ class CompiledGraph:
             self._tiers = TierRuntime(graph, graph.meta["cache_schedule"], self.plan.arena_bytes)
             self._consts = {k: v for k, v in self._consts.items() if k not in self._tiers.planned}
         self._steps = self._prepare()
+        self._scalar_args = self._cpu_scalar_args()
+        self._home = next((t.device for t in self._consts.values() if isinstance(t, torch.Tensor) and t.dim()), None)
+        self._scalars_on_device: dict = {}
         self._input_names = [v.name for v in graph.inputs]
         self._kept: list = [None] * len(self._steps)       # VIEW steps: (source, its address, the view)
         self._seen: dict[int, weakref.ref] = {}             # VIEW steps over weights: the last source
@@ -211,6 +214,36 @@ class CompiledGraph:
                 steps.append((ATEN, self._aten_call(node), binder(node.args), binder(node.kwargs), outs, frees))
         self._outputs = binder(list(self.graph.outputs))
         return steps
+
+    def _cpu_scalar_args(self) -> dict[int, list[int]]:
+        """Kernel step -> positions of its arguments that are 0-d CPU tensors while the kernel runs
+        on a GPU. Eager takes a CPU scalar tensor next to CUDA operands (``x * torch.tensor(2.0)``);
+        a generated kernel would read it through a host pointer. They are copied to the device
+        (constants once)."""
+        types = {v.name: v.type for v in (*self.graph.inputs, *self.graph.constant_values)}
+        types.update((v.name, v.type) for n in self.graph.nodes for v in n.outputs)
+        moves = {}
+        for k, (mode, what, args, *_rest) in enumerate(self._steps):
+            if mode is KERNEL and what.target != "cpu":
+                pos = [i for i, a in enumerate(args) if types.get(a) is not None and types[a].rank == 0
+                       and types[a].device == "cpu"]
+                if pos:
+                    moves[k] = pos
+        return moves
+
+    def _kernel_args(self, k: int, args: list, env: dict, device: torch.device) -> list:
+        vals = [env[a] for a in args]
+        for i in self._scalar_args.get(k, ()):
+            x = vals[i]
+            if isinstance(x, torch.Tensor) and x.device != device:
+                if args[i] in self._consts:
+                    key = (args[i], device)
+                    if key not in self._scalars_on_device:
+                        self._scalars_on_device[key] = x.to(device)
+                    vals[i] = self._scalars_on_device[key]
+                else:
+                    vals[i] = x.to(device, non_blocking=True)
+        return vals
 
     def _lasting(self) -> dict[str, Any]:
         """Values whose tensor may be the same object, over the same memory, on every call, and
@@ -309,7 +342,10 @@ class CompiledGraph:
             self._check(inputs)
         env: dict[str, Any] = dict(self._consts)
         env.update(zip(self._input_names, inputs))     # (a loop variable would keep the last input alive)
-        device = next((x.device for x in inputs if isinstance(x, torch.Tensor)), torch.device("cpu"))
+        # a 0-d CPU tensor next to CUDA inputs is a scalar, not where the graph runs
+        device = next((x.device for x in inputs if isinstance(x, torch.Tensor) and (x.dim() or x.device.type != "cpu")),
+                      None) or self._home or next((x.device for x in inputs if isinstance(x, torch.Tensor)),
+                                                  torch.device("cpu"))
         alloc = empty_strided if device.type == "cpu" else torch.empty_strided   # huge pages: CPU only
         views = self._arena_views(device) if self.plan.arena_bytes else {}
         tiers = self._tiers
@@ -327,10 +363,12 @@ class CompiledGraph:
                     res = [views[name] if name in views else alloc(shape, strides, dtype=dtype, device=device)
                            for name, shape, strides, dtype in outs]
                 if res and res[0].numel() > 0:
+                    vals = self._kernel_args(k, args, env, device) if k in self._scalar_args else [env[a] for a in args]
                     if extra and first:         # the first launch may autotune (re-run) the kernel
-                        self._launch_aside(what, [env[a] for a in args], res)
+                        self._launch_aside(what, vals, res)
                     else:
-                        what.launch([env[a] for a in args], res)
+                        what.launch(vals, res)
+                    vals = None
             elif mode is VIEW:                  # what: the view op, args: its source, extra: the rest
                 res = [self._view(k, what, env[args], extra, views)]
             elif mode is OUT:

@@ -36,7 +36,9 @@ _PTX = textwrap.dedent('''
         ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": k["num_warps"]}).asm["ptx"]
         loads = [l.strip() for l in ptx.splitlines() if "ld.global" in l]
         out.append({"loads": len(loads), "predicated": sum(l.startswith("@") for l in loads),
-                    "vector": sum(".v4." in l for l in loads)})
+                    "vector": sum(".v4." in l for l in loads),
+                    **{op: sum(op in l for l in ptx.splitlines()) for op in
+                       ("div.full.f32", "div.rn.f32", "sqrt.approx", "sqrt.rn.f32")}})
     print(json.dumps(out))
 ''')
 
@@ -74,3 +76,24 @@ def test_whole_blocks_compile_to_unpredicated_vector_loads():
     for even, ragged in zip(res[::2], res[1::2]):
         assert even["loads"] > 0 and even["predicated"] == 0 and even["vector"] == even["loads"], even
         assert ragged["predicated"] > 0, ragged
+
+
+def test_fp32_division_and_sqrt_round_as_eager():
+    """Triton's fp32 `/` is div.full.f32 (within 2 ulp, subnormals flushed) and tl.sqrt is
+    sqrt.approx: floor(a / b) and trunc division could land one below eager's IEEE result. kiln
+    emits div.rn / sqrt.rn (a power-of-two divisor, as a mean over 256, is an exact multiply)."""
+    def model(a, b):
+        return (a / b, torch.div(a, b, rounding_mode="trunc"), a.abs().sqrt(), 1 / b, a.mean(-1), a.sum(-1) / 3,
+                a / 4)
+    jobs = []
+    for n in _groups(model, torch.randn(64, 256), torch.randn(64, 256)):
+        lk = lower(n)
+        src, _ = render(lk)
+        types = {f"in_ptr{a.arg}": "*fp32" for a in lk.loads}
+        types.update({f"out_ptr{a.arg}": "*fp32" for a in lk.stores})
+        jobs.append({"source": src, "entry": lk.name, "types": types, "num_warps": 4,
+                     "constexprs": {"XN": lk.xnumel, "RN": max(lk.rnumel, 1), "XBLOCK": 64 if lk.rnumel <= 1 else 1,
+                                    "RBLOCK": 1 if lk.rnumel <= 1 else 256}})
+    res = _ptx(jobs)
+    assert sum(r["div.rn.f32"] for r in res) >= 3 and sum(r["sqrt.rn.f32"] for r in res) >= 1, res
+    assert not any(r["div.full.f32"] or r["sqrt.approx"] for r in res), res

@@ -145,3 +145,41 @@ def test_exact_float_remainder_signed_zeros_pow_zero(target):
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, equal_nan=True, rtol=0, atol=0)
     assert any(k["target"] == target for k in kiln.last_report().kernels)
+
+
+@needs_cuda
+@pytest.mark.parametrize("target", ["triton", "cuda"])
+def test_fp32_division_and_sqrt_round_as_eager(target):
+    """Exact quotients and roots stay exact, as in eager: Triton's fp32 `/` (div.full.f32) and
+    tl.sqrt (sqrt.approx) could put floor(a / b) or floor(sqrt(n * n)) one below eager's."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    b = torch.randint(1, 1000, (1 << 16,), device="cuda", generator=g).float()
+    a = b * torch.randint(-1000, 1000, (1 << 16,), device="cuda", generator=g).float()
+    fn = lambda a, b: (torch.floor(a / b), torch.div(a, b, rounding_mode="trunc"), torch.floor((b * b).sqrt()),  # noqa: E731
+                       a / b, 1 / b, (a / 7).floor(), torch.log1p(b * 1e-7), torch.expm1(b * -1e-7))
+    torch._dynamo.reset()
+    got, want = kiln.compile(fn, target=target)(a, b), fn(a, b)
+    for i, (x, y) in enumerate(zip(got, want)):
+        if i < 6:
+            assert torch.equal(x, y), (i, (x != y).sum())
+        else:
+            torch.testing.assert_close(x, y, rtol=2e-6, atol=0)
+
+
+@needs_cuda
+@pytest.mark.parametrize("target", ["triton", "cuda"])
+def test_cpu_scalar_tensors_next_to_cuda_operands(target):
+    """Eager takes 0-d CPU tensors with CUDA operands (a constant made in the function, or an
+    argument, even the first); kiln's kernels got their host pointers (Triton refused them, CUDA
+    C read them: an illegal address), and a first CPU-scalar argument put the outputs on the CPU."""
+    x = torch.randn(8, 16, device="cuda")
+    s = torch.tensor(3.0)
+    fn = lambda s, x: (x * torch.tensor(2.0) + s, torch.softmax(x * s, -1), torch.heaviside(x, torch.tensor(0.5)))  # noqa: E731
+    torch._dynamo.reset()
+    f = kiln.compile(fn, target=target)
+    for _ in range(2):
+        got, want = f(s, x), fn(s, x)
+        for g_, w in zip(got, want):
+            assert g_.device == w.device
+            torch.testing.assert_close(g_, w)
+    assert any(k["target"] == target for k in kiln.last_report().kernels)
