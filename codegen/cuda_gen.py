@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from kiln.ir.scalar import Const, neutral
 from .lower import LoopKernel, Reduce, compute_dtype
-from .scalar_render import CU, CudaRenderer
+from .scalar_render import CU, CudaRenderer, reciprocal_of
 from .schedule_stmts import plan_stages
 from .templates import ENV
 
@@ -85,8 +85,9 @@ def render(lk: LoopKernel) -> tuple[str, dict]:
             body.append(f"{acc} {v} = ({acc})({lit});")
             body += loop(st, [f"{v} = {_COMBINE[rd.kind]}()({v}, ({acc})({rd.src}));"])
             res = f"kiln_block_reduce<{acc}>({v}, {_COMBINE[rd.kind]}())"
-            if rd.kind == "mean":
-                res = f"({res} / ({acc}){float(rd.count)})"
+            if rd.kind == "mean":           # eager's mean multiplies by its factor (reciprocal_of)
+                dt = compute_dtype(rd.acc_dtype)
+                res = f"({res} * {rnd.literal(Const(reciprocal_of(rd.count, dt), dt))})"
             body.append(f"const {CU[compute_dtype(st.reduce.dtype)] if rd.acc_dtype != __import__('torch').bool else 'bool'} "
                         f"{st.reduce.var} = {res};")
             body += [stmt(s) for s in st.after]

@@ -192,7 +192,7 @@ def lower(node: Node) -> LoopKernel:
         a.xstrides, a.rstrides = st[:nx_], st[nx_:]
     stores = [Access(i, st[:nx_], st[nx_:], v.type.dtype, var_of[v.name])
               for i, (v, st) in enumerate(zip(body.outputs, strides[len(load_list):]))]
-    stmts = fold_erfc(stmts, {a.var for a in stores})
+    stmts = exact_divisions(fold_erfc(stmts, {a.var for a in stores}))
     return LoopKernel(node.attrs["name"], plan["kind"], xs, rs, load_list, stores, stmts, ops,
                       len(body.inputs), len(body.outputs),
                       [list(v.type.strides) for v in body.inputs], [list(v.type.strides) for v in body.outputs])
@@ -240,6 +240,40 @@ def fold_erfc(stmts: list[Stmt], stored: set[str]) -> list[Stmt]:
                 dropped.add(u.name)
         out.append(new or st)
     return [st for st in out if st.var not in dropped]
+
+
+# ops whose result jumps where their operand crosses a threshold: an ulp there can move it a whole step
+ROUNDING = {"floor", "ceil", "trunc", "round", "eq", "ne", "lt", "le", "gt", "ge"}
+
+
+def exact_divisions(stmts: list[Stmt]) -> list[Stmt]:
+    """Divisions whose value reaches a rounding op, a comparison or an integer cast, through any
+    chain of ops (floor(a / b), (a / b + 0.5).floor(), a / b > t), become ``truediv_rn``:
+    Triton's fp32 ``/`` is div.full.f32, within 2 ulp of eager's IEEE quotient, enough to put
+    floor(a / b) one below eager's when a is a multiple of b. The others keep the fast form: an
+    exact division in softmax's normalisation cost its kernel 12% on an H200 (bench/RESULTS.md)."""
+    tainted: set[str] = set()          # statements whose value reaches a rounding op
+    out = []
+    for st in reversed(stmts):
+        e = st.expr if isinstance(st.expr, Reduce) else _exact(st.expr, st.var in tainted, tainted)
+        if isinstance(st.expr, Reduce) and st.var in tainted:
+            tainted.add(st.expr.src)
+        out.append(st if e is st.expr else Stmt(st.var, e, st.dtype, st.space))
+    return out[::-1]
+
+
+def _exact(e, under: bool, tainted: set[str]):
+    if isinstance(e, Ref):
+        if under:
+            tainted.add(e.name)
+        return e
+    if not isinstance(e, E):
+        return e
+    inner = under or e.op in ROUNDING or (e.op in ("cast", "convert") and not e.dtype.is_floating_point
+                                          and e.dtype != torch.bool)
+    args = tuple(_exact(a, inner, tainted) for a in e.args)
+    op = "truediv_rn" if e.op == "truediv" and under else e.op
+    return e if op == e.op and all(x is y for x, y in zip(args, e.args)) else E(op, args, e.dtype)
 
 
 def neutral_of(r: Reduce):

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 import torch
 
 from kiln.ir.scalar import Const, E, Ref
@@ -79,6 +81,26 @@ class Renderer:
     def op_exp2(self, a, **k): return f"{self.fn('exp', f'({a} * 0.6931471805599453)')}"
     def op_log2(self, a, **k): return f"({self.fn('log', a)} * 1.4426950408889634)"
     def op_truediv(self, a, b, **k): return f"({a} / {b})"
+    def op_truediv_rn(self, a, b, **k): return self.op_truediv(a, b, **k)     # IEEE already but in Triton
+
+
+def _const(x):
+    """A divisor's value when it is a finite, nonzero constant (else None)."""
+    if isinstance(x, Const) and not isinstance(x.value, bool) and math.isfinite(float(x.value)) and float(x.value):
+        return float(x.value)
+    return None
+
+
+def reciprocal_of(c: float, dt) -> float:
+    """What eager's CUDA kernels divide by a scalar ``c`` with: ATen multiplies by its reciprocal,
+    rounded in the op's math type (BinaryDivTrueKernel.cu; the mean's factor too). (a / 7).floor()
+    on integer-valued a differed from IEEE division's on 8% of 65536 values on an H200; eager's CPU
+    kernels divide (the numba renderer does)."""
+    return float(np.float32(1.0) / np.float32(c)) if dt != torch.float64 else 1.0 / c
+
+
+def const_div(a: str, c: float, dt) -> str:
+    return f"({a} * {reciprocal_of(c, dt)!r})"
 
 
 class TritonRenderer(Renderer):
@@ -107,24 +129,20 @@ class TritonRenderer(Renderer):
             return f"{s}.to({TL[dt]}).to(tl.float32)"
         return f"{s}.to({TL[dt]})"
 
-    # fp32 division and sqrt round as eager's (IEEE): Triton's `/` is div.full.f32 (2 ulp, subnormals
-    # flushed) and tl.sqrt is sqrt.approx.ftz, so floor(a / b) or floor(sqrt(n)) could land one
-    # below eager's. A power-of-two divisor is an exact multiply.
+    # Triton's fp32 `/` is div.full.f32 (within 2 ulp, as Inductor's kernels divide) and tl.sqrt is
+    # sqrt.approx.ftz. A division that reaches a rounding op or a comparison (lower.exact_divisions:
+    # floor(a / b) could land one below eager's) is IEEE (div.rn), sqrt is sqrt.rn, and a constant
+    # divisor is a multiply by its reciprocal, as eager's CUDA kernels divide (const_div).
     def op_truediv(self, a, b, e=None, **k):
-        d = e.args[1]
-        return self.div(a, b, compute_dtype(e.dtype), d.value if isinstance(d, Const) else None)
+        return self.div(a, b, compute_dtype(e.dtype), _const(e.args[1]), exact=False)
+    def op_truediv_rn(self, a, b, e=None, **k):
+        return self.div(a, b, compute_dtype(e.dtype), _const(e.args[1]))
     @staticmethod
-    def div(a, b, dt, const=None) -> str:
-        """``a / b`` in ``dt`` rounded as eager's; ``const``: b's value when it is a constant."""
-        if dt != torch.float32:
-            return f"({a} / {b})"
-        if const is not None and not isinstance(const, bool) and math.isfinite(float(const)) and float(const):
-            m, x = math.frexp(float(const))
-            if m in (0.5, -0.5) and -126 < x < 127:
-                return f"({a} * {1.0 / float(const)!r})"
-        return f"tl.div_rn({a}, {b})"
-    def op_reciprocal(self, a, e=None, **k):
-        return f"tl.div_rn(1.0, {a})" if compute_dtype(e.dtype) == torch.float32 else f"(1.0 / {a})"
+    def div(a, b, dt, const=None, exact=True) -> str:
+        """``a / b`` in compute dtype ``dt``; ``const``: b's value when it is a constant."""
+        if const is not None:
+            return const_div(a, const, dt)
+        return f"tl.div_rn({a}, {b})" if exact and dt == torch.float32 else f"({a} / {b})"
     def op_exp(self, a, **k): return f"tl.exp({a})"
     def op_log(self, a, **k): return f"tl.log({a})"
     def op_sqrt(self, a, e=None, **k):
@@ -147,6 +165,12 @@ class TritonRenderer(Renderer):
     def op_expm1(self, a, **k):
         self.helpers.add("libdevice")
         return f"_expm1({a})"
+    def op_tanh(self, a, **k):
+        self.helpers.add("libdevice")
+        return f"_tanh({a})"
+    def op_sinh(self, a, **k):                  # from expm1: exp(a) - exp(-a) cancels for small a
+        self.helpers.add("libdevice")
+        return f"(0.5 * (_expm1({a}) - _expm1(-{a})))"
     def op_log1p(self, a, **k):
         self.helpers.add("libdevice")
         return f"_log1p({a})"
@@ -173,7 +197,7 @@ class TritonRenderer(Renderer):
         if isinstance(rhs, Const) and float(rhs.value) in (1.0, 2.0, 3.0, 0.5, -1.0, -0.5, 0.0):
             v = float(rhs.value)
             return {1.0: a, 2.0: f"({a} * {a})", 3.0: f"({a} * {a} * {a})", 0.5: self.op_sqrt(a, e=e),
-                    -1.0: self.op_reciprocal(a, e=e), -0.5: f"tl.rsqrt({a})",
+                    -1.0: f"(1.0 / {a})", -0.5: f"tl.rsqrt({a})",
                     0.0: f"tl.where({a} == {a}, 1, 1).to({a}.dtype)"}[v]       # 1 for NaN and inf too
         if not fp:
             self.helpers.add("ipow")
@@ -193,7 +217,7 @@ class TritonRenderer(Renderer):
     def op_floordiv(self, a, b, fp=True, e=None, **k):
         return self._fmod("_fdiv_floor", a, b, e) if fp else self._idiv(a, b, "floor", e)
     def op_truncdiv(self, a, b, fp=True, e=None, **k):
-        return self.op_trunc(self.op_truediv(a, b, e=e)) if fp else self._idiv(a, b, "trunc", e)
+        return self.op_trunc(self.op_truediv_rn(a, b, e=e)) if fp else self._idiv(a, b, "trunc", e)
     # float fmod / remainder are exact (libdevice's fmod), as eager's: a - trunc(a / b) * b was off
     # by whole multiples of b once a / b lost its integer part to rounding
     def op_mod(self, a, b, fp=True, e=None, **k):
@@ -386,6 +410,10 @@ class CudaRenderer(Renderer):
         if isinstance(src, Const):
             return self.literal(Const(src.value, dt))
         return f"(({s}) != 0)" if dt == torch.bool else f"(({CU[compute_dtype(dt)]})({s}))"
+
+    def op_truediv(self, a, b, e=None, **k):       # a constant divisor as eager's CUDA kernels: a multiply
+        c, dt = _const(e.args[1]), compute_dtype(e.dtype)
+        return f"(({a}) * {self.literal(Const(reciprocal_of(c, dt), dt))})" if c is not None else f"(({a}) / ({b}))"
 
     def convert(self, s, src, dt):
         if isinstance(src, Const):

@@ -3,8 +3,8 @@ answer kiln once gave): no fast-math algebra in numba kernels (function-wide ``r
 ``x * 0 + x`` into ``x`` and ``(x + 1) - x`` into 1, ``arcp`` made a division by a tiny row sum a
 multiply by an overflowing reciprocal, ``nsz`` lost -0.0); only the reductions' accumulating add
 and multiply may reassociate (numba_math._radd/_rmul), which vectorises sums and products. Float
-remainder, fmod and floor division are ATen's (from the exact fmod); log1p and expm1 hold for
-small x; integer division is exact at the dtype's minimum; ``bool + bool`` is a logical or; ``x ** 0`` is 1 for NaN; integer
+remainder, fmod and floor division are ATen's (from the exact fmod); log1p, expm1, tanh and sinh
+hold for small x; integer division is exact at the dtype's minimum; ``bool + bool`` is a logical or; ``x ** 0`` is 1 for NaN; integer
 division by zero raises on the cpu target as eager's CPU kernels do."""
 import pytest
 import torch
@@ -107,18 +107,20 @@ def test_float_floor_division_is_atens(target, dtype):
 
 @pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_log1p_expm1_keep_small_arguments(target, dtype):
-    """log1p and expm1 exist for small x: the Triton kernels computed log(1 + x) past |x| = 1e-4,
-    which loses x's low bits to the rounding of 1 + x (1.7e-4 relative error at x = 2e-4)."""
+def test_log1p_expm1_tanh_sinh_keep_small_arguments(target, dtype):
+    """These exist for small x: the Triton kernels computed log(1 + x) past |x| = 1e-4, which
+    loses x's low bits to the rounding of 1 + x (1.7e-4 relative error at x = 2e-4), and tanh as
+    1 - 2 / (exp(2x) + 1), sinh as (exp(x) - exp(-x)) / 2 (1e-2 relative error at 1e-5)."""
     x = torch.tensor([1e-8, 2e-4, 5e-4, 3e-3, 0.01, 0.3, -0.5, -0.0, 5.0, -1.0, float("inf"), float("-inf"),
                       -2.0, 80.0, -80.0], dtype=dtype)
 
     def fn(x):
-        return torch.log1p(x), torch.expm1(x), torch.nn.functional.softplus(x - 8)
+        return (torch.log1p(x), torch.expm1(x), torch.nn.functional.softplus(x - 8), torch.tanh(x), torch.sinh(x),
+                torch.tanh(x * 1e-3), torch.tanh(-x / 7))
     torch._dynamo.reset()
     got, want = kiln.compile(fn, target=target)(x), fn(x)
     for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, equal_nan=True, rtol=1e-6 if dtype == torch.float32 else 1e-13, atol=0)
+        torch.testing.assert_close(g, w, equal_nan=True, rtol=1e-6 if dtype == torch.float32 else 1e-13, atol=1e-38)
         assert torch.equal(torch.signbit(g[~w.isnan()]), torch.signbit(w[~w.isnan()]))
 
 
@@ -156,7 +158,8 @@ def test_float_remainder_kernels_compile_for_sm90():
 
     def model(a, b, c, u):
         return (torch.remainder(a, b), torch.fmod(a, 3.0), torch.remainder(c, 0.3), torch.remainder(0.7, c),
-                a // b, c // 0.1, u // 7 + u % 3, torch.log1p(a) + torch.expm1(a), torch.log1p(c) + torch.expm1(c))
+                a // b, c // 0.1, u // 7 + u % 3, torch.log1p(a) + torch.expm1(a) + torch.tanh(a),
+                torch.log1p(c) + torch.expm1(c) + torch.tanh(c) + torch.sinh(c))
     jobs = []
     for n in _groups(model, torch.randn(4, 16), torch.randn(16), torch.randn(4, 16, dtype=torch.float64),
                      torch.arange(64, dtype=torch.uint8).reshape(4, 16)):

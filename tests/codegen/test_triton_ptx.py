@@ -78,22 +78,32 @@ def test_whole_blocks_compile_to_unpredicated_vector_loads():
         assert ragged["predicated"] > 0, ragged
 
 
-def test_fp32_division_and_sqrt_round_as_eager():
+def test_fp32_division_rounds_as_eager_where_a_rounding_op_reads_it():
     """Triton's fp32 `/` is div.full.f32 (within 2 ulp, subnormals flushed) and tl.sqrt is
-    sqrt.approx: floor(a / b) and trunc division could land one below eager's IEEE result. kiln
-    emits div.rn / sqrt.rn (a power-of-two divisor, as a mean over 256, is an exact multiply)."""
-    def model(a, b):
-        return (a / b, torch.div(a, b, rounding_mode="trunc"), a.abs().sqrt(), 1 / b, a.mean(-1), a.sum(-1) / 3,
-                a / 4)
-    jobs = []
-    for n in _groups(model, torch.randn(64, 256), torch.randn(64, 256)):
-        lk = lower(n)
-        src, _ = render(lk)
-        types = {f"in_ptr{a.arg}": "*fp32" for a in lk.loads}
-        types.update({f"out_ptr{a.arg}": "*fp32" for a in lk.stores})
-        jobs.append({"source": src, "entry": lk.name, "types": types, "num_warps": 4,
-                     "constexprs": {"XN": lk.xnumel, "RN": max(lk.rnumel, 1), "XBLOCK": 64 if lk.rnumel <= 1 else 1,
-                                    "RBLOCK": 1 if lk.rnumel <= 1 else 256}})
-    res = _ptx(jobs)
-    assert sum(r["div.rn.f32"] for r in res) >= 3 and sum(r["sqrt.rn.f32"] for r in res) >= 1, res
+    sqrt.approx: floor(a / b) could land one below eager's IEEE result. A division whose value
+    reaches a rounding op, a comparison or an integer cast, and the mean's, compile to div.rn;
+    sqrt to sqrt.rn; a constant divisor (the mean's too) is a multiply by its reciprocal, as in
+    eager's CUDA kernels; a plain a / b (softmax's normalisation) keeps the fast division."""
+    def exact(a, b):
+        return (torch.floor(a / b), torch.div(a, b, rounding_mode="trunc"), ((a / b) * 2 + 0.5).floor(),
+                (a / b) > 0.3, (a / (b + 1)).long(), a.abs().sqrt(), a.mean(-1), a.sum(-1) / 3)
+
+    def fast(a, b):
+        return a / b, torch.softmax(a, -1)
+
+    def compiled(model):
+        jobs = []
+        for n in _groups(model, torch.randn(64, 256), torch.randn(64, 256)):
+            lk = lower(n)
+            src, _ = render(lk)
+            dt = {torch.bool: "*i1", torch.int64: "*i64"}
+            types = {f"in_ptr{a.arg}": dt.get(a.dtype, "*fp32") for a in lk.loads}
+            types.update({f"out_ptr{a.arg}": dt.get(a.dtype, "*fp32") for a in lk.stores})
+            jobs.append({"source": src, "entry": lk.name, "types": types, "num_warps": 4,
+                         "constexprs": {"XN": lk.xnumel, "RN": max(lk.rnumel, 1),
+                                        "XBLOCK": 64 if lk.rnumel <= 1 else 1, "RBLOCK": 1 if lk.rnumel <= 1 else 256}})
+        return _ptx(jobs)
+    res = compiled(exact)
+    assert sum(r["div.rn.f32"] for r in res) >= 2 and sum(r["sqrt.rn.f32"] for r in res) >= 1, res
     assert not any(r["div.full.f32"] or r["sqrt.approx"] for r in res), res
+    assert all(r["div.full.f32"] and not r["div.rn.f32"] for r in compiled(fast)), compiled(fast)
