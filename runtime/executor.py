@@ -216,17 +216,18 @@ class CompiledGraph:
         return steps
 
     def _cpu_scalar_args(self) -> dict[int, list[int]]:
-        """Kernel step -> positions of its arguments that are 0-d CPU tensors while the kernel runs
-        on a GPU. Eager takes a CPU scalar tensor next to CUDA operands (``x * torch.tensor(2.0)``);
-        a generated kernel would read it through a host pointer. They are copied to the device
-        (constants once)."""
+        """Kernel step -> positions of its arguments that are CPU tensors while the kernel runs on a
+        GPU: 0-d ones (eager takes a CPU scalar tensor next to CUDA operands, ``x * torch.tensor(2.0)``)
+        and constants (a tensor made in the traced function under ``torch.set_default_device("cuda")``
+        reached kiln on the CPU). A generated kernel would read them through a host pointer; they
+        are copied to the device (constants once)."""
         types = {v.name: v.type for v in (*self.graph.inputs, *self.graph.constant_values)}
         types.update((v.name, v.type) for n in self.graph.nodes for v in n.outputs)
         moves = {}
         for k, (mode, what, args, *_rest) in enumerate(self._steps):
             if mode is KERNEL and what.target != "cpu":
-                pos = [i for i, a in enumerate(args) if types.get(a) is not None and types[a].rank == 0
-                       and types[a].device == "cpu"]
+                pos = [i for i, a in enumerate(args) if types.get(a) is not None and types[a].device == "cpu"
+                       and (types[a].rank == 0 or a in self._consts)]
                 if pos:
                     moves[k] = pos
         return moves
