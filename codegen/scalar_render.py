@@ -472,6 +472,11 @@ class CudaRenderer(Renderer):
         rhs = e.args[1]
         if isinstance(rhs, Const) and float(rhs.value) == 2.0:
             return f"(({a}) * ({a}))"
+        if fp and isinstance(rhs, Const) and float(rhs.value) in (0.5, -0.5, 3.0, -1.0, -2.0):
+            # as ATen's pow by these scalars (sqrt, not powf: sqrt(-0.0) is -0.0, sqrt(-inf) NaN)
+            one = self.literal(Const(1.0, compute_dtype(e.dtype)))
+            return {0.5: self._f("sqrt", a, e), -0.5: self._f("rsqrt", a, e), 3.0: f"(({a}) * ({a}) * ({a}))",
+                    -1.0: f"({one} / ({a}))", -2.0: f"({one} / (({a}) * ({a})))"}[float(rhs.value)]
         return f"{self.fn('pow', f'{a}, {b}', e.dtype)}" if fp else f"kiln_ipow({a}, {b})"
     def op_floordiv(self, a, b, fp=True, e=None, **k):
         return f"kiln_fdiv_floor({a}, {b})" if fp else f"kiln_idiv_floor({a}, {b})"

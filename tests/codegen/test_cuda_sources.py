@@ -49,7 +49,8 @@ def test_float_remainder_sources_compile_with_nvcc(tmp_path):
     """kiln_fmod_floor (torch.remainder on floats) and kiln_fdiv_floor (floor division) for float
     and double."""
     def model(a, b, c):
-        return torch.remainder(a, b) + torch.fmod(a, 3.0) + a // b, torch.remainder(c, 0.3) + c // 0.1
+        return (torch.remainder(a, b) + torch.fmod(a, 3.0) + a // b + a ** 0.5 + a ** -2 + a.half() ** 3,
+                torch.remainder(c, 0.3) + c // 0.1 + c ** -0.5 + c ** -1)
     groups = _groups(model, torch.randn(4, 16), torch.randn(16), torch.randn(4, 16, dtype=torch.float64))
     assert groups
     for n in groups:

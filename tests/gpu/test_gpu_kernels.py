@@ -190,15 +190,20 @@ def test_cpu_scalar_tensors_next_to_cuda_operands(target):
 @needs_cuda
 @pytest.mark.parametrize("target", ["triton", "cuda"])
 def test_constants_made_under_a_cuda_default_device(target):
-    """A tensor made inside the compiled function under ``torch.device("cuda")`` is on the GPU in
-    eager; it reached kiln's kernels as a CPU constant (Triton refused its pointer, CUDA C read an
-    illegal address)."""
-    with torch.device("cuda"):
+    """A tensor made inside the compiled function under ``torch.set_default_device("cuda")`` is on
+    the GPU in eager; it reached kiln's kernels as a CPU constant (Triton refused its pointer, CUDA
+    C read an illegal address). And x ** 0.5 is sqrt, as in eager: sqrt(-0.0) is -0.0 (CUDA C's
+    powf gave +0.0)."""
+    torch.set_default_device("cuda")
+    try:
         x = torch.rand(4, 3) * 0.9 + 0.05
         fn = lambda x: (torch.nn.functional.binary_cross_entropy(x, torch.tensor([0.0, 1.0, 1.0]).expand(4, 3)),  # noqa: E731
-                        x * torch.tensor([1.0, 2.0, 3.0]) + torch.tensor(0.5))
+                        x * torch.tensor([1.0, 2.0, 3.0]) + torch.tensor(0.5), x ** 0.5, (-x * 0) ** 0.5)
         torch._dynamo.reset()
         got, want = kiln.compile(fn, target=target)(x), fn(x)
+    finally:
+        torch.set_default_device(None)
     for g_, w in zip(got, want):
         assert g_.device == w.device
         torch.testing.assert_close(g_, w)
+        assert torch.equal(g_.signbit(), w.signbit())
