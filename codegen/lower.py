@@ -250,8 +250,9 @@ def exact_divisions(stmts: list[Stmt]) -> list[Stmt]:
     """Divisions whose value reaches a rounding op, a comparison or an integer cast, through any
     chain of ops (floor(a / b), (a / b + 0.5).floor(), a / b > t), become ``truediv_rn``:
     Triton's fp32 ``/`` is div.full.f32, within 2 ulp of eager's IEEE quotient, enough to put
-    floor(a / b) one below eager's when a is a multiple of b. The others keep the fast form: an
-    exact division in softmax's normalisation cost its kernel 12% on an H200 (bench/RESULTS.md)."""
+    floor(a / b) one below eager's where the quotient is just over an integer. The others keep
+    the fast form: an exact division in softmax's normalisation cost its kernel 12% on an H200
+    (bench/RESULTS.md)."""
     tainted: set[str] = set()          # statements whose value reaches a rounding op
     out = []
     for st in reversed(stmts):

@@ -16,7 +16,8 @@ from kiln.autotune.space import Config, Estimate, Problem, Space, cdiv, next_pow
 # roofline; cuBLAS 0.0350), the tiled kernel with BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, 4 stages
 # 0.0340 ms. On an H200 (81 configs, device time) that GEMV config ran at 83% of the copy roofline
 # and the same tile over half the K and threads (BLOCK_K=256, 2 warps: the same 64 elements a
-# thread, twice the programs resident per SM) at 87.7%, cuBLAS 86.9%: the default is the latter. Large products went to cuBLAS plus the epilogue pass: 2048x2048->8192 with bias+GELU
+# thread, twice the programs resident per SM) at 87.7%, cuBLAS 86.9%: the default is the latter.
+# Large products went to cuBLAS plus the epilogue pass: 2048x2048->8192 with bias+GELU
 # 0.114 ms vs 0.121 for the best template; SwiGLU gate/up 8192x4096x2x11008 2.04 vs 2.36 ms. The
 # threshold between the measured points is a guess; autotune=True decides per shape.
 GEMV_KERNEL_MAX_M = 4        # above this the tiled kernel with BLOCK_M=16 streams B as well
