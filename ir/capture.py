@@ -145,7 +145,32 @@ def capture_export(model: torch.nn.Module, example_inputs: tuple) -> Graph:
     for spec in ep.graph_signature.input_specs:
         if spec.kind in (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR):
             consts[spec.arg.name] = state[spec.target].detach()
+    _refuse_state(ep)
     g = from_fx(ep.graph_module, consts)
     n_user = len(ep.graph_signature.user_outputs)
-    g.outputs = g.outputs[len(g.outputs) - n_user:]      # drop buffer mutations (eval mode has none)
+    g.outputs = g.outputs[len(g.outputs) - n_user:]
     return g
+
+
+class StatefulModelError(ValueError):
+    """The model writes its buffers or inputs in place, which an artifact cannot carry over."""
+
+
+def _refuse_state(ep) -> None:
+    """An artifact's weights are constants: a forward that writes a buffer (a counter, a KV cache)
+    or an input in place would lose the write and give eager's first answer on every later call
+    (a call counter's ``x * n`` stayed ``x * 1``). Refused, naming the first such write."""
+    from torch.export.graph_signature import InputKind, OutputKind
+    user = [s.arg.name for s in ep.graph_signature.input_specs if s.kind == InputKind.USER_INPUT]
+    instead = "compile it with kiln.compile or torch.compile(model, backend='kiln'), which keep eager's semantics"
+    for spec in ep.graph_signature.output_specs:
+        if spec.kind in (OutputKind.BUFFER_MUTATION, OutputKind.PARAMETER_MUTATION):
+            kind = "buffer" if spec.kind == OutputKind.BUFFER_MUTATION else "parameter"
+            raise StatefulModelError(
+                f"forward writes {kind} {spec.target!r} in place, and an ahead-of-time artifact keeps no "
+                f"state between calls (each would start from the compiled values); {instead}")
+        if spec.kind == OutputKind.USER_INPUT_MUTATION:
+            i = user.index(spec.target) if spec.target in user else spec.target
+            raise StatefulModelError(
+                f"forward writes its input {i} in place, which an ahead-of-time artifact would not do to "
+                f"the caller's tensor; {instead}")

@@ -34,3 +34,28 @@ def make_raises():
 
 
 not_callable = 42
+
+
+class Counter(nn.Module):
+    """Counts its calls in a buffer: state an artifact cannot carry from call to call."""
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("n", torch.zeros(()))
+
+    def forward(self, x):
+        self.n += 1
+        return x * self.n
+
+
+def make_counter():
+    return Counter(), (torch.randn(3),)
+
+
+class AddsToInput(nn.Module):
+    def forward(self, x):
+        x.add_(1)
+        return x * 2
+
+
+def make_adds_to_input():
+    return AddsToInput(), (torch.randn(3),)

@@ -97,6 +97,9 @@ def test_bad_spec_subprocess_no_traceback(tmp_path):
     (os.path.join(HERE, "factories.py") + ":not_callable", "not callable"),
     ("no_such_package_xyz.models:make", "no module named"),
     ("kiln.demo:nothing_here", "has no attribute"),
+    # an artifact would drop these writes: every call would give eager's first answer
+    (os.path.join(HERE, "factories.py") + ":make_counter", "forward writes buffer 'n' in place"),
+    (os.path.join(HERE, "factories.py") + ":make_adds_to_input", "forward writes its input 0 in place"),
 ])
 def test_bad_specs(spec, needle, tmp_path, capsys):
     code = main(["compile", spec, "-o", str(tmp_path / "x"), "--target", "cpu"])
