@@ -84,19 +84,21 @@ class Renderer:
     def op_truediv_rn(self, a, b, **k): return self.op_truediv(a, b, **k)     # IEEE already but in Triton
 
 
-def _const(x):
-    """A divisor's value when it is a finite, nonzero constant (else None)."""
-    if isinstance(x, Const) and not isinstance(x.value, bool) and math.isfinite(float(x.value)) and float(x.value):
-        return float(x.value)
-    return None
+def _const(x, dt):
+    """A constant divisor's value when its reciprocal in ``dt`` is finite and nonzero (else None)."""
+    if not (isinstance(x, Const) and not isinstance(x.value, bool) and math.isfinite(float(x.value)) and x.value):
+        return None
+    r = reciprocal_of(float(x.value), dt)
+    return float(x.value) if math.isfinite(r) and r != 0 else None
 
 
 def reciprocal_of(c: float, dt) -> float:
     """What eager's CUDA kernels divide by a scalar ``c`` with: ATen multiplies by its reciprocal,
-    rounded in the op's math type (BinaryDivTrueKernel.cu; the mean's factor too). (a / 7).floor()
-    on integer-valued a differed from IEEE division's on 8% of 65536 values on an H200; eager's CPU
-    kernels divide (the numba renderer does)."""
-    return float(np.float32(1.0) / np.float32(c)) if dt != torch.float64 else 1.0 / c
+    rounded in the op's math type (BinaryDivTrueKernel.cu, the trunc division's too, and the mean's
+    factor). With kiln dividing exactly, (a / 7).floor() on integer-valued a differed from eager's
+    on 8% of 65536 values on an H200; eager's CPU kernels divide (the numba renderer does)."""
+    with np.errstate(over="ignore", divide="ignore"):
+        return float(np.float32(1.0) / np.float32(c)) if dt != torch.float64 else 1.0 / c
 
 
 def const_div(a: str, c: float, dt) -> str:
@@ -134,9 +136,11 @@ class TritonRenderer(Renderer):
     # floor(a / b) could land one below eager's) is IEEE (div.rn), sqrt is sqrt.rn, and a constant
     # divisor is a multiply by its reciprocal, as eager's CUDA kernels divide (const_div).
     def op_truediv(self, a, b, e=None, **k):
-        return self.div(a, b, compute_dtype(e.dtype), _const(e.args[1]), exact=False)
+        dt = compute_dtype(e.dtype)
+        return self.div(a, b, dt, _const(e.args[1], dt), exact=False)
     def op_truediv_rn(self, a, b, e=None, **k):
-        return self.div(a, b, compute_dtype(e.dtype), _const(e.args[1]))
+        dt = compute_dtype(e.dtype)
+        return self.div(a, b, dt, _const(e.args[1], dt))
     @staticmethod
     def div(a, b, dt, const=None, exact=True) -> str:
         """``a / b`` in compute dtype ``dt``; ``const``: b's value when it is a constant."""
@@ -412,7 +416,8 @@ class CudaRenderer(Renderer):
         return f"(({s}) != 0)" if dt == torch.bool else f"(({CU[compute_dtype(dt)]})({s}))"
 
     def op_truediv(self, a, b, e=None, **k):       # a constant divisor as eager's CUDA kernels: a multiply
-        c, dt = _const(e.args[1]), compute_dtype(e.dtype)
+        dt = compute_dtype(e.dtype)
+        c = _const(e.args[1], dt)
         return f"(({a}) * {self.literal(Const(reciprocal_of(c, dt), dt))})" if c is not None else f"(({a}) / ({b}))"
 
     def convert(self, s, src, dt):
@@ -481,7 +486,7 @@ class CudaRenderer(Renderer):
     def op_floordiv(self, a, b, fp=True, e=None, **k):
         return f"kiln_fdiv_floor({a}, {b})" if fp else f"kiln_idiv_floor({a}, {b})"
     def op_truncdiv(self, a, b, fp=True, e=None, **k):
-        return self._f("trunc", f"({a}) / ({b})", e) if fp else f"(({a}) / ({b}))"
+        return self._f("trunc", self.op_truediv(a, b, e=e), e) if fp else f"(({a}) / ({b}))"
     def op_mod(self, a, b, fp=True, e=None, **k):
         return f"kiln_fmod_floor({a}, {b})" if fp else f"kiln_imod({a}, {b})"
     def op_fmod(self, a, b, fp=True, e=None, **k):
