@@ -115,9 +115,9 @@ class CompiledGraph:
             self._tiers = TierRuntime(graph, graph.meta["cache_schedule"], self.plan.arena_bytes)
             self._consts = {k: v for k, v in self._consts.items() if k not in self._tiers.planned}
         self._steps = self._prepare()
-        self._scalar_args = self._cpu_scalar_args()
+        self._host_args = self._host_tensor_args()
         self._home = next((t.device for t in self._consts.values() if isinstance(t, torch.Tensor) and t.dim()), None)
-        self._scalars_on_device: dict = {}
+        self._moved_consts: dict = {}
         self._input_names = [v.name for v in graph.inputs]
         self._kept: list = [None] * len(self._steps)       # VIEW steps: (source, its address, the view)
         self._seen: dict[int, weakref.ref] = {}             # VIEW steps over weights: the last source
@@ -215,7 +215,7 @@ class CompiledGraph:
         self._outputs = binder(list(self.graph.outputs))
         return steps
 
-    def _cpu_scalar_args(self) -> dict[int, list[int]]:
+    def _host_tensor_args(self) -> dict[int, list[int]]:
         """Kernel step -> positions of its arguments that are CPU tensors while the kernel runs on a
         GPU: 0-d ones (eager takes a CPU scalar tensor next to CUDA operands, ``x * torch.tensor(2.0)``)
         and constants (a tensor made in the traced function under ``torch.set_default_device("cuda")``
@@ -234,14 +234,14 @@ class CompiledGraph:
 
     def _kernel_args(self, k: int, args: list, env: dict, device: torch.device) -> list:
         vals = [env[a] for a in args]
-        for i in self._scalar_args.get(k, ()):
+        for i in self._host_args.get(k, ()):
             x = vals[i]
             if isinstance(x, torch.Tensor) and x.device != device:
                 if args[i] in self._consts:
                     key = (args[i], device)
-                    if key not in self._scalars_on_device:
-                        self._scalars_on_device[key] = x.to(device)
-                    vals[i] = self._scalars_on_device[key]
+                    if key not in self._moved_consts:
+                        self._moved_consts[key] = x.to(device)
+                    vals[i] = self._moved_consts[key]
                 else:
                     vals[i] = x.to(device, non_blocking=True)
         return vals
@@ -364,7 +364,7 @@ class CompiledGraph:
                     res = [views[name] if name in views else alloc(shape, strides, dtype=dtype, device=device)
                            for name, shape, strides, dtype in outs]
                 if res and res[0].numel() > 0:
-                    vals = self._kernel_args(k, args, env, device) if k in self._scalar_args else [env[a] for a in args]
+                    vals = self._kernel_args(k, args, env, device) if k in self._host_args else [env[a] for a in args]
                     if extra and first:         # the first launch may autotune (re-run) the kernel
                         self._launch_aside(what, vals, res)
                     else:
