@@ -49,6 +49,27 @@ def _vit():
         image_size=16, patch_size=4, num_labels=10))
 
 
+def _bloom():        # ALiBi position biases in the attention scores
+    return transformers.BloomForCausalLM(transformers.BloomConfig(
+        hidden_size=64, n_layer=2, n_head=4, vocab_size=VOCAB))
+
+
+def _gptj():         # rotary embedding on part of each head, interleaved pairs
+    return transformers.GPTJForCausalLM(transformers.GPTJConfig(
+        n_embd=64, n_layer=2, n_head=4, rotary_dim=8, vocab_size=VOCAB, n_positions=64))
+
+
+def _falcon():       # parallel attention and MLP, grouped KV heads
+    return transformers.FalconForCausalLM(transformers.FalconConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, new_decoder_architecture=True,
+        num_kv_heads=2, vocab_size=VOCAB))
+
+
+def _distilbert():   # with a padding mask
+    return transformers.DistilBertForMaskedLM(transformers.DistilBertConfig(
+        dim=64, n_layers=2, n_heads=4, hidden_dim=128, vocab_size=VOCAB, max_position_embeddings=64))
+
+
 def _ids(seed=0):
     return torch.randint(0, VOCAB, (B, S), generator=torch.Generator().manual_seed(seed))
 
@@ -56,8 +77,12 @@ def _ids(seed=0):
 INPUTS = {"gpt2": lambda: dict(input_ids=_ids()), "bert": lambda: dict(input_ids=_ids()),
           "llama": lambda: dict(input_ids=_ids()),
           "t5": lambda: dict(input_ids=_ids(), decoder_input_ids=_ids(1)[:, :4]),
-          "vit": lambda: dict(pixel_values=torch.randn(B, 3, 16, 16, generator=torch.Generator().manual_seed(0)))}
-MODELS = {"gpt2": _gpt2, "bert": _bert, "llama": _llama, "t5": _t5, "vit": _vit}
+          "vit": lambda: dict(pixel_values=torch.randn(B, 3, 16, 16, generator=torch.Generator().manual_seed(0))),
+          "bloom": lambda: dict(input_ids=_ids()), "gptj": lambda: dict(input_ids=_ids()),
+          "falcon": lambda: dict(input_ids=_ids()),
+          "distilbert": lambda: dict(input_ids=_ids(), attention_mask=(torch.arange(S) < torch.tensor([[S], [S - 3]])).long())}
+MODELS = {"gpt2": _gpt2, "bert": _bert, "llama": _llama, "t5": _t5, "vit": _vit, "bloom": _bloom, "gptj": _gptj,
+          "falcon": _falcon, "distilbert": _distilbert}
 def generated_ratio(reports: list[dict]) -> tuple[float, int, int]:
     gen = sum(1 for r in reports for k in r["kernels"] if k["target"] != "aten"
               for o in k["ops"] if op_kind(o) != OpKind.VIEW)
