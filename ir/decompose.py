@@ -40,13 +40,19 @@ def _dims(x, dim):
 
 
 def var_mean(x, dim=None, *, correction=None, keepdim=False):
+    """Two passes, the second corrected for the mean's rounding (Chan, Golub and LeVeque): with
+    d = x - mean, sum(d^2) - sum(d)^2 / n. Without the correction a mean rounded by delta adds
+    n * delta^2, which swamps the variance of data far from zero (mean 1000, std 0.01: 1e-4
+    relative error in fp32, layer_norm's output off by 3e-3; eager 3e-8)."""
     dims = _dims(x, dim)
     xf = x.float() if _low(x) else x
     n = math.prod(x.shape[d] for d in dims) if x.dim() else 1
     corr = 1 if correction is None else correction
     mean = aten.mean.dim(xf, dims, True)
     d = xf - mean
-    var = aten.sum.dim_IntList(d * d, dims, keepdim) / max(n - corr, 0)
+    s1 = aten.sum.dim_IntList(d, dims, keepdim)
+    m2 = aten.clamp_min(aten.sum.dim_IntList(d * d, dims, keepdim) - s1 * s1 / max(n, 1), 0)
+    var = m2 / max(n - corr, 0)
     if not keepdim:
         mean = aten.squeeze.dims(mean, dims)
     return (var.to(x.dtype), mean.to(x.dtype)) if _low(x) else (var, mean)
