@@ -112,6 +112,18 @@ class TritonRenderer(Renderer):
     def inf(self): return "float('inf')"
     def fn(self, name, a): return f"tl.{name}({a})"
 
+    # Triton 3.6 (the GPU machine's) compiles `-x` as `0 - x` (fixed upstream in May 2026), and older
+    # versions make a constant 0.0 of either sign +0.0: -(+0.0) and a literal -0.0 came out +0.0 where
+    # eager has -0.0 (floor division's -0.0 results on the GPU). Float negation is a multiply by -1,
+    # and -0.0 a product made at run time.
+    def literal(self, c: Const) -> str:
+        if c.dtype.is_floating_point and not isinstance(c.value, bool) and float(c.value) == 0 \
+                and math.copysign(1.0, float(c.value)) < 0:
+            return f"(tl.full([], 0.0, {TL[compute_dtype(c.dtype)]}) * -1.0)"
+        return super().literal(c)
+
+    def op_neg(self, a, fp=True, **k): return f"({a} * -1.0)" if fp else f"(-{a})"
+
     def cast(self, s, src, dt):
         src_dt = src.dtype if not isinstance(src, Const) else None
         if src_dt is not None and compute_dtype(src_dt) == compute_dtype(dt):

@@ -153,7 +153,8 @@ def _fdiv_floor(a, b):
     f = tl.floor(d)
     f = tl.where(d - f > 0.5, f + 1, f)
     neg = (q < 0) | ((q == 0) & (1 / q < 0))
-    return tl.where(b == 0, q, tl.where(d == 0, tl.where(neg, -0.0, 0.0), f))""",
+    zero = tl.zeros_like(f)
+    return tl.where(b == 0, q, tl.where(d == 0, tl.where(neg, zero * -1.0, zero), f))""",
     "maxnan": """@triton.jit
 def _max_nan(a, b):
     if a.dtype.is_floating():       # one NaN-propagating max instruction (fmax.NaN)

@@ -134,16 +134,19 @@ def test_launch_hooks_see_kiln_launches():
 @pytest.mark.parametrize("target", ["triton", "cuda"])
 def test_exact_float_remainder_signed_zeros_pow_zero(target):
     """remainder/fmod exact as eager's (libdevice fmod in Triton), floor division from them (1 // 0.1
-    = 9), x ** 0 = 1 for NaN, round(-0.4) = -0.0, 1 / (x + 0) = +inf for x = -0.0."""
+    = 9), x ** 0 = 1 for NaN, round(-0.4) = -0.0, 1 / (x + 0) = +inf for x = -0.0, and signed zeros
+    through negation and constants (Triton 3.6 compiles `-x` as `0 - x`; older versions make a
+    constant -0.0 +0.0)."""
     a = torch.tensor([12345678.0, 1e7 + 3, 7.5, -7.5, 1e-3, -0.0, 5.0, float("inf"), -3.0], device="cuda")
     b = torch.tensor([0.1, 3.0, 2.0, 2.0, 7.0, 3.0, float("inf"), 2.0, float("inf")], device="cuda")
     fn = lambda a, b: (torch.remainder(a, b), torch.fmod(a, b), torch.remainder(a.double(), 0.3),  # noqa: E731
                        a.pow(0.0), torch.round(a * 0 - 0.4), 1 / (a * 0 - 0.0 + 0), a // b, a.double() // 0.1,
-                       (a * 0 + 1) // 0.1)
+                       (a * 0 + 1) // 0.1, torch.neg(b * 0), torch.where(a > 1e30, a, -0.0), -a // 7)
     torch._dynamo.reset()
     got, want = kiln.compile(fn, target=target)(a, b), fn(a, b)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, equal_nan=True, rtol=0, atol=0)
+        assert torch.equal(torch.signbit(g[~w.isnan()]), torch.signbit(w[~w.isnan()])), (g, w)
     assert any(k["target"] == target for k in kiln.last_report().kernels)
 
 
