@@ -3,21 +3,14 @@ kiln (as bench/matmul.py compiles it) with cudagraphs auto/off/on; cProfile of k
 
     python bench/gpu_host_gemv.py
 """
-import time, cProfile, pstats, io, sys, torch, kiln
+import cProfile, pstats, io, torch, kiln
 from triton.testing import do_bench
+from host_timer import issue_us
 from kiln.autotune.measure import time_gpu
 F = torch.nn.functional
 dev = "cuda"
 def gemv(x, w): return F.linear(x, w)
-def host_us(f, n=200, rounds=7):
-    best = 1e9
-    for _ in range(rounds):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(n): f()
-        best = min(best, (time.perf_counter() - t0) / n)
-        torch.cuda.synchronize()
-    return best * 1e6
+def host_us(f): return issue_us(f, 200)
 x = torch.randn(1, 4096, device=dev, dtype=torch.bfloat16)
 w = torch.randn(11008, 4096, device=dev, dtype=torch.bfloat16) / 64
 with torch.no_grad():

@@ -4,19 +4,12 @@ their do_bench times, and a cProfile of kiln's call on the large input.
 
     python bench/gpu_host_sizes.py
 """
-import time, cProfile, pstats, io, sys, torch, kiln
+import cProfile, pstats, io, torch, kiln
 from triton.testing import do_bench
+from host_timer import issue_us
 dev = "cuda"
 fn = lambda x: torch.softmax(x, -1)
-def host_us(f, n=40, rounds=7):
-    best = 1e9
-    for _ in range(rounds):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(n): f()
-        best = min(best, (time.perf_counter() - t0) / n)
-        torch.cuda.synchronize()
-    return best * 1e6
+def host_us(f): return issue_us(f, 40)
 for shape, dt in (((16, 16), torch.float32), ((4096, 8192), torch.bfloat16)):
     x = torch.randn(shape, device=dev, dtype=dt)
     torch._dynamo.reset()

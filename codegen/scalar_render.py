@@ -84,12 +84,12 @@ class Renderer:
     def op_truediv_rn(self, a, b, **k): return self.op_truediv(a, b, **k)     # IEEE already but in Triton
 
 
-def _const(x, dt):
-    """A constant divisor's value when its reciprocal in ``dt`` is finite and nonzero (else None)."""
+def _reciprocal(x, dt):
+    """A constant divisor's reciprocal in ``dt`` (reciprocal_of) when finite and nonzero, else None."""
     if not (isinstance(x, Const) and not isinstance(x.value, bool) and math.isfinite(float(x.value)) and x.value):
         return None
     r = reciprocal_of(float(x.value), dt)
-    return float(x.value) if math.isfinite(r) and r != 0 else None
+    return r if math.isfinite(r) and r != 0 else None
 
 
 def reciprocal_of(c: float, dt) -> float:
@@ -100,9 +100,6 @@ def reciprocal_of(c: float, dt) -> float:
     with np.errstate(over="ignore", divide="ignore"):
         return float(np.float32(1.0) / np.float32(c)) if dt != torch.float64 else 1.0 / c
 
-
-def const_div(a: str, c: float, dt) -> str:
-    return f"({a} * {reciprocal_of(c, dt)!r})"
 
 
 class TritonRenderer(Renderer):
@@ -146,18 +143,18 @@ class TritonRenderer(Renderer):
     # Triton's fp32 `/` is div.full.f32 (within 2 ulp, as Inductor's kernels divide) and tl.sqrt is
     # sqrt.approx.ftz. A division that reaches a rounding op or a comparison (lower.exact_divisions:
     # floor(a / b) could land one below eager's) is IEEE (div.rn), sqrt is sqrt.rn, and a constant
-    # divisor is a multiply by its reciprocal, as eager's CUDA kernels divide (const_div).
+    # divisor is a multiply by its reciprocal, as eager's CUDA kernels divide (reciprocal_of).
     def op_truediv(self, a, b, e=None, **k):
         dt = compute_dtype(e.dtype)
-        return self.div(a, b, dt, _const(e.args[1], dt), exact=False)
+        return self.div(a, b, dt, _reciprocal(e.args[1], dt), exact=False)
     def op_truediv_rn(self, a, b, e=None, **k):
         dt = compute_dtype(e.dtype)
-        return self.div(a, b, dt, _const(e.args[1], dt))
+        return self.div(a, b, dt, _reciprocal(e.args[1], dt))
     @staticmethod
-    def div(a, b, dt, const=None, exact=True) -> str:
-        """``a / b`` in compute dtype ``dt``; ``const``: b's value when it is a constant."""
-        if const is not None:
-            return const_div(a, const, dt)
+    def div(a, b, dt, recip=None, exact=True) -> str:
+        """``a / b`` in compute dtype ``dt``; ``recip``: b's reciprocal when b is a constant."""
+        if recip is not None:
+            return f"({a} * {recip!r})"
         return f"tl.div_rn({a}, {b})" if exact and dt == torch.float32 else f"({a} / {b})"
     def op_exp(self, a, **k): return f"tl.exp({a})"
     def op_log(self, a, **k): return f"tl.log({a})"
@@ -429,8 +426,8 @@ class CudaRenderer(Renderer):
 
     def op_truediv(self, a, b, e=None, **k):       # a constant divisor as eager's CUDA kernels: a multiply
         dt = compute_dtype(e.dtype)
-        c = _const(e.args[1], dt)
-        return f"(({a}) * {self.literal(Const(reciprocal_of(c, dt), dt))})" if c is not None else f"(({a}) / ({b}))"
+        r = _reciprocal(e.args[1], dt)
+        return f"(({a}) * {self.literal(Const(r, dt))})" if r is not None else f"(({a}) / ({b}))"
 
     def convert(self, s, src, dt):
         if isinstance(src, Const):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from kiln.ir.scalar import Const, neutral
 from .lower import LoopKernel, Reduce, compute_dtype
-from .scalar_render import TL, TritonRenderer
+from .scalar_render import TL, TritonRenderer, reciprocal_of
 from .schedule_stmts import plan_stages
 from .templates import ENV
 
@@ -256,7 +256,8 @@ class _Emitter:
             e = f"tl.reduce({v}, 1, _min_nan)"
         e = f"{e}[:, None]"
         if red.kind == "mean":
-            e = TritonRenderer.div(e, repr(float(red.count)), compute_dtype(red.acc_dtype), red.count)
+            dt = compute_dtype(red.acc_dtype)
+            e = TritonRenderer.div(e, repr(float(red.count)), dt, reciprocal_of(red.count, dt) if red.count else None)
         return e
 
     def neutral_lit(self, red: Reduce) -> str:

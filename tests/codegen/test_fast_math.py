@@ -149,28 +149,17 @@ def test_integer_division_is_exact_at_the_extremes(target, dtype):
 def test_float_remainder_kernels_compile_for_sm90():
     """libdevice's fmod takes one dtype for both operands: a constant operand (remainder(x, 0.3) or
     x // 0.1 on fp64) must reach it as a scalar of that dtype; and Triton refuses // between uint8
-    and an int32 literal (u // 7 did not compile on a GPU; the interpreter took it). Compiled to PTX here, no GPU needed."""
-    from test_cuda_sources import _groups
-    from test_triton_ptx import _ptx
-
-    from kiln.codegen.lower import lower
-    from kiln.codegen.triton_gen import render
-    names = {torch.float32: "fp32", torch.float64: "fp64", torch.uint8: "u8"}
+    and an int32 literal (u // 7 did not compile on a GPU; the interpreter took it). Compiled to PTX
+    here, no GPU needed."""
+    from test_triton_ptx import _model_jobs, _ptx
 
     def model(a, b, c, u):
         return (torch.remainder(a, b), torch.fmod(a, 3.0), torch.remainder(c, 0.3), torch.remainder(0.7, c), -a,
                 torch.where(a > 0, a, -0.0), c * -0.0,
                 a // b, c // 0.1, u // 7 + u % 3, torch.log1p(a) + torch.expm1(a) + torch.tanh(a),
                 torch.log1p(c) + torch.expm1(c) + torch.tanh(c) + torch.sinh(c))
-    jobs = []
-    for n in _groups(model, torch.randn(4, 16), torch.randn(16), torch.randn(4, 16, dtype=torch.float64),
-                     torch.arange(64, dtype=torch.uint8).reshape(4, 16)):
-        lk = lower(n)
-        src, _ = render(lk)
-        types = {f"in_ptr{a.arg}": "*" + names[a.dtype] for a in lk.loads}
-        types.update({f"out_ptr{a.arg}": "*" + names[a.dtype] for a in lk.stores})
-        jobs.append({"source": src, "entry": lk.name, "types": types, "num_warps": 4,
-                     "constexprs": {"XN": lk.xnumel, "RN": max(lk.rnumel, 1), "XBLOCK": 64, "RBLOCK": 1}})
+    jobs = _model_jobs(model, torch.randn(4, 16), torch.randn(16), torch.randn(4, 16, dtype=torch.float64),
+                       torch.arange(64, dtype=torch.uint8).reshape(4, 16))
     assert any("tl.full([], 0.3, tl.float64)" in j["source"] for j in jobs)
     assert len(_ptx(jobs)) == len(jobs)        # every kernel compiled (a failure fails the helper)
 

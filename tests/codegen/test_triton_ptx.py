@@ -52,6 +52,26 @@ def _ptx(jobs):
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+_PTR = {torch.float32: "*fp32", torch.float64: "*fp64", torch.bfloat16: "*bf16", torch.float16: "*fp16",
+        torch.uint8: "*u8", torch.int32: "*i32", torch.int64: "*i64", torch.bool: "*i1"}
+
+
+def _model_jobs(model, *args) -> list[dict]:
+    """One compile job per fused group of ``model``: its rendered source, pointer dtypes and blocks
+    (64 rows a program without a reduction, one row of 256 with one)."""
+    jobs = []
+    for n in _groups(model, *args):
+        lk = lower(n)
+        src, _ = render(lk)
+        types = {f"in_ptr{a.arg}": _PTR[a.dtype] for a in lk.loads}
+        types.update({f"out_ptr{a.arg}": _PTR[a.dtype] for a in lk.stores})
+        red = lk.rnumel > 1
+        jobs.append({"source": src, "entry": lk.name, "types": types, "num_warps": 4,
+                     "constexprs": {"XN": lk.xnumel, "RN": max(lk.rnumel, 1), "XBLOCK": 1 if red else 64,
+                                    "RBLOCK": 256 if red else 1}})
+    return jobs
+
+
 def test_whole_blocks_compile_to_unpredicated_vector_loads():
     bf = torch.bfloat16
 
@@ -92,17 +112,7 @@ def test_fp32_division_rounds_as_eager_where_a_rounding_op_reads_it():
         return a / b, torch.softmax(a, -1)
 
     def compiled(model):
-        jobs = []
-        for n in _groups(model, torch.randn(64, 256), torch.randn(64, 256)):
-            lk = lower(n)
-            src, _ = render(lk)
-            dt = {torch.bool: "*i1", torch.int64: "*i64"}
-            types = {f"in_ptr{a.arg}": dt.get(a.dtype, "*fp32") for a in lk.loads}
-            types.update({f"out_ptr{a.arg}": dt.get(a.dtype, "*fp32") for a in lk.stores})
-            jobs.append({"source": src, "entry": lk.name, "types": types, "num_warps": 4,
-                         "constexprs": {"XN": lk.xnumel, "RN": max(lk.rnumel, 1),
-                                        "XBLOCK": 64 if lk.rnumel <= 1 else 1, "RBLOCK": 1 if lk.rnumel <= 1 else 256}})
-        return _ptx(jobs)
+        return _ptx(_model_jobs(model, torch.randn(64, 256), torch.randn(64, 256)))
     res = compiled(exact)
     assert sum(r["div.rn.f32"] for r in res) >= 2 and sum(r["sqrt.rn.f32"] for r in res) >= 1, res
     assert not any(r["div.full.f32"] or r["sqrt.approx"] for r in res), res
