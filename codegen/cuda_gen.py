@@ -4,6 +4,7 @@ thread per element, grid-stride. Reductions: one block per row, each thread stri
 reduced dim, warp shuffles then shared memory combine; the prologue is recomputed per pass."""
 from __future__ import annotations
 
+import torch
 
 from kiln.ir.scalar import Const, neutral
 from .lower import LoopKernel, Reduce, compute_dtype
@@ -78,18 +79,21 @@ def render(lk: LoopKernel) -> tuple[str, dict]:
             return out + ["    " + s for s in inner] + ["}"]
 
         for st in stages:
-            rd: Reduce = st.reduce.expr
-            acc = _acc_type(rd)
-            lit = rnd.literal(Const(neutral(rd.kind, rd.acc_dtype), rd.acc_dtype))
-            v = f"{st.reduce.var}_acc"
-            body.append(f"{acc} {v} = ({acc})({lit});")
-            body += loop(st, [f"{v} = {_COMBINE[rd.kind]}()({v}, ({acc})({rd.src}));"])
-            res = f"kiln_block_reduce<{acc}>({v}, {_COMBINE[rd.kind]}())"
-            if rd.kind == "mean":           # eager's mean multiplies by its factor (reciprocal_of)
-                dt = compute_dtype(rd.acc_dtype)
-                res = f"({res} * {rnd.literal(Const(reciprocal_of(rd.count, dt), dt))})"
-            body.append(f"const {CU[compute_dtype(st.reduce.dtype)] if rd.acc_dtype != __import__('torch').bool else 'bool'} "
-                        f"{st.reduce.var} = {res};")
+            updates, results = [], []
+            for red in st.reduces:
+                rd: Reduce = red.expr
+                acc = _acc_type(rd)
+                lit = rnd.literal(Const(neutral(rd.kind, rd.acc_dtype), rd.acc_dtype))
+                v = f"{red.var}_acc"
+                body.append(f"{acc} {v} = ({acc})({lit});")
+                updates.append(f"{v} = {_COMBINE[rd.kind]}()({v}, ({acc})({rd.src}));")
+                res = f"kiln_block_reduce<{acc}>({v}, {_COMBINE[rd.kind]}())"
+                if rd.kind == "mean":           # eager's mean multiplies by its factor (reciprocal_of)
+                    dt = compute_dtype(rd.acc_dtype)
+                    res = f"({res} * {rnd.literal(Const(reciprocal_of(rd.count, dt), dt))})"
+                results.append(f"const {CU[compute_dtype(red.dtype)] if rd.acc_dtype != torch.bool else 'bool'} "
+                               f"{red.var} = {res};")
+            body += loop(st, updates) + results
             body += [stmt(s) for s in st.after]
         if final is not None:
             body += loop(final, [store(a) for a in lk.stores if a.space == "xr"])

@@ -120,7 +120,7 @@ def _stash(lk: LoopKernel, stages, final):
         need.add(v)
         if v in theirs:
             stack.extend(refs(theirs[v].expr))
-    new_final = Stage(None, [a for a in final.loop_loads if a.var in need],
+    new_final = Stage([], [a for a in final.loop_loads if a.var in need],
                       [s for s in final.loop_stmts if s.var in need], [])
     return var, buf, new_final
 
@@ -136,7 +136,7 @@ def _next_row_stage(stages, final, stash) -> bool:
         return False
     st0 = stages[0]
     own = {a.var for a in st0.loop_loads} | {s.var for s in st0.loop_stmts}
-    used = {r for s in st0.loop_stmts for r in refs(s.expr)} | {st0.reduce.expr.src}
+    used = {r for s in st0.loop_stmts for r in refs(s.expr)} | {red.expr.src for red in st0.reduces}
     return used <= own
 
 
@@ -235,36 +235,40 @@ def render(lk: LoopKernel) -> tuple[str, dict]:
                     "min": f"{a} = {src} if {src} < {a} else {a}",
                     "any": f"{a} = {a} | {src}", "all": f"{a} = {a} & {src}"}[rd.kind]
 
+        def neutral_lit(rd: Reduce) -> str:
+            return rnd.literal(Const(neutral(rd.kind, rd.acc_dtype), rd.acc_dtype))
+
         nxt = _next_row_stage(stages, final, stash)
         if nxt:
             # the first reduction of row x + 1 runs inside row x's final pass (see _next_row_stage)
-            st0, rd0 = stages[0], stages[0].reduce.expr
+            st0 = stages[0]
             yvars = [f"y{i}" for i in range(len(lk.xsizes))]
-            names = {a.var for a in st0.loop_loads} | {s.var for s in st0.loop_stmts} | {st0.reduce.var}
+            names = {a.var for a in st0.loop_loads} | {s.var for s in st0.loop_stmts} | {r.var for r in st0.reduces}
             ren = re.compile(r"\b(" + "|".join(map(re.escape, sorted(names, key=len, reverse=True))) + r")\b")
 
             def renamed(line: str) -> str:
                 return ren.sub(lambda m: m.group(1) + "_nx", line)
-            a0, lit0 = st0.reduce.var, rnd.literal(Const(neutral(rd0.kind, rd0.acc_dtype), rd0.acc_dtype))
+            inits0 = [f"{r.var}_nx = {neutral_lit(r.expr)}" for r in st0.reduces]
             body0 = [load(a, yvars, "_nx") for a in st0.loop_loads] + [renamed(stmt(s)) for s in st0.loop_stmts] + \
-                [renamed(update(rd0, a0, rd0.src))]
-            first = [f"{a0}_nx = {lit0}", "if np.uint64(lo) < np.uint64(hi):"]
+                [renamed(update(r.expr, r.var, r.expr.src)) for r in st0.reduces]
+            first = inits0 + ["if np.uint64(lo) < np.uint64(hi):"]
             first += [ind + line for line in _decompose("np.uint64(lo)", lk.xsizes, "y")]
-            loop(Stage(None, [], [], []), body0, base=1, out=first)
+            loop(Stage([], [], [], []), body0, base=1, out=first)
             L[row_loop:row_loop] = first
 
         for i, st in enumerate(stages):
-            rd: Reduce = st.reduce.expr
-            a = st.reduce.var
             if nxt and i == 0:
-                L.append(f"{ind}{a} = {a}_nx")
+                L += [f"{ind}{r.var} = {r.var}_nx" for r in st.reduces]
             else:
-                L.append(f"{ind}{a} = {rnd.literal(Const(neutral(rd.kind, rd.acc_dtype), rd.acc_dtype))}")
-                loop(st, [update(rd, a, rd.src)] + ([L_stash] if stash is not None and st is stages[-1] else []))
-            if rd.kind == "mean":
-                cnt = rnd.literal(Const(float(rd.count), rd.acc_dtype)) if rd.acc_dtype.is_floating_point \
-                    else repr(float(rd.count))
-                L.append(f"{ind}{a} = {NP[rd.acc_dtype]}({a} / {cnt})")
+                L += [f"{ind}{r.var} = {neutral_lit(r.expr)}" for r in st.reduces]
+                loop(st, [update(r.expr, r.var, r.expr.src) for r in st.reduces] +
+                     ([L_stash] if stash is not None and st is stages[-1] else []))
+            for r in st.reduces:
+                rd: Reduce = r.expr
+                if rd.kind == "mean":
+                    cnt = rnd.literal(Const(float(rd.count), rd.acc_dtype)) if rd.acc_dtype.is_floating_point \
+                        else repr(float(rd.count))
+                    L.append(f"{ind}{r.var} = {NP[rd.acc_dtype]}({r.var} / {cnt})")
             L += [ind + stmt(s) for s in st.after]
         if final is not None:
             tail = [store(a) for a in lk.stores if a.space == "xr"]
@@ -275,7 +279,7 @@ def render(lk: LoopKernel) -> tuple[str, dict]:
                 # the last row of a chunk reads itself again instead (from L1; the result is unused)
                 L.append(f"{ind}xn = x + np.uint64(1) if x + np.uint64(1) < np.uint64(hi) else x")
                 L += [ind + line for line in _decompose("xn", lk.xsizes, "y")]
-                L.append(f"{ind}{a0}_nx = {lit0}")
+                L += [ind + line for line in inits0]
                 loop(final, tail + body0, head)
         L += [ind + store(a) for a in lk.stores if a.space == "x"]
         passes = len(stages) + (final is not None)

@@ -1,6 +1,8 @@
 """Where each statement of a loop kernel is emitted when the reduced dim is walked in loops:
 x-space statements once per row as soon as their inputs exist, xr-space statements inside every
-loop that needs them (recomputed from loads rather than kept in memory)."""
+loop that needs them (recomputed from loads rather than kept in memory). Reductions that do not
+depend on one another share one walk of the row (a corrected variance's sum(d) and sum(d*d)):
+one loop instead of two when the row is looped, one cross-warp exchange when it fits."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -10,17 +12,17 @@ from .lower import Access, LoopKernel, Reduce, Stmt, refs
 
 @dataclass
 class Stage:
-    reduce: Stmt | None           # None for the final store loop
+    reduces: list[Stmt]           # independent reductions over one walk of the row; [] for the final store loop
     loop_loads: list[Access]      # xr loads inside the loop
     loop_stmts: list[Stmt]        # xr statements inside the loop
-    after: list[Stmt]             # x statements computable once this reduction is done
+    after: list[Stmt]             # x statements computable once these reductions are done
 
 
 def plan_stages(lk: LoopKernel) -> tuple[list[Stmt], list[Stage], Stage | None]:
     by_var = {s.var: s for s in lk.stmts}
     load_of = {a.var: a for a in lk.loads}
 
-    def cone(roots: list[str]) -> tuple[list[Access], list[Stmt]]:
+    def cone(roots: list[str]) -> set[str]:
         need: set[str] = set()
         stack = list(roots)
         while stack:
@@ -33,21 +35,37 @@ def plan_stages(lk: LoopKernel) -> tuple[list[Stmt], list[Stage], Stage | None]:
                 stack.extend(refs(s.expr))
             elif v in load_of and load_of[v].space == "xr":
                 need.add(v)
-        loads = [a for a in lk.loads if a.var in need]
-        stmts = [s for s in lk.stmts if s.var in need]
-        return loads, stmts
+        return need
+
+    def depends(v: str) -> set[str]:
+        """Every statement ``v`` needs, through reductions and x statements too."""
+        seen: set[str] = set()
+        stack = [v]
+        while stack:
+            u = stack.pop()
+            s = by_var.get(u)
+            if u in seen or s is None:
+                continue
+            seen.add(u)
+            stack.extend([s.expr.src] if isinstance(s.expr, Reduce) else refs(s.expr))
+        return seen
+
+    def stage(reduces: list[Stmt], roots: list[str], after: list[Stmt]) -> Stage:
+        need = cone(roots)
+        return Stage(reduces, [a for a in lk.loads if a.var in need], [s for s in lk.stmts if s.var in need], after)
 
     pre: list[Stmt] = []
-    stages: list[Stage] = []
+    groups: list[tuple[list[Stmt], list[Stmt]]] = []       # (reductions, x statements after them)
     for s in lk.stmts:
         if isinstance(s.expr, Reduce):
-            loads, stmts = cone([s.expr.src])
-            stages.append(Stage(s, loads, stmts, []))
+            last = groups[-1] if groups else None
+            if last is not None and not depends(s.expr.src) & {t.var for t in last[0] + last[1]}:
+                last[0].append(s)
+            else:
+                groups.append(([s], []))
         elif s.space == "x":
-            (stages[-1].after if stages else pre).append(s)
+            (groups[-1][1] if groups else pre).append(s)
+    stages = [stage(reds, [r.expr.src for r in reds], after) for reds, after in groups]
     xr_stores = [a for a in lk.stores if a.space == "xr"]
-    final = None
-    if xr_stores:
-        loads, stmts = cone([a.var for a in xr_stores])
-        final = Stage(None, loads, stmts, [])
+    final = stage([], [a.var for a in xr_stores], []) if xr_stores else None
     return pre, stages, final

@@ -227,6 +227,7 @@ class _Emitter:
         self.lk = lk
         self.r = TritonRenderer()
         self.lines: list[str] = []
+        self.combiners: dict[str, str] = {}
 
     def load(self, a) -> str:
         cdt = TL[compute_dtype(a.dtype)]
@@ -240,10 +241,33 @@ class _Emitter:
             return f"{s.var} = tl.full([1], {self.r.literal(s.expr)}, {TL[compute_dtype(s.dtype)]})"
         return f"{s.var} = {self.r.render(s.expr)}"
 
-    def reduce_expr(self, red: Reduce, src: str, mask: str, axis_keep=True) -> str:
-        acc = TL[red.acc_dtype]
-        n = self.neutral_lit(red)
-        v = f"tl.where({mask}, {src}.to({acc}), {n})"
+    def combine(self, kind: str, a: str, b: str) -> str:
+        """One step of a reduction of ``kind``: the loops' accumulation and the combine functions."""
+        if kind in ("sum", "mean"):
+            return f"{a} + {b}"
+        if kind == "prod":
+            return f"{a} * {b}"
+        self.r.helpers.add("maxnan")
+        return f"{'_max_nan' if kind in ('max', 'any') else '_min_nan'}({a}, {b})"
+
+    def reduce_group(self, reds: list, srcs: list[str], mask: str) -> list[str]:
+        """Lines computing the reductions ``reds`` of ``srcs`` along the row: one tl.reduce over a
+        tuple when there are several, so they share one exchange between warps."""
+        vals = [f"tl.where({mask}, {src}.to({TL[red.expr.acc_dtype]}), {self.neutral_lit(red.expr)})"
+                for red, src in zip(reds, srcs)]
+        if len(reds) == 1:
+            return [f"{reds[0].var} = " + self.finish(reds[0].expr, self.reduce_expr(reds[0].expr, vals[0]))]
+        kinds = [red.expr.kind for red in reds]
+        fn = "_comb_" + "_".join(kinds)
+        a = [f"a{i}" for i in range(len(reds))]
+        b = [f"b{i}" for i in range(len(reds))]
+        body = ", ".join(self.combine(k, x, y) for k, x, y in zip(kinds, a, b))
+        self.combiners[fn] = f"@triton.jit\ndef {fn}({', '.join(a + b)}):\n    return {body}"
+        tmp = [f"{red.var}_r" for red in reds]
+        lines = [f"{', '.join(tmp)} = tl.reduce(({', '.join(vals)}), 1, {fn})"]
+        return lines + [f"{red.var} = " + self.finish(red.expr, f"{t}[:, None]") for red, t in zip(reds, tmp)]
+
+    def reduce_expr(self, red: Reduce, v: str) -> str:
         if red.kind in ("sum", "mean"):
             e = f"tl.sum({v}, 1)"
         elif red.kind == "prod":
@@ -254,7 +278,9 @@ class _Emitter:
         else:
             self.r.helpers.add("maxnan")
             e = f"tl.reduce({v}, 1, _min_nan)"
-        e = f"{e}[:, None]"
+        return f"{e}[:, None]"
+
+    def finish(self, red: Reduce, e: str) -> str:
         if red.kind == "mean":
             dt = compute_dtype(red.acc_dtype)
             e = TritonRenderer.div(e, repr(float(red.count)), dt, reciprocal_of(red.count, dt) if red.count else None)
@@ -294,11 +320,21 @@ def render(lk: LoopKernel) -> tuple[str, dict]:
         L += _decompose("r", lk.rsizes, "r")
         for a in lk.loads:
             L.append(em.load(a))
-        for s in lk.stmts:
-            if isinstance(s.expr, Reduce):
-                L.append(f"{s.var} = " + em.reduce_expr(s.expr, s.expr.src, "xmask & rmask"))
-            else:
-                L.append(em.stmt(s))
+        pre, stages, final = plan_stages(lk)
+        done: set[str] = set()
+
+        def emit(stmts):
+            for s in stmts:
+                if s.var not in done:
+                    done.add(s.var)
+                    L.append(em.stmt(s))
+        emit(pre)
+        for st in stages:
+            emit(st.loop_stmts)
+            L += em.reduce_group(st.reduces, [s.expr.src for s in st.reduces], "xmask & rmask")
+            emit(st.after)
+        if final is not None:
+            emit(final.loop_stmts)
         for a in lk.stores:
             L.append(em.store(a, "xmask & rmask" if a.space == "xr" else "xmask"))
     else:
@@ -318,22 +354,17 @@ def render(lk: LoopKernel) -> tuple[str, dict]:
             L.extend("    " + line for line in inner)
 
         for st in stages:
-            rd: Reduce = st.reduce.expr
-            acc = TL[rd.acc_dtype]
-            n = em.neutral_lit(rd)
-            L.append(f"{st.reduce.var}_acc = tl.full([XBLOCK, RBLOCK], {n}, {acc})")
-            v = f"tl.where(xmask & rmask, {rd.src}.to({acc}), {n})"
-            if rd.kind in ("sum", "mean"):
-                upd = f"{st.reduce.var}_acc = {st.reduce.var}_acc + {v}"
-            elif rd.kind == "prod":
-                upd = f"{st.reduce.var}_acc = {st.reduce.var}_acc * {v}"
-            else:
-                em.r.helpers.add("maxnan")
-                fn = "_max_nan" if rd.kind in ("max", "any") else "_min_nan"
-                upd = f"{st.reduce.var}_acc = {fn}({st.reduce.var}_acc, {v})"
-            loop(st, [upd])
+            updates = []
+            for red in st.reduces:
+                rd: Reduce = red.expr
+                acc = TL[rd.acc_dtype]
+                n = em.neutral_lit(rd)
+                L.append(f"{red.var}_acc = tl.full([XBLOCK, RBLOCK], {n}, {acc})")
+                v = f"tl.where(xmask & rmask, {rd.src}.to({acc}), {n})"
+                updates.append(f"{red.var}_acc = " + em.combine(rd.kind, f"{red.var}_acc", v))
+            loop(st, updates)
             full_mask = "xmask & (tl.arange(0, RBLOCK)[None, :] < RBLOCK)"
-            L.append(f"{st.reduce.var} = " + em.reduce_expr(rd, f"{st.reduce.var}_acc", full_mask))
+            L += em.reduce_group(st.reduces, [f"{red.var}_acc" for red in st.reduces], full_mask)
             L += [em.stmt(s) for s in st.after]
         if final is not None:
             loop(final, [em.store(a, "xmask & rmask") for a in lk.stores if a.space == "xr"])
@@ -343,6 +374,7 @@ def render(lk: LoopKernel) -> tuple[str, dict]:
     helpers = [HELPERS[h] for h in sorted(em.r.helpers)]
     if "_mul_combine" in "\n".join(L):
         helpers.append("@triton.jit\ndef _mul_combine(a, b):\n    return a * b")
+    helpers += list(em.combiners.values())
     params = [f"in_ptr{i}" for i in range(lk.n_inputs)] + [f"out_ptr{i}" for i in range(lk.n_outputs)]
     span = max([1] + [sum((s - 1) * abs(t) for s, t in zip(lk.xsizes + lk.rsizes, a.xstrides + a.rstrides)) + 1
                       for a in lk.loads + lk.stores])
