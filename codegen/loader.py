@@ -63,7 +63,8 @@ def load_loop(k: Kernel) -> None:
     from kiln.autotune.heuristics import triton_config
     xn, rn = k.meta["xnumel"], k.meta["rnumel"]
     one_pass = k.meta.get("one_pass", True)
-    state = {"cfg": k.meta.get("config") or triton_config(k.kind, xn, rn, one_pass, interpret)}
+    row = (k.meta.get("itemsize", 4), k.meta.get("shared_row", False))
+    state = {"cfg": k.meta.get("config") or triton_config(k.kind, xn, rn, one_pass, interpret, *row)}
     tuned = {"done": interpret or not k.meta.get("autotune") or "config" in k.meta}
 
     def run(cfg, ins, outs):

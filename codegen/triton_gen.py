@@ -381,4 +381,6 @@ def render(lk: LoopKernel) -> tuple[str, dict]:
     wide = span >= 2**31 - 1 or lk.xnumel * max(lk.rnumel, 1) >= 2**31 - 1
     src = ENV.get_template("triton_kernel.py.j2").render(
         name=lk.name, kind=lk.kind, ops=lk.ops, helpers=helpers, params=params, body=L, wide=wide)
-    return src, {"one_pass": one_pass}
+    row = [a.dtype.itemsize for a in lk.loads + lk.stores if any(a.rstrides)]
+    shared = any(any(a.rstrides) and not any(a.xstrides) for a in lk.loads)
+    return src, {"one_pass": one_pass, "itemsize": max(row or [4]), "shared_row": shared}

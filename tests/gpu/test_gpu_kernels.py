@@ -198,7 +198,8 @@ def test_constants_made_under_a_cuda_default_device(target):
     C read an illegal address). And x ** 0.5 is sqrt, as in eager: sqrt(-0.0) is -0.0 (CUDA C's
     powf gave +0.0)."""
     cases = {"bce": lambda x: torch.nn.functional.binary_cross_entropy(x, torch.tensor([0.0, 1.0, 1.0]).expand(4, 3)),
-             "constants": lambda x: x * torch.tensor([1.0, 2.0, 3.0]) + torch.tensor(0.5),
+             "vector": lambda x: x * torch.tensor([1.0, 2.0, 3.0]),
+             "constants": lambda x: x * torch.tensor(2.0) + torch.tensor(0.5),
              "sqrt": lambda x: (x ** 0.5, (-x * 0) ** 0.5)}
     ran = []
     torch.set_default_device("cuda")
@@ -206,7 +207,7 @@ def test_constants_made_under_a_cuda_default_device(target):
         x = torch.rand(4, 3) * 0.9 + 0.05
         for name, fn in cases.items():
             torch._dynamo.reset()
-            try:        # Dynamo itself refuses some (bce: its fake constant stays on the CPU): not kiln's
+            try:        # Dynamo refuses some (a non-0-d constant stays on the CPU in its fake run): not kiln's
                 torch.compile(fn, backend="eager")(x)
             except torch._dynamo.exc.TorchRuntimeError:
                 continue
