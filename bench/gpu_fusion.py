@@ -3,11 +3,13 @@
 Cases (bf16): bias+GELU+residual 16384x4096, add+RMSNorm 16384x4096 (returns the sum and the
 normalised output), softmax 4096x8192, layernorm 16384x4096. The roofline is the bytes each case
 must move (inputs read once, outputs written once) over the copy bandwidth measured in this run
-(a 1 GiB copy). A second column times a copy of the case's own byte count: smaller copies do not
+(a 1 GiB copy). ``--long-rows`` adds rows longer than one block (walked in loops): an LM head's
+softmax 4096x32000, log_softmax and cross-entropy over 4096x50257 bf16 logits (fp32 math, as
+models write it), layernorm 2048x16384. A second column times a copy of the case's own byte count: smaller copies do not
 reach the 1 GiB rate (on an H200 a 64 MiB copy runs at 88% of it), so it is the tighter ceiling.
 "GPU ms" is the kernels' time per call from a CUDA profile, without the host's share.
 
-    python bench/gpu_fusion.py [--json out.json] [--reps 200]
+    python bench/gpu_fusion.py [--json out.json] [--reps 200] [--long-rows]
 """
 from __future__ import annotations
 
@@ -62,6 +64,29 @@ def cases(dev):
     ]
 
 
+def log_softmax_fp32(x):
+    return torch.log_softmax(x.float(), -1)
+
+
+def cross_entropy_fp32(x, t):
+    return F.cross_entropy(x.float(), t)
+
+
+def long_row_cases(dev):
+    bf = torch.bfloat16
+    s = torch.randn(4096, 32000, device=dev, dtype=bf)
+    v = torch.randn(4096, 50257, device=dev, dtype=bf)
+    t = torch.randint(0, 50257, (4096,), device=dev)
+    x = torch.randn(2048, 16384, device=dev, dtype=bf)
+    w, b = torch.rand(16384, device=dev, dtype=bf) + 0.5, torch.randn(16384, device=dev, dtype=bf)
+    return [
+        ("softmax 4096x32000", softmax, (s,), 2 * s.numel() * 2),
+        ("log_softmax 4096x50257 (fp32 out)", log_softmax_fp32, (v,), v.numel() * (2 + 4)),
+        ("cross_entropy 4096x50257", cross_entropy_fp32, (v, t), v.numel() * 2 + t.numel() * 8),
+        ("layernorm 2048x16384", layernorm, (x, w, b), 2 * x.numel() * 2),
+    ]
+
+
 def copy_bandwidth(dev) -> float:
     a = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
     b = torch.empty_like(a)
@@ -98,13 +123,14 @@ def main(argv=None):
     ap.add_argument("--json")
     ap.add_argument("--reps", type=int, default=200)
     ap.add_argument("--autotune", action="store_true", help="let kiln time its launch configs first")
+    ap.add_argument("--long-rows", action="store_true", help="add the long-row (looped reduction) cases")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench/gpu_fusion.py needs a CUDA GPU")
     dev = "cuda"
     bw = copy_bandwidth(dev)
     rows = []
-    for name, fn, inputs, nbytes in cases(dev):
+    for name, fn, inputs, nbytes in cases(dev) + (long_row_cases(dev) if args.long_rows else []):
         torch._dynamo.reset()
         eager = lambda: fn(*inputs)  # noqa: E731
         ind = torch.compile(fn)

@@ -9,6 +9,7 @@ from .attention import attention
 from .cleanup import canonicalize_views, constant_fold, cse, dce, drop_copy_kernels, split_fills
 from .fuse import fuse
 from .gather import gather_rows
+from .gather_sink import sink_gather
 from .matmul import matmul_fusion
 from .cache_schedule import schedule_cache
 from .memory import plan_memory
@@ -22,6 +23,7 @@ PIPELINE = [
     ("constant_fold", lambda g, o: constant_fold(g)),
     ("canonicalize_views", lambda g, o: canonicalize_views(g)),
     ("dce_after_cleanup", lambda g, o: dce(g)),
+    ("sink_gather", lambda g, o: dce(sink_gather(g))),     # cross-entropy: no full log-softmax written
     ("attention", attention),            # before fuse/matmul: they would take its matmuls and softmax
     ("gather", gather_rows),             # embeddings as generated row-gather kernels
     ("addmm", recompose_addmm),          # cpu target: the bias back into ATen's addmm

@@ -221,3 +221,20 @@ def test_constants_made_under_a_cuda_default_device(target):
             assert g_.device == w.device
             torch.testing.assert_close(g_, w)
             assert torch.equal(g_.signbit(), w.signbit())
+
+
+@needs_cuda
+@pytest.mark.parametrize("target", ["triton", "cuda"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_cross_entropy_over_a_vocabulary(target, reduction):
+    """An LM head's loss over bf16 logits (rows of 32003: looped, ragged): the gather moves ahead
+    of the log-softmax (passes/gather_sink.py), so only row statistics are computed; ignored
+    targets and the mean over the rest as eager."""
+    torch.manual_seed(0)
+    x = torch.randn(96, 32003, device="cuda", dtype=torch.bfloat16) * 3
+    t = torch.randint(0, 32003, (96,), device="cuda")
+    t[::7] = -100
+    fn = lambda x, t: torch.nn.functional.cross_entropy(x.float(), t, reduction=reduction)  # noqa: E731
+    torch._dynamo.reset()
+    got, want = kiln.compile(fn, target=target)(x, t), fn(x, t)
+    torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
