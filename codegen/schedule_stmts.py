@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kiln.ir.scalar import Ref
+
 from .lower import Access, LoopKernel, Reduce, Stmt, refs
 
 
@@ -69,3 +71,34 @@ def plan_stages(lk: LoopKernel) -> tuple[list[Stmt], list[Stage], Stage | None]:
     xr_stores = [a for a in lk.stores if a.space == "xr"]
     final = stage([], [a.var for a in xr_stores], []) if xr_stores else None
     return pre, stages, final
+
+
+def online_softmax(lk: LoopKernel, stages: list[Stage]) -> dict[int, str]:
+    """Stages ``i`` (a row max m) and ``i + 1`` (a row sum of exp(a - m)) that one walk of the row
+    can compute together, keeping a running max and rescaling the running sum whenever it grows
+    (Milakov and Gimelshein, "Online normalizer calculation for softmax", 2018): {i: the
+    subtraction a - m}. Only where m enters the sum's walk through that subtraction alone and the
+    walk reads nothing computed after the max. A looped softmax, log-softmax or cross-entropy then
+    reads each row twice instead of three times."""
+    by_var = {s.var: s for s in lk.stmts}
+    found: dict[int, str] = {}
+    for i in range(len(stages) - 1):
+        a, b = stages[i], stages[i + 1]
+        if i - 1 in found or len(a.reduces) != 1 or len(b.reduces) != 1:
+            continue
+        m, s = a.reduces[0], b.reduces[0]
+        if m.expr.kind != "max" or s.expr.kind != "sum" or not m.expr.acc_dtype.is_floating_point \
+                or not s.expr.acc_dtype.is_floating_point:
+            continue
+        e = by_var.get(s.expr.src)
+        if e is None or getattr(e.expr, "op", None) != "exp" or not isinstance(e.expr.args[0], Ref):
+            continue
+        d = by_var.get(e.expr.args[0].name)
+        if d is None or getattr(d.expr, "op", None) != "sub" or len(d.expr.args) != 2 \
+                or not isinstance(d.expr.args[1], Ref) or d.expr.args[1].name != m.var:
+            continue
+        reads = [r for st in b.loop_stmts for r in refs(st.expr)]
+        if reads.count(m.var) != 1 or {t.var for t in a.after} & set(reads):
+            continue
+        found[i] = d.var
+    return found

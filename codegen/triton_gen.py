@@ -3,11 +3,12 @@
 the reduced dim with the prologue recomputed per loop. fp32 accumulation for 16-bit inputs."""
 from __future__ import annotations
 
+import re
 
 from kiln.ir.scalar import Const, neutral
 from .lower import LoopKernel, Reduce, compute_dtype
 from .scalar_render import TL, TritonRenderer, reciprocal_of
-from .schedule_stmts import plan_stages
+from .schedule_stmts import Stage, online_softmax, plan_stages
 from .templates import ENV
 
 
@@ -301,6 +302,36 @@ def _rmask() -> list[str]:
     return ["if RN % RBLOCK == 0 and RN > 0:", "    rmask = tl.full([1, RBLOCK], 1, tl.int1)", "else:", "    rmask = r < RN"]
 
 
+def _online_softmax(em: _Emitter, first: Stage, second: Stage, sub: str, loop, full_mask: str) -> list[str]:
+    """One walk for a row max m and a row sum of exp(a - m) (schedule_stmts.online_softmax): each
+    lane keeps a running max and a sum scaled to it, rescaled by exp(old - new) when the max grows;
+    the lanes combine at the end. A lane that has seen only -inf adds 0; a row of -inf sums to NaN,
+    as the two walks give (exp(-inf - -inf)); NaN and +inf propagate as there."""
+    m, s = first.reduces[0], second.reduces[0]
+    am, asum = TL[m.expr.acc_dtype], TL[s.expr.acc_dtype]
+    ninf = "float('-inf')"
+    loads = list({a.var: a for a in first.loop_loads + second.loop_loads}.values())
+    mine = {t.var for t in first.loop_stmts}
+    later = [t for t in second.loop_stmts if t.var not in mine]
+    body = [f"{m.var}_run = " + em.combine("max", f"{m.var}_acc",
+                                           f"tl.where(xmask & rmask, {m.expr.src}.to({am}), {ninf})")]
+    for t in later:       # the sum's terms against the running max
+        line = em.stmt(t)
+        body.append(re.sub(rf"\b{m.var}\b", f"{m.var}_run", line) if t.var == sub else line)
+    body += [f"{s.var}_acc = {s.var}_acc * tl.where({m.var}_run == {ninf}, 1.0, tl.exp({m.var}_acc - {m.var}_run))"
+             f" + tl.where(xmask & rmask & ({m.var}_run != {ninf}), {s.expr.src}.to({asum}), 0.0)",
+             f"{m.var}_acc = {m.var}_run"]
+    L = [f"{m.var}_acc = tl.full([XBLOCK, RBLOCK], {ninf}, {am})", f"{s.var}_acc = tl.full([XBLOCK, RBLOCK], 0.0, {asum})"]
+    loop(Stage([], loads, first.loop_stmts, []), body, out=L)
+    L += em.reduce_group([m], [f"{m.var}_acc"], full_mask)
+    L += [em.stmt(t) for t in first.after]
+    scaled = f"tl.where({m.var}_acc == {ninf}, 0.0, {s.var}_acc * tl.exp({m.var}_acc - {m.var}))"
+    L += em.reduce_group([s], [scaled], full_mask)
+    L.append(f"{s.var} = tl.where({m.var} == {ninf}, float('nan'), {s.var})")
+    L += [em.stmt(t) for t in second.after]
+    return L
+
+
 def render(lk: LoopKernel) -> tuple[str, dict]:
     em = _Emitter(lk)
     L = em.lines
@@ -344,16 +375,26 @@ def render(lk: LoopKernel) -> tuple[str, dict]:
                 L.append(em.load(a))
         L += [em.stmt(s) for s in pre]
 
-        def loop(stage, body_end: list[str]):
-            L.append("for r_start in range(0, RN, RBLOCK):")
+        def loop(stage, body_end: list[str], out=None) -> list[str]:
+            out = L if out is None else out
+            out.append("for r_start in range(0, RN, RBLOCK):")
             inner = ["r = r_start + tl.arange(0, RBLOCK)[None, :]", *_rmask()]
             inner += _decompose("r", lk.rsizes, "r")
             inner += [em.load(a) for a in stage.loop_loads]
             inner += [em.stmt(s) for s in stage.loop_stmts]
             inner += body_end
-            L.extend("    " + line for line in inner)
+            out.extend("    " + line for line in inner)
+            return out
 
-        for st in stages:
+        online = online_softmax(lk, stages)
+        full_mask = "xmask & (tl.arange(0, RBLOCK)[None, :] < RBLOCK)"
+        i = 0
+        while i < len(stages):
+            st = stages[i]
+            if i in online:
+                L += _online_softmax(em, st, stages[i + 1], online[i], loop, full_mask)
+                i += 2
+                continue
             updates = []
             for red in st.reduces:
                 rd: Reduce = red.expr
@@ -363,9 +404,9 @@ def render(lk: LoopKernel) -> tuple[str, dict]:
                 v = f"tl.where(xmask & rmask, {rd.src}.to({acc}), {n})"
                 updates.append(f"{red.var}_acc = " + em.combine(rd.kind, f"{red.var}_acc", v))
             loop(st, updates)
-            full_mask = "xmask & (tl.arange(0, RBLOCK)[None, :] < RBLOCK)"
             L += em.reduce_group(st.reduces, [f"{red.var}_acc" for red in st.reduces], full_mask)
             L += [em.stmt(s) for s in st.after]
+            i += 1
         if final is not None:
             loop(final, [em.store(a, "xmask & rmask") for a in lk.stores if a.space == "xr"])
         for a in lk.stores:

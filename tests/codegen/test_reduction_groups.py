@@ -85,3 +85,62 @@ def test_mixed_kind_tuple_reduction_compiles_for_sm90():
     jobs = _model_jobs(_stats, torch.randn(64, 256))
     assert any("_comb_" in j["source"] for j in jobs)
     assert len(_ptx(jobs)) == len(jobs)
+
+
+def _looped_source(fn, *args) -> list[str]:
+    return [render(lower(n))[0] for n in _groups(fn, *args)]
+
+
+def test_looped_softmax_walks_each_row_twice():
+    """Online softmax (schedule_stmts.online_softmax): the max and the sum of exponentials share
+    one walk of a looped row, then the output walk; a row that fits keeps its one pass."""
+    from kiln.codegen.schedule_stmts import online_softmax
+    wide = torch.randn(4, RBLOCK_MAX + 904)
+    for fn in (lambda x: torch.softmax(x, -1), lambda x: torch.log_softmax(x * 0.5, -1)):
+        (n,) = _groups(fn, wide)
+        lk = lower(n)
+        _, stages, _ = plan_stages(lk)
+        assert online_softmax(lk, stages) == {0: next(s.var for s in lk.stmts if getattr(s.expr, "op", None) == "sub")}
+        (src,) = _looped_source(fn, wide)
+        assert src.count("for r_start in range") == 2 and "_run = " in src
+    # the max read again inside the sum's walk (x - m and x * m): no online pair
+    (n,) = _groups(lambda x: (torch.exp(x - x.amax(-1, keepdim=True)) * x.amax(-1, keepdim=True)).sum(-1), wide)
+    lk = lower(n)
+    assert online_softmax(lk, plan_stages(lk)[1]) == {}
+
+
+SPECIAL = {"softmax": (lambda x: torch.softmax(x, -1), torch.float32),
+           "log_softmax": (lambda x: torch.log_softmax(x, -1), torch.float32),
+           "logsumexp": (lambda x: torch.logsumexp(x, -1), torch.float32),
+           "softmax_bf16": (lambda x: torch.softmax(x, -1), torch.bfloat16)}
+
+
+@pytest.mark.parametrize("case", list(SPECIAL))
+def test_online_softmax_matches_eager_on_special_rows(case):
+    """Rows of -inf (NaN out, as eager), -inf prefixes longer than a block, NaN and +inf, a max
+    that grows late in the row: against eager through the Triton interpreter and the cpu target
+    (numba has no bf16: ATen runs that case there, so the interpreter alone checks it)."""
+    fn, dtype = SPECIAL[case]
+    torch.manual_seed(0)
+    x = torch.randn(7, RBLOCK_MAX + 1000) * 4
+    x[1, :] = float("-inf")
+    x[2, 100:] = float("-inf")
+    x[3, 5] = float("nan")
+    x[4, 7000] = float("inf")
+    x[5, :4000] = float("-inf")
+    x[6, -1] = 60.0
+    x = x.to(dtype)
+    # bf16 out: one rounding apart at most (the interpreter truncates to bf16; a GPU rounds)
+    tol = {"rtol": 1.6e-2, "atol": 1e-3} if dtype == torch.bfloat16 else {"rtol": 1e-5, "atol": 1e-6}
+    for target in ("triton", "cpu") if dtype == torch.float32 else ("triton",):
+        torch._dynamo.reset()
+        got, want = kiln.compile(fn, target=target)(x), fn(x)
+        torch.testing.assert_close(got, want, equal_nan=True, **tol)
+
+
+def test_online_softmax_compiles_for_sm90():
+    from test_triton_ptx import _model_jobs, _ptx
+    jobs = _model_jobs(lambda x, t: F.cross_entropy(x.float(), t),
+                       torch.randn(8, RBLOCK_MAX + 904, dtype=torch.bfloat16), torch.randint(0, 100, (8,)))
+    assert sum("_run = " in j["source"] for j in jobs) >= 1
+    assert len(_ptx(jobs)) == len(jobs)
