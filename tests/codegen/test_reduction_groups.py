@@ -91,7 +91,13 @@ def _looped_source(fn, *args) -> list[str]:
     return [render(lower(n))[0] for n in _groups(fn, *args)]
 
 
-def test_looped_softmax_walks_each_row_twice():
+@pytest.fixture
+def online(monkeypatch):
+    import kiln.codegen.triton_gen as tg
+    monkeypatch.setattr(tg, "ONLINE_SOFTMAX", True)
+
+
+def test_looped_softmax_walks_each_row_twice(online):
     """Online softmax (schedule_stmts.online_softmax): the max and the sum of exponentials share
     one walk of a looped row, then the output walk; a row that fits keeps its one pass."""
     from kiln.codegen.schedule_stmts import online_softmax
@@ -116,7 +122,7 @@ SPECIAL = {"softmax": (lambda x: torch.softmax(x, -1), torch.float32),
 
 
 @pytest.mark.parametrize("case", list(SPECIAL))
-def test_online_softmax_matches_eager_on_special_rows(case):
+def test_online_softmax_matches_eager_on_special_rows(case, online):
     """Rows of -inf (NaN out, as eager), -inf prefixes longer than a block, NaN and +inf, a max
     that grows late in the row: against eager through the Triton interpreter and the cpu target
     (numba has no bf16: ATen runs that case there, so the interpreter alone checks it)."""
@@ -138,7 +144,7 @@ def test_online_softmax_matches_eager_on_special_rows(case):
         torch.testing.assert_close(got, want, equal_nan=True, **tol)
 
 
-def test_online_softmax_compiles_for_sm90():
+def test_online_softmax_compiles_for_sm90(online):
     from test_triton_ptx import _model_jobs, _ptx
     jobs = _model_jobs(lambda x, t: F.cross_entropy(x.float(), t),
                        torch.randn(8, RBLOCK_MAX + 904, dtype=torch.bfloat16), torch.randint(0, 100, (8,)))
