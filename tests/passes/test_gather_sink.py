@@ -20,7 +20,7 @@ N, V = 16, 300
 
 
 def _stored(g) -> list[int]:
-    """Element counts of everything the graph's steps produce outside kernels or return from one."""
+    """Element counts of every value the graph's nodes produce (a kernel's outputs, not its insides)."""
     out = []
     for n in g.nodes:
         for v in n.outputs:
