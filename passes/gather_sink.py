@@ -12,11 +12,19 @@ An operand broadcast to the op's shape is expanded first (a view), so the gather
 element the op would have read; one broadcast along the gathered dim (a row statistic) needs no
 gather at all. The op is computed again on the picked elements when its full
 result has other uses, but only when that is at most an eighth of the elements; random ops
-never move (their draws depend on the shape)."""
+never move (their draws depend on the shape).
+
+``x[torch.arange(N), t]`` on a 2-D ``x`` (one pick a row, as hand-written losses and token
+log-probabilities index) is first written as the gather it is, negative picks counted from the end
+as indexing counts them."""
 from __future__ import annotations
+
+import torch
 
 from kiln.ir import Graph, Node, OpKind, Value, infer, iter_values, map_values, op_kind
 from kiln.ir.ops import is_random
+
+from .gather import arange_of
 
 GATHER = "aten.gather.default"
 EXPAND = "aten.expand.default"
@@ -27,7 +35,8 @@ def sink_gather(g: Graph, options=None) -> Graph:
     """Pipeline pass (see the module docstring); repeated up chains of pointwise ops."""
     names = g.fresh_namer("gathered")
     escaping = {v.name for v in g.output_values()}
-    nodes = list(g.nodes)
+    producers = {v.name: n for n in g.nodes for v in n.outputs}
+    nodes = [m for n in g.nodes for m in (_row_picks(g, n, producers, names) or [n])]
     for _ in range(256):            # one move a round: each changes the users the next one sees
         users: dict[str, int] = {}
         for n in nodes:
@@ -97,3 +106,39 @@ def _constant_along(a: Value, src: Value, dim: int, idx: Value) -> bool:
     d = dim % r if isinstance(dim, int) and r else None
     return d is not None and idx.type is not None and idx.type.rank == r and shape[d] == 1 and all(
         idx.type.shape[k] == src.type.shape[k] for k in range(r) if k != d)
+
+
+INDEX = "aten.index.Tensor"
+
+
+def _row_picks(g: Graph, n: Node, producers: dict, names) -> list[Node] | None:
+    """``index(x, [arange(N), t])`` with x [N, V] and t [N] as ``gather(x, 1, t')`` squeezed, where
+    t' counts negative picks from the end (an out-of-range pick still fails, as indexing does)."""
+    if n.op != INDEX or len(n.args) != 2 or n.kwargs or n.out.type is None:
+        return None
+    x, idx = n.args
+    if not isinstance(x, Value) or x.type is None or x.type.rank != 2 or not isinstance(idx, (list, tuple)) \
+            or len(idx) != 2 or not all(isinstance(i, Value) and i.type is not None for i in idx):
+        return None
+    rows, t = idx
+    n_rows, width = x.type.shape
+    if t.type.shape != (n_rows,) or t.type.dtype not in (torch.int32, torch.int64) \
+            or arange_of(g, rows, producers) != range(n_rows):
+        return None
+    out: list[Node] = []
+
+    def step(op: str, args: tuple, value: Value | None = None) -> Value | None:
+        ty = infer(op, args, {})[0]
+        if ty is None:
+            return None
+        out.append(Node(op, args, {}, [value or Value(next(names), ty)]))
+        return out[-1].outputs[0]
+    neg = step("aten.lt.Scalar", (t, 0))
+    wrapped = step("aten.add.Tensor", (t, width))
+    pick = step("aten.where.self", (neg, wrapped, t)) if neg is not None and wrapped is not None else None
+    col = step("aten.unsqueeze.default", (pick, 1)) if pick is not None else None
+    got = step(GATHER, (x, 1, col)) if col is not None else None
+    if got is None or got.type.shape != (n_rows, 1) or n.out.type.shape != (n_rows,):
+        return None
+    step("aten.squeeze.dims", (got, [1]), n.outputs[0])
+    return out

@@ -67,6 +67,8 @@ CASES = {
     "bf16_logits": lambda x, t: F.cross_entropy(x.bfloat16().float(), t),
     # a gather of a pointwise result along dim 0, with an index narrower than the source
     "gather_dim0": lambda x, t: torch.gather(torch.exp(x) * 2 + x.sum(0), 0, (t[:4] % N).unsqueeze(1).expand(4, 7)),
+    # one pick a row by advanced indexing (t[5] = -100 counts from the end, as indexing does)
+    "index_rows": lambda x, t: torch.log_softmax(x, -1)[torch.arange(N), t],
     # the full result is returned too: recomputed on the picked elements, the full one kept
     "escaping": lambda x, t: (torch.log_softmax(x, -1), torch.gather(torch.log_softmax(x, -1), 1, t.clamp(0).unsqueeze(1))),
 }
@@ -85,6 +87,20 @@ def test_results_match_eager(case, target):
     got, want = kiln.compile(fn, target=target)(x, t), fn(x, t)
     for g_, w in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(want)):
         torch.testing.assert_close(g_, w, rtol=1e-5, atol=1e-5)
+
+
+def test_indexed_picks_store_nothing_the_size_of_the_logits_and_fail_out_of_range():
+    x, t = torch.randn(N, V), torch.randint(0, V, (N,))
+    fn = CASES["index_rows"]
+    fused, got, want = compile_fn(fn, x, t)
+    torch.testing.assert_close(got[0], want[0])
+    assert max(_stored(fused)) < N * V
+    t[2] = V                                    # eager raises IndexError; the gather refuses it too
+    torch._dynamo.reset()
+    with pytest.raises((IndexError, RuntimeError)):
+        fn(x, t)
+    with pytest.raises((IndexError, RuntimeError)):
+        kiln.compile(fn, target="cpu")(x, t)
 
 
 def test_training_step_matches_eager():
