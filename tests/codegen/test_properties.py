@@ -123,3 +123,32 @@ def test_random_programs_cpu(program):
 @given(programs(max_dim=4))
 def test_random_programs_triton(program):
     check(program, "triton")
+
+
+@settings(max_examples=int(25 * SCALE), **COMMON)
+@given(programs(max_dim=6), st.integers(1, 3), st.booleans())
+def test_random_programs_gathered(program, picks, keep_full):
+    """A random chain's result gathered along a random dim (passes/gather_sink.py moves the gather
+    up the chain, through broadcast operands), optionally returned whole as well."""
+    in_shapes, steps, _, _, seed = program
+    g = torch.Generator().manual_seed(seed)
+    xs = [torch.rand(s, generator=g) * 6 - 3 for s in in_shapes]
+    chain = build(steps, None, False)
+    out = chain(*xs)[0]
+    if out.dim() == 0:
+        return
+    dim = seed % out.dim()
+    shape = list(out.shape)
+    shape[dim] = picks
+    idx = torch.randint(0, out.shape[dim], shape, generator=g)
+
+    def fn(*a):
+        v = chain(*a[:-1])[0]
+        picked = torch.gather(v, dim, a[-1])
+        return (v, picked) if keep_full else (picked,)
+    args = (*xs, idx)
+    gm = make_fx(fn, decomposition_table=decomposition_table())(*args)
+    compiled, _ = compile_graph(from_fx(gm), kiln.Options(target="cpu"), verify=True)
+    for a, b in zip(compiled(*args), fn(*args)):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
