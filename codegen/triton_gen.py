@@ -176,7 +176,7 @@ RBLOCK_MAX = 8192
 # A looped softmax's max and sum in one walk of the row (_online_softmax): correct against eager
 # (tests/codegen/test_reduction_groups.py), compiled for sm_90, not yet timed on a GPU (it trades
 # a walk of the row for a second exp per element). Off until a GPU run shows it faster:
-# .gpu/probe7.py times both against bench/gpu_fusion.py's long-row cases.
+# bench/online_softmax_ab.py (`bash bench/gpu_check.sh online`) times both.
 ONLINE_SOFTMAX = False
 
 
