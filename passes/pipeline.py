@@ -10,6 +10,7 @@ from .cleanup import canonicalize_views, constant_fold, cse, dce, drop_copy_kern
 from .fuse import fuse
 from .gather import gather_rows
 from .gather_sink import sink_gather
+from .one_hot import one_hot_scatter
 from .matmul import matmul_fusion
 from .cache_schedule import schedule_cache
 from .memory import plan_memory
@@ -24,6 +25,7 @@ PIPELINE = [
     ("canonicalize_views", lambda g, o: canonicalize_views(g)),
     ("dce_after_cleanup", lambda g, o: dce(g)),
     ("sink_gather", lambda g, o: dce(sink_gather(g))),     # cross-entropy: no full log-softmax written
+    ("one_hot_scatter", lambda g, o: dce(one_hot_scatter(g))),  # ... nor its backward's scattered gradient
     ("attention", attention),            # before fuse/matmul: they would take its matmuls and softmax
     ("gather", gather_rows),             # embeddings as generated row-gather kernels
     ("addmm", recompose_addmm),          # cpu target: the bias back into ATen's addmm
