@@ -10,9 +10,9 @@ log-sum-exp), and nothing of the size of the logits is written.
 
 An operand broadcast to the op's shape is expanded first (a view), so the gather picks the
 element the op would have read; one broadcast along the gathered dim (a row statistic) needs no
-gather at all. The op is computed again on the picked elements when its full
-result has other uses, but only when that is at most an eighth of the elements; random ops
-never move (their draws depend on the shape).
+gather at all. When the op's full result has other uses it is computed again on the picked
+elements, but only when they are at most an eighth of it; random ops never move (their draws
+depend on the shape).
 
 ``x[torch.arange(N), t]`` on a 2-D ``x`` (one pick a row, as hand-written losses and token
 log-probabilities index) is first written as the gather it is, negative picks counted from the end
