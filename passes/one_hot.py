@@ -22,6 +22,10 @@ ZERO_FILLS = {"aten.full.default": 1, "aten.full_like.default": 1, "aten.zeros.d
               "aten.zeros_like.default": None, "aten.new_zeros.default": None}
 
 
+class _Skip(Exception):
+    """A step of the rewrite whose type does not infer: the scatter stays."""
+
+
 def one_hot_scatter(g: Graph, options=None) -> Graph:
     """Pipeline pass (see the module docstring)."""
     if g.meta.get("graph_kind") != "backward":
@@ -80,7 +84,3 @@ def _rewrite(n: Node, producers: dict, names) -> list[Node] | None:
     except _Skip:
         return None
     return new
-
-
-class _Skip(Exception):
-    pass
