@@ -51,7 +51,7 @@ def build(node, target: str, cache_dir: str, autotune: bool = False) -> Kernel:
     if triton_ok:
         src, entry = render(a)
     else:
-        entry = "attention_math" if a["kind"] == "forward" else "attention_backward_math"
+        entry = "attention_forward" if a["kind"] == "forward" else "attention_backward_cpu"
         src = REFERENCE.format(entry=entry, desc=_describe(a))
     meta = {"launcher": "attention", "attrs": a, "cache_dir": cache_dir, "autotune": bool(autotune)}
     ops = list(node.attrs.get("ops") or [node.op])
@@ -110,7 +110,7 @@ def load(k: Kernel) -> None:
 
 def _math_launcher(a: dict):
     """kiln.ir.attention_op's forward and backward (the cpu target, and the fallback)."""
-    from kiln.ir.attention_op import attention_backward_math, attention_forward
+    from kiln.ir.attention_op import attention_backward_cpu, attention_forward
     params = (a["scale"], a["causal"], a["causal_offset"], float(a["fill"]))
 
     def launch(inputs, outputs):
@@ -119,7 +119,7 @@ def _math_launcher(a: dict):
             res = attention_forward(*ts[:3], ts[3] if len(ts) > 3 else None, *params)
         else:
             dout, q, kk, v, o, lse = ts[:6]
-            res = attention_backward_math(dout, q, kk, v, ts[6] if len(ts) > 6 else None, o, lse, *params)
+            res = attention_backward_cpu(dout, q, kk, v, ts[6] if len(ts) > 6 else None, o, lse, *params)
         for dst, r in zip(outputs, res):
             dst.copy_(r)
     return launch

@@ -62,6 +62,14 @@ def attention_math(q, k, v, mask=None, scale=1.0, causal=False, causal_offset=0,
     return out.to(q.dtype), lse.float()
 
 
+def _aten_flash_cpu(q, k, v, mask, causal, causal_offset, fill) -> bool:
+    """Does ATen's CPU flash-attention kernel compute what kiln::attention means here?"""
+    return q.device.type == "cpu" and (not causal or causal_offset == 0) \
+        and (mask is None or (mask.dtype == torch.bool and fill == float("-inf"))) \
+        and q.dtype in (torch.float32, torch.bfloat16) and k.dtype == v.dtype == q.dtype \
+        and q.shape[-1] == v.shape[-1] and q.shape[2] > 0 and k.shape[2] > 0
+
+
 def attention_forward(q, k, v, mask=None, scale=1.0, causal=False, causal_offset=0, fill=float("-inf")):
     """What the cpu target runs: ATen's CPU flash-attention kernel (it returns the same
     log-sum-exp) where it computes the same thing, else the math above (its score tensor makes
@@ -70,10 +78,7 @@ def attention_forward(q, k, v, mask=None, scale=1.0, causal=False, causal_offset
     lse set to +inf here); causal aligned top-left. One difference, as in eager: kept scores
     below FLOOR are not raised to it, which matters only for a row whose every kept score is
     below -1e4."""
-    if q.device.type == "cpu" and (not causal or causal_offset == 0) \
-            and (mask is None or (mask.dtype == torch.bool and fill == float("-inf"))) \
-            and q.dtype in (torch.float32, torch.bfloat16) and k.dtype == v.dtype == q.dtype \
-            and q.shape[-1] == v.shape[-1] and q.shape[2] > 0 and k.shape[2] > 0:
+    if _aten_flash_cpu(q, k, v, mask, causal, causal_offset, fill):
         h = q.shape[1]
         bias = None if mask is None else torch.zeros((), dtype=q.dtype).masked_fill(~mask, float("-inf"))
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
@@ -86,6 +91,26 @@ def attention_forward(q, k, v, mask=None, scale=1.0, causal=False, causal_offset
             lse = lse.masked_fill(~keep.any(-1), float("inf"))
         return out, lse
     return attention_math(q, k, v, mask, scale, causal, causal_offset, fill)
+
+
+def _fold_heads(t: Tensor, hkv: int) -> Tensor:
+    """[B, H, S, D] -> [B, Hkv, S, D]: a key/value head's gradient summed over the query heads sharing it."""
+    h = t.shape[1]
+    return t.view(t.shape[0], hkv, h // hkv, *t.shape[2:]).sum(2) if h != hkv else t
+
+
+def attention_backward_cpu(dout, q, k, v, mask, out, lse, scale, causal, causal_offset, fill):
+    """What the cpu target runs: ATen's CPU flash-attention backward where the forward ran its
+    forward without a mask (the log-sum-exp is then that kernel's own), else the math below (its
+    score and probability tensors made a GPT-2 training step's backward several times slower)."""
+    if mask is None and _aten_flash_cpu(q, k, v, mask, causal, causal_offset, fill) \
+            and dout.dtype == q.dtype and out.dtype == q.dtype:
+        h = q.shape[1]
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dout, q, _expand_heads(k, h), _expand_heads(v, h), out, lse.to(torch.float32), 0.0, bool(causal),
+            scale=float(scale))
+        return dq, _fold_heads(dk, k.shape[1]), _fold_heads(dv, v.shape[1])
+    return attention_backward_math(dout, q, k, v, mask, out, lse, scale, causal, causal_offset, fill)
 
 
 def attention_backward_math(dout, q, k, v, mask, out, lse, scale, causal, causal_offset, fill):
@@ -103,9 +128,7 @@ def attention_backward_math(dout, q, k, v, mask, out, lse, scale, causal, causal
     dq = ds @ _expand_heads(k, h).to(s.dtype)
     dk = ds.transpose(-1, -2) @ q.to(s.dtype)
 
-    def fold(t):      # [B, H, Sk, D] -> [B, Hkv, Sk, D]
-        return t.view(t.shape[0], hkv, h // hkv, *t.shape[2:]).sum(2) if h != hkv else t
-    return dq.to(q.dtype), fold(dk).to(k.dtype), fold(dv).to(v.dtype)
+    return dq.to(q.dtype), _fold_heads(dk, hkv).to(k.dtype), _fold_heads(dv, hkv).to(v.dtype)
 
 
 def _out(q: Tensor, v: Tensor, bshd: bool) -> Tensor:
@@ -132,7 +155,7 @@ def _(q, k, v, mask, scale, causal, causal_offset, fill, out_bshd=False):
 def attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], out: Tensor,
                        lse: Tensor, scale: float, causal: bool, causal_offset: int,
                        fill: float) -> tuple[Tensor, Tensor, Tensor]:
-    dq, dk, dv = attention_backward_math(dout, q, k, v, mask, out, lse, scale, causal, causal_offset, fill)
+    dq, dk, dv = attention_backward_cpu(dout, q, k, v, mask, out, lse, scale, causal, causal_offset, fill)
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
