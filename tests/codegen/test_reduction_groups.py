@@ -1,8 +1,9 @@
 """Reductions of one row that do not depend on one another share one walk of it: a corrected
 variance's sum(d) and sum(d * d) are one loop when the row is looped (one read of it from memory
 less) and one tl.reduce over a tuple when it fits (one exchange between warps less). Dependent
-ones (softmax's max, then its sum) stay in order. Checked against eager on every CPU-runnable
-target, rows that fit and rows that loop."""
+ones (softmax's max, then its sum) stay in order, except that a looped row's max and sum of
+exponentials can share a walk as an online softmax (off by default; tested turned on). Checked
+against eager on every CPU-runnable target, rows that fit and rows that loop."""
 from __future__ import annotations
 
 import pytest
