@@ -1,5 +1,5 @@
 """Cross-entropy training step on the CPU: eager vs TorchInductor vs kiln, one process, ratios.
-The loss over fp32 logits (rows x classes) and its gradient (loss.backward()), round-robin calls.
+The loss over fp32 logits (rows x classes) and its gradient, calls round-robin and back to back.
 
     python bench/cpu_loss.py [--rows 4096 --cols 2048 --runs 20 --json PATH]
 
@@ -19,7 +19,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-HEAP_REUSE = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=4294967296"
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from cpu_fusion import HEAP_REUSE  # noqa: E402
 
 
 def loss_fn(x, t):
@@ -47,28 +48,24 @@ def main(argv=None) -> int:
         for _ in range(3):
             grads[name] = torch.autograd.grad(f(x, t), x)[0]
     ok = all(torch.allclose(grads[k], grads["eager"], rtol=1e-5, atol=1e-7) for k in impls)
+
+    def ms(f) -> float:
+        t0 = time.perf_counter()
+        torch.autograd.grad(f(x, t), x)
+        return (time.perf_counter() - t0) * 1e3
     ts = {k: [] for k in impls}
     for _ in range(a.runs):
         for name, f in impls.items():
-            t0 = time.perf_counter()
-            torch.autograd.grad(f(x, t), x)
-            ts[name].append((time.perf_counter() - t0) * 1e3)
+            ts[name].append(ms(f))
     rr = {k: statistics.median(v) for k, v in ts.items()}
     # each one's calls back to back: after an ATen op PyTorch's OpenMP threads spin for a while,
     # and kiln's own threads (codegen/numba_runtime.py) share the cores with them
-    blocked = {}
-    for name, f in impls.items():
-        v = []
-        for _ in range(a.runs):
-            t0 = time.perf_counter()
-            torch.autograd.grad(f(x, t), x)
-            v.append((time.perf_counter() - t0) * 1e3)
-        blocked[name] = statistics.median(v)
+    blocked = {name: statistics.median([ms(f) for _ in range(a.runs)]) for name, f in impls.items()}
     print(f"cross-entropy forward + backward, fp32 {a.rows}x{a.cols}, {torch.get_num_threads()} threads, "
           f"medians of {a.runs} calls; gradients match eager: {'yes' if ok else 'NO'}")
-    for label, ms in (("round-robin", rr), ("back to back", blocked)):
-        print(f"  {label}: eager {ms['eager']:.2f} ms, Inductor {ms['inductor']:.2f} ms, kiln {ms['kiln']:.2f} ms; "
-              f"kiln {ms['eager'] / ms['kiln']:.2f}x eager, {ms['kiln'] / ms['inductor']:.2f} of Inductor's time")
+    for label, m in (("round-robin", rr), ("back to back", blocked)):
+        print(f"  {label}: eager {m['eager']:.2f} ms, Inductor {m['inductor']:.2f} ms, kiln {m['kiln']:.2f} ms; "
+              f"kiln {m['eager'] / m['kiln']:.2f}x eager, {m['kiln'] / m['inductor']:.2f} of Inductor's time")
     if a.json:
         with open(a.json, "w") as fh:
             json.dump({"args": vars(a), "round_robin_ms": rr, "back_to_back_ms": blocked, "match": ok}, fh, indent=1)

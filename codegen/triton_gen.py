@@ -326,7 +326,8 @@ def _online_softmax(em: _Emitter, first: Stage, second: Stage, sub: str, loop, f
     body += [f"{s.var}_acc = {s.var}_acc * tl.where({m.var}_run == {ninf}, 1.0, tl.exp({m.var}_acc - {m.var}_run))"
              f" + tl.where(xmask & rmask & ({m.var}_run != {ninf}), {s.expr.src}.to({asum}), 0.0)",
              f"{m.var}_acc = {m.var}_run"]
-    L = [f"{m.var}_acc = tl.full([XBLOCK, RBLOCK], {ninf}, {am})", f"{s.var}_acc = tl.full([XBLOCK, RBLOCK], 0.0, {asum})"]
+    L = [f"{m.var}_acc = tl.full([XBLOCK, RBLOCK], {ninf}, {am})",
+         f"{s.var}_acc = tl.full([XBLOCK, RBLOCK], 0.0, {asum})"]
     loop(Stage([], loads, first.loop_stmts, []), body, out=L)
     L += em.reduce_group([m], [f"{m.var}_acc"], full_mask)
     L += [em.stmt(t) for t in first.after]

@@ -31,6 +31,20 @@ EXPAND = "aten.expand.default"
 SHARE = 8       # an op with other uses is recomputed on at most 1/SHARE of its elements
 
 
+class Untyped(Exception):
+    """A rewrite step whose result type does not infer: the rewrite is given up."""
+
+
+def emit(out: list[Node], names, op: str, args: tuple, kwargs: dict | None = None, value: Value | None = None) -> Value:
+    """Append ``op(*args, **kwargs)`` to ``out`` as a node writing ``value`` (else a fresh value of
+    the inferred type) and return what it writes; raises Untyped when the type does not infer."""
+    ty = infer(op, args, kwargs or {})[0]
+    if ty is None:
+        raise Untyped(op)
+    out.append(Node(op, args, kwargs or {}, [value or Value(next(names), ty)]))
+    return out[-1].outputs[0]
+
+
 def sink_gather(g: Graph, options=None) -> Graph:
     """Pipeline pass (see the module docstring); repeated up chains of pointwise ops."""
     names = g.fresh_namer("gathered")
@@ -126,19 +140,14 @@ def _row_picks(g: Graph, n: Node, producers: dict, names) -> list[Node] | None:
             or arange_of(g, rows, producers) != range(n_rows):
         return None
     out: list[Node] = []
-
-    def step(op: str, args: tuple, value: Value | None = None) -> Value | None:
-        ty = infer(op, args, {})[0]
-        if ty is None:
+    try:
+        neg = emit(out, names, "aten.lt.Scalar", (t, 0))
+        wrapped = emit(out, names, "aten.add.Tensor", (t, width))
+        col = emit(out, names, "aten.unsqueeze.default", (emit(out, names, "aten.where.self", (neg, wrapped, t)), 1))
+        got = emit(out, names, GATHER, (x, 1, col))
+        if got.type.shape != (n_rows, 1) or n.out.type.shape != (n_rows,):
             return None
-        out.append(Node(op, args, {}, [value or Value(next(names), ty)]))
-        return out[-1].outputs[0]
-    neg = step("aten.lt.Scalar", (t, 0))
-    wrapped = step("aten.add.Tensor", (t, width))
-    pick = step("aten.where.self", (neg, wrapped, t)) if neg is not None and wrapped is not None else None
-    col = step("aten.unsqueeze.default", (pick, 1)) if pick is not None else None
-    got = step(GATHER, (x, 1, col)) if col is not None else None
-    if got is None or got.type.shape != (n_rows, 1) or n.out.type.shape != (n_rows,):
+        emit(out, names, "aten.squeeze.dims", (got, [1]), value=n.outputs[0])
+    except Untyped:
         return None
-    step("aten.squeeze.dims", (got, [1]), n.outputs[0])
     return out

@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import torch
 
-from kiln.ir import Graph, Node, Value, infer
+from kiln.ir import Graph, Node, Value
+
+from .gather_sink import Untyped, emit
 
 SCATTER = {"aten.scatter.value", "aten.scatter.src"}
 ZERO_FILLS = {"aten.full.default": 1, "aten.full_like.default": 1, "aten.zeros.default": None,
               "aten.zeros_like.default": None, "aten.new_zeros.default": None}
-
-
-class _Skip(Exception):
-    """A step of the rewrite whose type does not infer: the scatter stays."""
 
 
 def one_hot_scatter(g: Graph, options=None) -> Graph:
@@ -63,24 +61,17 @@ def _rewrite(n: Node, producers: dict, names) -> list[Node] | None:
         return None
     dev = torch.device(t.device)
     new: list[Node] = []
-
-    def step(op, args, kwargs=None):
-        ty = infer(op, args, kwargs or {})[0]
-        if ty is None:
-            raise _Skip
-        new.append(Node(op, args, kwargs or {}, [Value(next(names), ty)]))
-        return new[-1].outputs[0]
     try:
-        col = step("aten.arange.start_step", (0, t.shape[d], 1), {"dtype": idx.type.dtype, "device": dev})
-        col = step("aten.view.default", (col, [t.shape[d] if k == d else 1 for k in range(t.rank)]))
-        hit = step("aten.eq.Tensor", (col, idx))
+        col = emit(new, names, "aten.arange.start_step", (0, t.shape[d], 1), {"dtype": idx.type.dtype, "device": dev})
+        col = emit(new, names, "aten.view.default", (col, [t.shape[d] if k == d else 1 for k in range(t.rank)]))
+        hit = emit(new, names, "aten.eq.Tensor", (col, idx))
         if not isinstance(src, Value):
-            src = step("aten.scalar_tensor.default", (src,), {"dtype": t.dtype, "device": dev})
-        zero = step("aten.scalar_tensor.default", (0,), {"dtype": t.dtype, "device": dev})
-        res = step("aten.where.self", (hit, src, zero))
-        if res.type.shape != t.shape or res.type.dtype != t.dtype:
-            return None
-        new[-1] = Node("aten.where.self", (hit, src, zero), {}, [n.outputs[0]])
-    except _Skip:
+            src = emit(new, names, "aten.scalar_tensor.default", (src,), {"dtype": t.dtype, "device": dev})
+        zero = emit(new, names, "aten.scalar_tensor.default", (0,), {"dtype": t.dtype, "device": dev})
+        res = emit(new, names, "aten.where.self", (hit, src, zero))
+    except Untyped:
         return None
+    if res.type.shape != t.shape or res.type.dtype != t.dtype:
+        return None
+    new[-1] = Node("aten.where.self", (hit, src, zero), {}, [n.outputs[0]])     # writes the scatter's value
     return new
