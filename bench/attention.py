@@ -3,7 +3,8 @@ triton.testing.do_bench), at the issue's shapes (B4 H32 S2048 D128 bf16, causal)
 
 Cases: naive causal attention (matmul, scale, masked_fill with a tril, fp32 softmax, matmul)
 and SDPA (is_causal=True; eager runs PyTorch's flash kernel), inference; the same two as a
-training step (forward + backward). ``--sweep`` also times every launch config of kiln's
+training step (forward + backward). kiln runs three ways (BACKENDS): its default, its own Triton
+forward only, and tuned. ``--sweep`` also times every launch config of kiln's
 forward and backward kernels on the naive case's shapes and prints the table.
 
     PYTHONPATH=$PWD python bench/attention.py [--json out.json] [--sweep] [--no-train]
@@ -23,7 +24,13 @@ import torch.nn.functional as F
 
 os.environ.setdefault("KILN_CACHE_DIR", tempfile.mkdtemp(prefix="kiln-bench-"))
 import kiln  # noqa: E402
+from kiln.codegen import attention_config  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
+
+
+# kiln: the default (the forward runs ATen's flash kernel where it applies: codegen/attention_aten.py);
+# kiln_triton: kiln's own Triton forward; kiln_tuned: autotune=True (ATen's kernels and kiln's timed)
+BACKENDS = ("eager", "inductor", "kiln", "kiln_triton", "kiln_tuned")
 
 
 def naive(q, k, v):
@@ -59,10 +66,11 @@ def run_cases(shape, train: bool) -> list[dict]:
         for mode in ("inference", "training") if train else ("inference",):
             row = {"case": name, "mode": mode, "shape": list(shape)}
             ref = fn(q, k, v).float()
-            for backend in ("eager", "inductor", "kiln"):
+            for backend in BACKENDS:
                 torch._dynamo.reset()
+                attention_config.ATEN_DEFAULT = backend != "kiln_triton"
                 f = fn if backend == "eager" else torch.compile(fn) if backend == "inductor" else \
-                    kiln.compile(fn, target="triton")
+                    kiln.compile(fn, target="triton", autotune=backend == "kiln_tuned")
                 try:
                     if mode == "inference":
                         with torch.no_grad():
@@ -73,13 +81,14 @@ def run_cases(shape, train: bool) -> list[dict]:
                         qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
                         _train(f, qg, kg, vg, dout)()
                         row[f"{backend}_ms"] = _ms(_train(f, qg, kg, vg, dout))
-                    if backend == "kiln":
-                        row["kiln_kernels"] = [(x["kind"], x["target"]) for x in kiln.last_report().kernels]
+                    if backend.startswith("kiln"):
+                        row[f"{backend}_kernels"] = [(x["kind"], x["target"]) for x in kiln.last_report().kernels]
                 except Exception as e:      # noqa: BLE001 - a failed backend is a result too
                     row[f"{backend}_ms"] = None
                     row[f"{backend}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
             mult = 3.5 if mode == "training" else 1.0
-            for backend in ("eager", "inductor", "kiln"):
+            attention_config.ATEN_DEFAULT = True
+            for backend in BACKENDS:
                 if row.get(f"{backend}_ms"):
                     row[f"{backend}_tflops"] = flops * mult / row[f"{backend}_ms"] / 1e9
             rows.append(row)

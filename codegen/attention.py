@@ -14,6 +14,7 @@ import os
 
 import torch
 
+from . import attention_aten
 from .attention_config import block_d, default_config
 from .cache import source_path
 from .kernel import Kernel
@@ -94,18 +95,34 @@ def load(k: Kernel) -> None:
         if cfg is None:
             try:            # the first launch compiles: a kernel Triton rejects runs as exact math
                 cfg = _config(k, a, ts, outputs, run, interpret)
-                run(cfg, ts, outputs)
+                res = _first_run(k, a, cfg, ts, outputs, run, interpret)
             except Exception as e:      # noqa: BLE001
                 log.warning("attention kernel %s failed to compile or launch (%s: %s); running it as PyTorch math",
                             k.name, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
                 k.meta["fallback"] = f"{type(e).__name__}"
                 k.launcher = _math_launcher(a)
-                k.launcher(inputs, outputs)
-                return
+                return k.launcher(inputs, outputs)
             state["cfg"] = cfg
-            return
-        run(cfg, ts, outputs)
+            return res
+        return run(cfg, ts, outputs)
     k.launcher = launch
+
+
+def _first_run(k: Kernel, a: dict, cfg: dict, ts, outputs, run, interpret: bool):
+    """The first launch; an ATen kernel that refuses the problem (cuDNN has its own limits) hands
+    it to kiln's Triton kernel, ``cfg`` updated in place."""
+    try:
+        return run(cfg, ts, outputs)
+    except RuntimeError as e:
+        if not cfg.get("ATEN"):
+            raise
+        log.info("attention kernel %s: ATen's %s kernel refused the problem (%s); running kiln's Triton kernel",
+                 k.name, attention_aten.KINDS[cfg["ATEN"]], str(e).splitlines()[0] if str(e) else "")
+        q, kk = (ts[0], ts[1]) if a["kind"] == "forward" else (ts[1], ts[2])
+        itemsize = torch.empty((), dtype=getattr(torch, a["dot_dtype"])).element_size()
+        cfg.clear()
+        cfg.update(default_config(a["kind"], q.shape[2], kk.shape[2], q.shape[3], itemsize, interpret))
+        return run(cfg, ts, outputs)
 
 
 def _math_launcher(a: dict):
@@ -129,8 +146,10 @@ def _config(k: Kernel, a: dict, ts, outputs, run, interpret: bool) -> dict:
     q, kk = (ts[0], ts[1]) if a["kind"] == "forward" else (ts[1], ts[2])
     sq, sk, d = q.shape[2], kk.shape[2], q.shape[3]
     itemsize = torch.empty((), dtype=getattr(torch, a["dot_dtype"])).element_size()
-    cfg = default_config(a["kind"], sq, sk, d, itemsize, interpret)
-    if k.meta.get("config"):
+    aten = not interpret and (attention_aten.applies(a, *ts[:3]) if a["kind"] == "forward"
+                              else attention_aten.applies_backward(a, *ts[:5]))
+    cfg = default_config(a["kind"], sq, sk, d, itemsize, interpret, aten)
+    if k.meta.get("config") and (aten or not k.meta["config"].get("ATEN")):
         return dict(k.meta["config"])
     if interpret or not k.meta.get("autotune"):
         return cfg
@@ -138,7 +157,7 @@ def _config(k: Kernel, a: dict, ts, outputs, run, interpret: bool) -> dict:
     from kiln.autotune.tuner import tune_launch
     fam = "attention_fwd" if a["kind"] == "forward" else "attention_bwd"
     prob = Problem(fam, {"B": q.shape[0], "H": q.shape[1], "SQ": sq, "SK": sk, "D": block_d(d)},
-                   getattr(torch, a["dot_dtype"]), {"causal": a["causal"]})
+                   getattr(torch, a["dot_dtype"]), {"causal": a["causal"], "aten": aten})
     res = tune_launch(k.source, prob, [*ts, *outputs], lambda c: run(c, ts, outputs),
                       k.meta.get("cache_dir") or "", baseline=cfg)
     k.meta["tuning_s"] = k.meta.get("tuning_s", 0.0) + res.seconds

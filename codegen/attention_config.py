@@ -4,7 +4,9 @@ dtype, from H100 sweeps) and the spaces the tuner searches (families "attention_
 
 Config keys: BLOCK_M, BLOCK_N (query / key rows per block), num_warps, num_stages; the forward
 also reads TMA (1: K and V through tensor descriptors) and WS (1: a warp-specialised key loop),
-both 0 unless a config sets them (bench/attention.py --sweep times them)."""
+both 0 unless a config sets them (bench/attention.py --sweep times them), and ATEN (1: ATen's
+flash kernel, 2: cuDNN's; attention_aten.py), which the tuner times where they apply and which
+the untuned default takes there (ATEN_DEFAULT)."""
 from __future__ import annotations
 
 import itertools
@@ -16,7 +18,18 @@ def block_d(d: int) -> int:
     return max(16, next_pow2(d))
 
 
-def default_config(kind: str, sq: int, sk: int, d: int, itemsize: int, interpret: bool) -> dict:
+# An untuned forward (or backward) that ATen's kernels can run runs cuDNN's: on an H200 (B4 H32
+# S2048 D128 causal bf16, bench/attention.py) cuDNN's forward 0.27-0.28 ms, kiln's Triton kernel
+# 0.36, ATen's flash (FlashAttention-2) 0.49; a training step (forward + backward) eager 1.15 ms,
+# kiln's kernels 1.37-1.47. Where cuDNN refuses a problem the launcher runs kiln's kernel.
+ATEN_DEFAULT = True
+ATEN_CONFIGS = [{"ATEN": kind, "BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2} for kind in (2, 1)]
+
+
+def default_config(kind: str, sq: int, sk: int, d: int, itemsize: int, interpret: bool, aten: bool = False) -> dict:
+    """``aten``: ATen's kernels compute this forward (attention_aten.applies)."""
+    if aten and ATEN_DEFAULT and not interpret:
+        return dict(ATEN_CONFIGS[0])
     if interpret:       # the Triton interpreter: few, small blocks keep tests fast
         b = max(16, min(32, next_pow2(max(sq, sk))))
         return {"BLOCK_M": b, "BLOCK_N": b, "num_warps": 4, "num_stages": 1}
@@ -32,6 +45,9 @@ def default_config(kind: str, sq: int, sk: int, d: int, itemsize: int, interpret
 
 def _candidates(p: Problem):
     fwd = p.family == "attention_fwd"
+    if p.info.get("aten"):          # the backward: cuDNN's only
+        for c in ATEN_CONFIGS if fwd else ATEN_CONFIGS[:1]:
+            yield Config.make({k: c[k] for k in ("ATEN", "BLOCK_M", "BLOCK_N")}, c["num_warps"], c["num_stages"])
     for bm, bn, w, st in itertools.product((64, 128) if fwd else (32, 64, 128), (32, 64, 128), (4, 8),
                                           (2, 3, 4) if fwd else (1, 2, 3)):
         yield Config.make({"BLOCK_M": bm, "BLOCK_N": bn}, w, st)
@@ -42,6 +58,9 @@ def _estimate(c: Config, p: Problem) -> Estimate:
     bm, bn, bd = c["BLOCK_M"], c["BLOCK_N"], block_d(d)
     frac = 0.5 if p.info.get("causal") else 1.0
     flops = 4.0 * b * h * sq * sk * d * frac * (1 if p.family == "attention_fwd" else 2.5)
+    if c.get("ATEN"):       # ATen's kernel as an ideal one: every byte once, at the matmul peak
+        return Estimate(programs=max(cdiv(sq, 128) * b * h, 132), threads=256, smem_bytes=0, regs_per_thread=64,
+                        bytes_moved=p.itemsize * b * h * (2 * sq + 2 * sk) * d, flops=flops, inflight_bytes=65536)
     tiles = (bm + 2 * bn) * bd * p.itemsize
     return Estimate(programs=cdiv(sq, bm) * b * h, threads=32 * c.num_warps,
                     smem_bytes=tiles * max(c.num_stages or 1, 1) // 2 + bm * bd * p.itemsize,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from . import attention_aten
 from .attention_config import block_d
 
 
@@ -42,10 +43,13 @@ def _allocator() -> None:
 
 def forward_launcher(module, entry: str, a: dict, interpret: bool):
     """``module(tma, ws)``: the rendered kernel module (with TMA loads or without, with a
-    warp-specialised key loop or without)."""
+    warp-specialised key loop or without). A config with ``ATEN`` runs ATen's kernel instead and
+    returns the tensors holding the results (attention_aten.run)."""
     scale, causal, off, fill = a["scale"], a["causal"], a["causal_offset"], float(a["fill"])
 
     def run(cfg, ts, outputs):
+        if cfg.get("ATEN"):
+            return attention_aten.run(cfg["ATEN"], a, ts, outputs)
         q, k, v = ts[:3]
         tma = bool(cfg.get("TMA")) and tma_ok(k, v)
         if tma:
@@ -70,6 +74,8 @@ def backward_launcher(mod, entry: str, a: dict, interpret: bool):
     scale, causal, off, fill = a["scale"], a["causal"], a["causal_offset"], float(a["fill"])
 
     def run(cfg, ts, outputs):
+        if cfg.get("ATEN"):
+            return attention_aten.run_backward(a, ts, outputs)
         dout, q, k, v, out, lse = ts[:6]
         mask, mstr, kind = _mask_args(ts[6] if len(ts) > 6 else None, q)
         dq, dk, dv_ = outputs

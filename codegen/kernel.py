@@ -16,11 +16,13 @@ class Kernel:
     meta: dict = field(default_factory=dict)   # launch description (grid, block sizes, arg layout)
     launcher: Callable | None = field(default=None, repr=False, compare=False)
 
-    def launch(self, inputs: list, outputs: list) -> None:
+    def launch(self, inputs: list, outputs: list) -> list | None:
+        """Writes ``outputs``; or returns tensors holding the results instead (a kernel that runs
+        an ATen op with no out= form: attention_aten), which the caller binds in their place."""
         if self.launcher is None:
             from . import load_kernel
             load_kernel(self)
-        self.launcher(inputs, outputs)
+        return self.launcher(inputs, outputs)
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "kind": self.kind, "target": self.target, "ops": list(self.ops),

@@ -331,9 +331,21 @@ class CompiledGraph:
         """Launches into scratch outputs and copies them over: a kernel that overwrites an input
         must not write it twice when its first launch autotunes (re-runs) it."""
         tmp = [torch.empty_like(r) for r in res]
-        what.launch(args, tmp)
-        for r, t in zip(res, tmp):
+        got = what.launch(args, tmp)
+        for r, t in zip(res, got or tmp):
             r.copy_(t)
+
+    @staticmethod
+    def _bind(outs, res: list, got: list, views: dict) -> list:
+        """A kernel returned the tensors holding its results (ATen's attention allocates its own):
+        they take the planned outputs' place, except an arena buffer, which must hold its bytes."""
+        for i, ((name, *_), g) in enumerate(zip(outs, got)):
+            if g is not res[i]:
+                if name in views:
+                    res[i].copy_(g)
+                else:
+                    res[i] = g
+        return res
 
     def run_list(self, inputs: list) -> list[Any]:
         """Runs the graph and empties ``inputs`` once read (AOTAutograd's boxed convention): an
@@ -368,7 +380,10 @@ class CompiledGraph:
                     if extra and first:         # the first launch may autotune (re-run) the kernel
                         self._launch_aside(what, vals, res)
                     else:
-                        what.launch(vals, res)
+                        got = what.launch(vals, res)
+                        if got is not None:     # its own result tensors: bound, or copied into the arena
+                            res = self._bind(outs, res, got, views)
+                            got = None
                     vals = None
             elif mode is VIEW:                  # what: the view op, args: its source, extra: the rest
                 res = [self._view(k, what, env[args], extra, views)]

@@ -1,6 +1,8 @@
 """Attention kernels on a real GPU against eager (skipped without CUDA): the custom op forward and
 backward over dtypes, head dims, GQA, causal offsets and masks; the naive pattern and SDPA
-compiled end to end (SDPA reaches kiln as _scaled_dot_product_*_attention); a Llama training step."""
+compiled end to end (SDPA reaches kiln as _scaled_dot_product_*_attention); a Llama training step.
+Where ATen's fused kernels apply, the forward runs them by default (codegen/attention_aten.py):
+the ``aten`` parameter runs each case that way and with kiln's Triton forward."""
 from __future__ import annotations
 
 import math
@@ -10,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import kiln
+from kiln.codegen import attention_aten, attention_config
 from kiln.ir.attention_op import attention_backward_math, attention_math
 
 pytestmark = pytest.mark.gpu
@@ -33,10 +36,16 @@ def _tensors(b, h, hkv, sq, sk, d, mask, dtype):
     return q, k, v, m
 
 
+@pytest.fixture(params=[True, False], ids=["aten", "triton"])
+def aten(request, monkeypatch):
+    monkeypatch.setattr(attention_config, "ATEN_DEFAULT", request.param)
+    return request.param
+
+
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("case", CASES)
-def test_custom_op_forward_backward(case, dtype, caplog):
+def test_custom_op_forward_backward(case, dtype, aten, caplog):
     b, h, hkv, sq, sk, d, causal, mask = case
     q, k, v, m = _tensors(b, h, hkv, sq, sk, d, mask, dtype)
     off = sk - sq if causal else 0
@@ -73,13 +82,79 @@ def naive(q, k, v):
 @needs_cuda
 @pytest.mark.parametrize("fn", [naive, lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)],
                          ids=["naive", "sdpa"])
-def test_compiled_patterns(fn, caplog):
+def test_compiled_patterns(fn, aten, caplog):
     q, k, v, _ = _tensors(2, 8, 8, 512, 512, 128, None, torch.bfloat16)
     torch._dynamo.reset()
     got = kiln.compile(fn, target="triton")(q, k, v)
     assert [x["target"] for x in kiln.last_report().kernels if x["kind"] == "attention"] == ["triton"]
     torch.testing.assert_close(got, fn(q, k, v), rtol=2e-2, atol=2e-2)
     _no_fallback(caplog)
+
+
+@needs_cuda
+@pytest.mark.parametrize("causal,hkv,sq,sk,d", [(True, 4, 256, 256, 64), (False, 4, 100, 300, 128),
+                                               (True, 4, 333, 333, 80), (True, 1, 256, 256, 128),
+                                               (False, 2, 130, 70, 64)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_aten_forward_and_lse(causal, hkv, sq, sk, d, dtype, caplog):
+    """ATen's kernels (flash, cuDNN) and kiln's Triton forward give eager's output and the same
+    natural-log log-sum-exp (kiln's backward reads it), each run through the launcher; ATen's
+    own output tensor comes back where its layout is the output's; cuDNN's backward on the last
+    forward's log-sum-exp gives the float32 math's gradients."""
+    q, k, v, _ = _tensors(2, 4, hkv, sq, sk, d, None, dtype)
+    q, k, v = (t.detach() for t in (q, k, v))
+    scale = 1 / math.sqrt(d)
+    a = {"kind": "forward", "scale": scale, "causal": causal, "causal_offset": 0, "mask": "none", "fill": "-inf",
+         "dot_dtype": str(dtype).removeprefix("torch."), "pv_dtype": str(dtype).removeprefix("torch.")}
+    assert attention_aten.applies(a, q, k, v)
+    want, want_lse = attention_math(q.float(), k.float(), v.float(), None, scale, causal, 0, -math.inf)
+    for kind in attention_aten.KINDS:
+        out = torch.empty(2, 4, sq, d, device="cuda", dtype=dtype)
+        lse = torch.empty(2, 4, sq, device="cuda", dtype=torch.float32)
+        try:
+            got, got_lse = attention_aten.run(kind, a, [q, k, v], [out, lse])
+        except RuntimeError as e:       # cuDNN's kernel has limits of its own; the launcher falls back
+            assert kind == 2, e
+            continue
+        torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(got_lse, want_lse, rtol=1e-4, atol=1e-3)
+        assert got is not out           # the output follows q's layout: bound, not copied
+    dout = torch.randn_like(q)
+    want_grads = attention_backward_math(dout.float(), q.float(), k.float(), v.float(), None, want, want_lse,
+                                         scale, causal, 0, -math.inf)
+    outs = [torch.empty_like(t) for t in (q, k, v)]
+    assert attention_aten.applies_backward(a, dout, q, k, v, got)
+    for g, w in zip(attention_aten.run_backward(a, [dout, q, k, v, got, got_lse], outs), want_grads):
+        torch.testing.assert_close(g.float(), w, rtol=5e-2, atol=5e-2)
+    for default in (True, False):
+        attention_config.ATEN_DEFAULT = default
+        try:
+            torch._dynamo.reset()
+            f = kiln.compile(lambda q, k, v: torch.ops.kiln.attention(q, k, v, None, scale, causal, 0, -math.inf),
+                             target="triton")
+            got, got_lse = f(q, k, v)
+        finally:
+            attention_config.ATEN_DEFAULT = True
+        torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(got_lse, want_lse, rtol=1e-4, atol=1e-3)
+    _no_fallback(caplog)
+
+
+@needs_cuda
+def test_aten_forward_tuned(tmp_path):
+    """With autotune the forward's configs, ATen's kernels among them, are timed; the winner is
+    remembered and gives eager's answer."""
+    q, k, v, _ = _tensors(2, 4, 4, 512, 512, 64, None, torch.bfloat16)
+    torch._dynamo.reset()
+    fn = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
+    with torch.no_grad():
+        got = kiln.compile(fn, target="triton", autotune=True, cache_dir=str(tmp_path))(q, k, v)
+        torch.testing.assert_close(got, fn(q, k, v), rtol=2e-2, atol=2e-2)
+    import json
+    import sqlite3
+    with sqlite3.connect(tmp_path / "tuning.sqlite") as db:
+        timed = [json.loads(c) for (c,) in db.execute("SELECT config FROM records")]
+    assert {c.get("ATEN", 0) for c in timed} >= {2, 1, 0}, timed     # cuDNN, flash and Triton configs timed
 
 
 @needs_cuda
