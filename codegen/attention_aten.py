@@ -9,7 +9,9 @@ and the tuner times them beside the Triton configs.
 They apply where they compute what ``kiln::attention`` means: no mask tensor, causal aligned
 top-left (offset 0) or not causal, float16/bfloat16 throughout, one head dim (a multiple of 8 up
 to 256), unit inner strides, and query heads a multiple of key/value heads (GQA: both kernels
-take fewer key/value heads). Their log-sum-exp is the natural-log one kiln's backward kernel
+take fewer key/value heads), on the GPUs where they were measured and tested against eager:
+Hopper (sm_90, ``ARCHS``; on sm_100 cuDNN's attention silently corrupts GQA outputs,
+pytorch/pytorch#193893). Their log-sum-exp is the natural-log one kiln's backward kernel
 reads; the backward runs cuDNN's (``run_backward``) on that log-sum-exp, whichever forward
 made it.
 """
@@ -18,13 +20,14 @@ from __future__ import annotations
 import torch
 
 KINDS = {1: "flash", 2: "cudnn"}
+ARCHS = {(9, 0)}        # compute capabilities where they run
 
 
 def applies(a: dict, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Does an ATen kernel compute this forward exactly as kiln's kernel would?"""
     d = q.shape[-1]
     return a["kind"] == "forward" and a["mask"] == "none" and (not a["causal"] or a["causal_offset"] == 0) \
-        and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and k.dtype == v.dtype == q.dtype \
+        and q.is_cuda and torch.cuda.get_device_capability(q.device) in ARCHS and q.dtype in (torch.float16, torch.bfloat16) and k.dtype == v.dtype == q.dtype \
         and k.shape[-1] == v.shape[-1] == d and d % 8 == 0 and d <= 256 and q.shape[1] % k.shape[1] == 0 \
         and min(q.shape[2], k.shape[2]) > 0 and all(t.stride(-1) == 1 for t in (q, k, v))
 
