@@ -27,7 +27,8 @@ def applies(a: dict, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Does an ATen kernel compute this forward exactly as kiln's kernel would?"""
     d = q.shape[-1]
     return a["kind"] == "forward" and a["mask"] == "none" and (not a["causal"] or a["causal_offset"] == 0) \
-        and q.is_cuda and torch.cuda.get_device_capability(q.device) in ARCHS and q.dtype in (torch.float16, torch.bfloat16) and k.dtype == v.dtype == q.dtype \
+        and q.is_cuda and torch.cuda.get_device_capability(q.device) in ARCHS \
+        and q.dtype in (torch.float16, torch.bfloat16) and k.dtype == v.dtype == q.dtype \
         and k.shape[-1] == v.shape[-1] == d and d % 8 == 0 and d <= 256 and q.shape[1] % k.shape[1] == 0 \
         and min(q.shape[2], k.shape[2]) > 0 and all(t.stride(-1) == 1 for t in (q, k, v))
 
