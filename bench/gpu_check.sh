@@ -4,7 +4,8 @@
 # seen on an H200 with a cold Triton cache):
 #   bash bench/gpu_check.sh tests demo fusion suite      (~170 + 50 + 60 + 150 s)
 #   bash bench/gpu_check.sh attention matmul memory offload
-# long: the long-row cases (LM-head softmax, log_softmax, cross-entropy); online: online softmax A/B.
+# long: the long-row cases (LM-head softmax, log_softmax, cross-entropy); online: online softmax A/B;
+# loss: a cross-entropy training step (forward + backward) over an LM head's logits.
 # Diagnostics: profile (kernel-by-kernel GPU time against Inductor), plans (what the matmul pass
 # made of the model cases, bodies included), host (a tiny BERT layer's host time per call, with a
 # cProfile of kiln's executor), peaks (allocator traces of the zoo's training steps).
@@ -42,6 +43,7 @@ for s in $steps; do
                 done; wait ;;
         long) run long 200 python3 bench/gpu_fusion.py --long-rows --json "$OUT/fusion_long.json" ;;
         online) run online 150 python3 bench/online_softmax_ab.py --json "$OUT/online_softmax.json" ;;
+        loss) run loss 150 python3 bench/gpu_loss.py --json "$OUT/gpu_loss.json" ;;
         offload) run offload 200 python3 bench/offload.py --reps 3 --json "$OUT/offload.json" ;;
         profile) TAIL=60 run profile 150 python3 bench/gpu_kernel_profile.py llama_layer gpt2_block bert_layer ;;
         host) TAIL=70 run host 120 python3 bench/host_tiny_bert.py --profile ;;
@@ -49,6 +51,6 @@ for s in $steps; do
         peaks) for m in zoo:cnn zoo:block zoo:embed; do
                    TAIL=30 run "peak-${m#zoo:}" 120 python3 bench/gpu_peak_trace.py --case "$m" --train
                done ;;
-        *) echo "unknown step $s (steps: tests demo fusion long online suite attention matmul memory offload profile host plans peaks)"; exit 2 ;;
+        *) echo "unknown step $s (steps: tests demo fusion long online loss suite attention matmul memory offload profile host plans peaks)"; exit 2 ;;
     esac
 done

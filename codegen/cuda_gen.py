@@ -50,6 +50,9 @@ def render(lk: LoopKernel) -> tuple[str, dict]:
         prologue.append(f"{CU[a.dtype]}* __restrict__ out{a.arg} = reinterpret_cast<{CU[a.dtype]}*>(out_ptr{a.arg});")
 
     def load(a):
+        if a.iota is not None:      # an arange: its element is its address (passes/iota.py)
+            ct, off = CU[compute_dtype(a.dtype)], f" + {a.iota}LL" if a.iota else ""
+            return f"const {ct} {a.var} = ({ct})({_addr(a)}{off});"
         return f"const {CU[compute_dtype(a.dtype)]} {a.var} = kiln_widen(in{a.arg}[{_addr(a)}]);"
 
     def stmt(s):

@@ -25,6 +25,7 @@ class Access:
     rstrides: list[int]         # per collapsed r dim
     dtype: torch.dtype
     var: str                    # loaded variable / stored value
+    iota: int | None = None     # a load of an arange view: the value is offset + the address (passes/iota.py)
 
     @property
     def space(self) -> str:
@@ -117,6 +118,7 @@ def lower(node: Node) -> LoopKernel:
     domain, rdims, maps = plan["domain"], set(plan["reduce_dims"]), plan["maps"]
     nd = len(domain)
     leaves = {v.name: i for i, v in enumerate(body.inputs)}
+    iota = {int(i): int(off) for i, off in node.attrs.get("iota", ())}
     loads: dict[tuple, Access] = {}
     raw_load_strides: list[list[int]] = []
     stmts: list[Stmt] = []
@@ -132,7 +134,8 @@ def lower(node: Node) -> LoopKernel:
         full = _full_strides(v.type.shape, v.type.strides, dmap, domain)
         key = (v.name, tuple(full))
         if key not in loads:
-            loads[key] = Access(leaves[v.name], [], [], v.type.dtype, f"in{leaves[v.name]}_{len(loads)}")
+            loads[key] = Access(leaves[v.name], [], [], v.type.dtype, f"in{leaves[v.name]}_{len(loads)}",
+                                iota.get(leaves[v.name]))
             raw_load_strides.append(full)
             space_of[loads[key].var] = "xr" if any(full[d] for d in rdims) else "x"
         return loads[key].var

@@ -167,6 +167,8 @@ def render(lk: LoopKernel) -> tuple[str, dict]:
 
     def load(a, xs=None, suffix=""):
         v = f"in{a.arg}[{_addr(a, xvars if xs is None else xs, rvars)}]"
+        if a.iota is not None:      # an arange: its element is its address (passes/iota.py)
+            v = f"({_addr(a, xvars if xs is None else xs, rvars)}{f' + {U(a.iota)}' if a.iota else ''})"
         return f"{a.var}{suffix} = {NP[compute_dtype(a.dtype)]}({v})" if a.dtype in NP else f"{a.var}{suffix} = {v}"
 
     def store(a, into=None):

@@ -237,6 +237,8 @@ class _Emitter:
 
     def load(self, a) -> str:
         cdt = TL[compute_dtype(a.dtype)]
+        if a.iota is not None:      # an arange: its element is its address (a block, like a load's)
+            return f"{a.var} = ({_addr(self.lk, a)}{f' + {a.iota}' if a.iota else ''}).to({cdt})"
         ptr = f"in_ptr{a.arg} + ({_addr(self.lk, a)})"
         mask = _load_mask(a, self.lk.kind == "reduction")
         v = f"tl.load({ptr}, mask={mask}, other=0)" if mask else f"tl.load({ptr})"
@@ -428,6 +430,6 @@ def render(lk: LoopKernel) -> tuple[str, dict]:
     wide = span >= 2**31 - 1 or lk.xnumel * max(lk.rnumel, 1) >= 2**31 - 1
     src = ENV.get_template("triton_kernel.py.j2").render(
         name=lk.name, kind=lk.kind, ops=lk.ops, helpers=helpers, params=params, body=L, wide=wide)
-    row = [a.dtype.itemsize for a in lk.loads + lk.stores if any(a.rstrides)]
-    shared = any(any(a.rstrides) and not any(a.xstrides) for a in lk.loads)
+    row = [a.dtype.itemsize for a in lk.loads + lk.stores if any(a.rstrides) and a.iota is None]
+    shared = any(any(a.rstrides) and not any(a.xstrides) for a in lk.loads if a.iota is None)
     return src, {"one_pass": one_pass, "itemsize": max(row or [4]), "shared_row": shared}

@@ -10,6 +10,7 @@ from .cleanup import canonicalize_views, constant_fold, cse, dce, drop_copy_kern
 from .fuse import fuse
 from .gather import gather_rows
 from .gather_sink import sink_gather
+from .iota import mark_iota
 from .one_hot import one_hot_scatter
 from .matmul import matmul_fusion
 from .cache_schedule import schedule_cache
@@ -34,6 +35,7 @@ PIPELINE = [
     ("fuse", fuse),
     ("drop_copy_kernels", lambda g, o: drop_copy_kernels(g)),
     ("matmul", matmul_fusion),
+    ("iota", lambda g, o: mark_iota(g)),  # arange inputs computed from the index, not loaded
     ("schedule", schedule),
     ("plan_memory", plan_memory),
     ("map_tiers", map_tiers),            # both no-ops unless memory_budget (or tiers) is set
