@@ -32,6 +32,11 @@ UNARY = {
     "last_col": lambda x: x - (x + 1).narrow(-1, x.shape[-1] - 1, 1),
     "first_row": lambda x: x + (x * 0.5).select(0, 0),
     "first_col_softmax": lambda x: x * x.softmax(-1)[..., :1],
+    # aranges read by a kernel (passes/iota.py computes them from the index): along the last dim,
+    # and along the first through a view
+    "col_index": lambda x: x * 0.25 * (torch.arange(x.shape[-1], device=x.device) + x.sign()),
+    "row_index": lambda x: torch.where(
+        torch.arange(x.shape[0], device=x.device).view(-1, *[1] * (x.dim() - 1)) < x * 2 + 1, x, x.abs() - 1),
 }
 BINARY = {
     "add": torch.add, "sub": torch.sub, "mul": torch.mul, "max": torch.maximum, "min": torch.minimum,
