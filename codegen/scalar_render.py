@@ -137,7 +137,11 @@ class TritonRenderer(Renderer):
         if dt == torch.bool:
             return f"({s} != 0)"
         if dt in (torch.float16, torch.bfloat16):
-            return f"{s}.to({TL[dt]}).to(tl.float32)"
+            # from an integer through float32, as eager converts (c10's Half and BFloat16 are made
+            # from a float): an int64 past 2**24 rounds twice there, and Triton's direct int64 ->
+            # bfloat16 rounds once (its interpreter's gives garbage: 8 -> 7e-40)
+            via = ".to(tl.float32)" if not src.dtype.is_floating_point else ""
+            return f"{s}{via}.to({TL[dt]}).to(tl.float32)"
         return f"{s}.to({TL[dt]})"
 
     # Triton's fp32 `/` is div.full.f32 (within 2 ulp, as Inductor's kernels divide) and tl.sqrt is
