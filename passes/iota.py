@@ -56,8 +56,10 @@ def _positions(t: torch.Tensor) -> bool:
 def _source_is_arange(v: Value, producers: dict, consts: dict) -> bool:
     seen = 0
     while seen < 16:
-        if v.name in consts:
-            return isinstance(consts[v.name], torch.Tensor) and _positions(consts[v.name])
+        if v.name in consts:        # the kernel computes from the IR's layout: it must be the tensor's
+            t = consts[v.name]
+            return isinstance(t, torch.Tensor) and v.type is not None and tuple(t.stride()) == v.type.strides \
+                and t.storage_offset() == v.type.offset and _positions(t)
         n = producers.get(v.name)
         if n is None:
             return False
