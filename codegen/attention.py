@@ -94,8 +94,7 @@ def load(k: Kernel) -> None:
         cfg = state.get("cfg")
         if cfg is None:
             try:            # the first launch compiles: a kernel Triton rejects runs as exact math
-                cfg = _config(k, a, ts, outputs, run, interpret)
-                res = _first_run(k, a, cfg, ts, outputs, run, interpret)
+                cfg, res = _first_run(k, a, _config(k, a, ts, outputs, run, interpret), ts, outputs, run, interpret)
             except Exception as e:      # noqa: BLE001
                 log.warning("attention kernel %s failed to compile or launch (%s: %s); running it as PyTorch math",
                             k.name, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
@@ -108,11 +107,11 @@ def load(k: Kernel) -> None:
     k.launcher = launch
 
 
-def _first_run(k: Kernel, a: dict, cfg: dict, ts, outputs, run, interpret: bool):
-    """The first launch; an ATen kernel that refuses the problem (cuDNN has its own limits) hands
-    it to kiln's Triton kernel, ``cfg`` updated in place."""
+def _first_run(k: Kernel, a: dict, cfg: dict, ts, outputs, run, interpret: bool) -> tuple[dict, object]:
+    """The first launch: (the config kept, what the launch returned). An ATen kernel that refuses
+    the problem (cuDNN has limits of its own) hands it to kiln's Triton kernel."""
     try:
-        return run(cfg, ts, outputs)
+        return cfg, run(cfg, ts, outputs)
     except RuntimeError as e:
         if not cfg.get("ATEN"):
             raise
@@ -120,9 +119,8 @@ def _first_run(k: Kernel, a: dict, cfg: dict, ts, outputs, run, interpret: bool)
                  k.name, attention_aten.KINDS[cfg["ATEN"]], str(e).splitlines()[0] if str(e) else "")
         q, kk = (ts[0], ts[1]) if a["kind"] == "forward" else (ts[1], ts[2])
         itemsize = torch.empty((), dtype=getattr(torch, a["dot_dtype"])).element_size()
-        cfg.clear()
-        cfg.update(default_config(a["kind"], q.shape[2], kk.shape[2], q.shape[3], itemsize, interpret))
-        return run(cfg, ts, outputs)
+        cfg = default_config(a["kind"], q.shape[2], kk.shape[2], q.shape[3], itemsize, interpret)
+        return cfg, run(cfg, ts, outputs)
 
 
 def _math_launcher(a: dict):

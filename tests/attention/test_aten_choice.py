@@ -4,6 +4,7 @@ the tensors such a kernel returns. The kernels themselves run only on a GPU
 (tests/attention/test_gpu_attention.py)."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from kiln.autotune.space import DeviceLimits, Problem, prune
@@ -52,3 +53,25 @@ def test_executor_binds_returned_tensors_and_fills_arena_buffers():
     res = CompiledGraph._bind(outs, list(planned), got, {"lse": arena_view})
     assert res[0] is got[0]                                  # not in the arena: ATen's tensor is bound
     assert res[1] is arena_view and torch.equal(arena_view, got[1])   # in the arena: copied in
+
+
+def test_a_refused_problem_falls_back_to_kilns_kernel():
+    """cuDNN has limits of its own: where it raises on the first launch, the launcher keeps kiln's
+    Triton config for this kernel (the stub stands in for the launcher's ``run``)."""
+    from kiln.codegen.attention import _first_run
+    from kiln.codegen.kernel import Kernel
+    tried = []
+
+    def run(cfg, ts, outputs):
+        tried.append(dict(cfg))
+        if cfg.get("ATEN"):
+            raise RuntimeError("cuDNN Frontend error: No valid execution plans built")
+        return "ran"
+    q = torch.empty(1, 2, 48, 64)
+    cfg, res = _first_run(Kernel("attn", "attention", "triton", [], "", "attn_fwd"), A,
+                          dict(attention_config.ATEN_CONFIGS[0]), [q, q, q], [], run, True)
+    assert res == "ran" and not cfg.get("ATEN") and [c.get("ATEN", 0) for c in tried] == [2, 0]
+    def fails(*_):
+        raise RuntimeError("out of resources")
+    with pytest.raises(RuntimeError, match="out of resources"):     # kiln's own kernel: the caller runs the math
+        _first_run(Kernel("attn", "attention", "triton", [], "", "attn_fwd"), A, cfg, [q, q, q], [], fails, True)
