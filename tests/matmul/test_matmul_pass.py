@@ -63,8 +63,10 @@ def test_epilogue_reading_a_value_computed_from_the_product_is_not_absorbed():
         t = (y.t() @ y).sum()
         return torch.relu(y) * t
     # t is a sum of ~1e4-sized terms: its float32 rounding follows the thread count (an xdist run
-    # once differed from eager by 1.25e-4 relative)
-    g = compile_graph(fn, X[:8], W, tol=(1e-3, 1e-3))
+    # once differed from eager by 1.25e-4 relative), and it scales y's rounding too: outputs reach
+    # ~1e5, and an element where y's dot product cancels to ~1e-3 once differed by 3.6e-3 (4e-8 of
+    # the largest output). The absolute tolerance is 1e-6 of the outputs' scale.
+    g = compile_graph(fn, X[:8], W, tol=(1e-3, 1e-1))
     first = matmuls(g)[0]
     assert first.attrs["plan"]["segments"][0]["groups"] == []
 
