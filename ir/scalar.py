@@ -56,11 +56,16 @@ def _operand(x, like: torch.dtype):
 
 
 def cast(x, dt: torch.dtype):
-    """Implicit promotion: the value is computed in ``dt``'s compute type (no rounding)."""
+    """Implicit promotion: the value is computed in ``dt``'s compute type (no rounding), except an
+    integer tensor promoted to a 16-bit float, which eager rounds to it first (TensorIterator casts
+    the operand to the common dtype: int64 259 + bf16 0.75 is 260.75 there, not 259.75). A Python
+    scalar stays unrounded, as eager keeps it in the op's compute type."""
     if isinstance(x, Const):
         v = x.value
         v = bool(v) if dt == torch.bool else float(v) if dt.is_floating_point else int(v)
         return Const(v, dt)
+    if x.dtype != dt and dt in (torch.float16, torch.bfloat16) and not x.dtype.is_floating_point:
+        return convert(x, dt)
     return x if x.dtype == dt else E("cast", (x,), dt)
 
 

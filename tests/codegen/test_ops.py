@@ -214,6 +214,36 @@ def test_integers_to_16_bit_floats_round_as_eager(target):
         assert g.dtype == w.dtype and torch.equal(g, w), (g, w)
 
 
+def test_integer_operands_promoted_to_16_bit_floats_round_first():
+    """int64 + bf16 is bf16 in eager, which rounds the integer to bf16 before adding (259 -> 260):
+    the lowering converts it (rounding as eager) rather than computing with 259 in float32. The
+    Triton interpreter cannot show the difference (it truncates float32 -> bf16); the GPU test
+    below compares bit for bit."""
+    from kiln.codegen.lower import lower
+    from kiln.passes.fuse import fuse
+    gm = make_fx(lambda i, x: (i + x, i < x), decomposition_table=decomposition_table())(
+        torch.arange(4), torch.ones(4, dtype=torch.bfloat16))
+    [node] = [n for n in fuse(from_fx(gm)).nodes if n.op == "kiln.fused"]
+
+    def ops(e):
+        return [e.op, *(o for a in e.args for o in ops(a))] if hasattr(e, "op") else []
+    for st in lower(node).stmts:        # the sum and the comparison each convert the integer
+        assert "convert" in ops(st.expr) and "cast" not in ops(st.expr), ops(st.expr)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("target", ["triton", "cuda"])
+def test_integer_operands_promoted_to_16_bit_floats_on_the_gpu(target):
+    i = torch.tensor([257, 259, 515, 1029, 2**20 + 3, -259, 7], device="cuda")
+    x = torch.tensor([0.5, 0.75, 1.0, 2.5, 3.0, -0.75, 0.25], device="cuda", dtype=torch.bfloat16)
+    fn = lambda i, x: (i + x, i * x, (i == x.float() + 3).to(torch.bfloat16), i < x + 2)  # noqa: E731
+    gm = make_fx(fn, decomposition_table=decomposition_table())(i, x)
+    compiled, _ = compile_graph(from_fx(gm), kiln.Options(target=target), verify=True)
+    for g, w in zip(compiled(i, x), fn(i, x)):
+        assert g.dtype == w.dtype and torch.equal(g, w), (g, w)
+
+
 # ---- reductions -----------------------------------------------------------------------------
 DIMS = [0, 1, -1, (0, 2), (1, 3), (0, 1, 2, 3), (-1, -3), (), None]
 RED = {"sum": lambda x, d, k: x.sum(d, keepdim=k) if d is not None else x.sum(),
