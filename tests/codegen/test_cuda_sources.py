@@ -61,3 +61,21 @@ def test_float_remainder_sources_compile_with_nvcc(tmp_path):
         r = subprocess.run(["nvcc", "-std=c++17", "-arch=sm_90", "-c", str(p), "-o", os.devnull],
                            capture_output=True, text=True)
         assert r.returncode == 0, f"{p}:\n{r.stderr[:2000]}"
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+def test_integer_to_16_bit_float_sources_compile_with_nvcc(tmp_path):
+    """Integers promoted into bf16 / fp16 arithmetic convert through float (ir/scalar.py cast)."""
+    def model(i, b, h):
+        return i + b, (i < b).to(torch.bfloat16) * b, i * h + 1, i.to(torch.bfloat16) - b
+    groups = _groups(model, torch.randint(-300, 300, (4, 16)), torch.randn(4, 16, dtype=torch.bfloat16),
+                     torch.randn(16, dtype=torch.float16))
+    assert groups
+    for n in groups:
+        src, _ = render(lower(n))
+        assert "__float2bfloat16((float)(" in src or "__float2half((float)(" in src
+        p = tmp_path / f"{n.attrs['name']}.cu"
+        p.write_text(src)
+        r = subprocess.run(["nvcc", "-std=c++17", "-arch=sm_90", "-c", str(p), "-o", os.devnull],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, f"{p}:\n{r.stderr[:2000]}"
