@@ -2,7 +2,8 @@
 
 Target triton (or cuda: attention has no CUDA C template, so a GPU runs the Triton kernel):
 the FlashAttention-2 templates attention_fwd.py.j2 / attention_bwd.py.j2, rendered for the
-node's dtypes. Target cpu (and dtypes Triton's dot lacks, float64): the exact math of
+node's dtypes; where cuDNN's kernels compute the same attention on a Hopper GPU the launcher runs
+those by default instead, and the tuner times both (attention_aten.py). Target cpu (and dtypes Triton's dot lacks, float64): the exact math of
 kiln.ir.attention_op in PyTorch. Each input reaches the kernel as the [B, heads, S, D] view the
 pass recorded in ``attrs["views"]``, taken on the input conformed to its IR layout; strides are
 runtime arguments, so any view works without a copy.
