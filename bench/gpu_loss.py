@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import torch
@@ -30,16 +31,13 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("bench/gpu_loss.py needs a CUDA GPU", file=sys.stderr)
         return 1
-    import kiln
-    from triton.testing import do_bench
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from gpu_fusion import copy_bandwidth, do_bench, kiln
     g = torch.Generator(device="cuda").manual_seed(0)
     x = (torch.randn(a.rows, a.cols, device="cuda", generator=g) * 4).to(torch.bfloat16).requires_grad_()
     t = torch.randint(0, a.cols, (a.rows,), device="cuda", generator=g)
     impls = {"eager": loss_fn, "inductor": torch.compile(loss_fn), "kiln": kiln.compile(loss_fn, target="triton")}
-    src = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    copy_ms = do_bench(lambda: dst.copy_(src), warmup=10, rep=50, return_mode="median")
-    bw = 2 * src.numel() / (copy_ms * 1e-3)
+    bw = copy_bandwidth("cuda")         # the same basis as the other GPU rooflines (a 1 GiB copy)
     roof_ms = 3 * x.numel() * x.element_size() / bw * 1e3
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": a.rows, "cols": a.cols,
            "copy_bandwidth_GBps": bw / 1e9, "roofline_ms": roof_ms}
