@@ -58,6 +58,54 @@ def test_cross_entropy_backward_is_one_kernel_without_a_scatter(tmp_path):
     assert sum(k["target"] == "cpu" for k in bwd["kernels"]) == 1, bwd["kernels"]
 
 
+@pytest.mark.parametrize("target", ["cpu", "triton"])
+def test_cross_entropy_backward_is_pointwise(tmp_path, target):
+    """The row sum of log-softmax's backward is the picked gradient (no reduction over the row),
+    so the gradient is one pointwise walk over the logits."""
+    report = tmp_path / "report.jsonl"
+    _grads(CASES["mean"], target, str(report))
+    graphs = [json.loads(line) for line in report.read_text().splitlines()]
+    (bwd,) = [g for g in graphs if g["graph_kind"] == "backward"]
+    ops = [op for k in bwd["kernels"] for op in k["ops"]]
+    assert "aten.sum.dim_IntList" not in ops, bwd["kernels"]
+    assert all(k["kind"] != "reduction" for k in bwd["kernels"]), bwd["kernels"]
+
+
+SUMS = """graph(%idx: int64[4,1], %src: float32[4,1], %x: float32[4,1], %y: float32[], %w: float32[4,6]) {
+  %z: float32[4,6] = aten.zeros.default([4, 6], dtype=torch.float32, device=device("cpu"))
+  %s: float32[4,6] = aten.scatter.src(%z, 1, %idx, %src)
+  %m: float32[4,6] = aten.mul.Tensor(%x, %s)
+  %n: float32[4,6] = aten.neg.default(%m)
+  %d: float32[4,6] = aten.div.Tensor(%n, %y)
+  %c: float64[4,6] = aten._to_copy.default(%d, dtype=torch.float64)
+  %r: float64[4] = aten.sum.dim_IntList(%c, [-1])
+  %q: float32[4,1] = aten.sum.dim_IntList(%d, [1], True)
+  %full: float32[4,6] = aten.mul.Tensor(%s, %w)
+  %k: float32[4,1] = aten.sum.dim_IntList(%full, [1], True)
+  return (%r, %q, %k)
+}"""
+
+
+@pytest.mark.parametrize("y", [3.0, 0.0, float("nan")])
+def test_sums_of_a_one_hot_match_the_graph_they_replace(y):
+    """Sums along the scattered dim through casts, negation, products and quotients by tensors
+    constant along it become the picked value's chain (a sum over a product with a tensor that
+    varies along it stays); non-finite factors give eager's NaN, which the zeros' terms carry."""
+    from kiln.ir.text import parse_graph
+    from kiln.passes.one_hot import one_hot_scatter
+    from kiln.runtime.executor import CompiledGraph
+    g = parse_graph(SUMS)
+    g.meta["graph_kind"] = "backward"
+    h = one_hot_scatter(g)
+    assert [n.outputs[0].name for n in h.nodes if n.op == "aten.sum.dim_IntList"] == ["k"]
+    torch.manual_seed(0)
+    x = torch.randn(4, 1)
+    x[1], x[2] = float("inf"), float("nan")
+    inputs = [torch.tensor([[5], [0], [2], [3]]), torch.randn(4, 1), x, torch.tensor(y), torch.randn(4, 6)]
+    for got, want in zip(CompiledGraph(h, {})(*inputs), CompiledGraph(g, {})(*inputs)):
+        torch.testing.assert_close(got, want, equal_nan=True, rtol=0, atol=0)
+
+
 def test_forward_scatters_are_left_alone():
     """An index out of range must still fail in a forward (the comparison would give zeros)."""
     fn = lambda x, i: torch.zeros_like(x).scatter(1, i, 2.0) + x  # noqa: E731
