@@ -140,6 +140,21 @@ def _next_row_stage(stages, final, stash) -> bool:
     return used <= own
 
 
+def _hoisted(lk: LoopKernel, load, stmt) -> tuple[list[str], list[str]]:
+    """A pointwise kernel's loads and statements split into those of the row (no read of the
+    innermost dim: a row statistic, a target index, a scalar) and those of each element. LLVM
+    cannot hoist the row's loads itself (the output may alias any input), so a cross-entropy's
+    gradient recomputed its whole per-row prologue for every element."""
+    last = len(lk.xsizes) - 1
+    row = {a.var for a in lk.loads if not a.xstrides[last]}
+    for s in lk.stmts:
+        if all(r in row for r in refs(s.expr)):
+            row.add(s.var)
+    outer = [load(a) for a in lk.loads if a.var in row] + [stmt(s) for s in lk.stmts if s.var in row]
+    inner = [load(a) for a in lk.loads if a.var not in row] + [stmt(s) for s in lk.stmts if s.var not in row]
+    return outer, inner
+
+
 def _in_place_pairs(lk: LoopKernel) -> list[tuple[int, int]]:
     """(output, input) pairs of a pointwise kernel that the memory planner may run in place:
     every load of the input reads exactly the element the output's store writes, in its dtype.
@@ -184,22 +199,24 @@ def render(lk: LoopKernel) -> tuple[str, dict]:
             rows, per_row = -(-n // CHUNK), min(n, CHUNK)
             L.append(f"for xo in range(np.uint64(lo), np.uint64(hi)):")
             L.append(f"{ind}for x0 in range(xo * {U(CHUNK)}, min({U(n)}, xo * {U(CHUNK)} + {U(CHUNK)})):")
+            outer, inner = [], [load(a) for a in lk.loads] + [stmt(s) for s in lk.stmts]
         else:
             rows, per_row = 1, xs[-1]
             for s in xs[:-1]:
                 rows *= s
             L.append(f"for xo in range(np.uint64(lo), np.uint64(hi)):")
             L += [ind + line for line in _decompose("xo", xs[:-1], "x")]
+            outer, inner = _hoisted(lk, load, stmt)
+            L += [ind + line for line in outer]
             L.append(f"{ind}for x{len(xs) - 1} in range({U(xs[-1])}):")
         if not lk.xsizes:
             xvars = []
         head = list(L)
-        body = [load(a) for a in lk.loads] + [stmt(s) for s in lk.stmts]
-        L += [ind * 2 + line for line in body + [store(a) for a in lk.stores]]
+        L += [ind * 2 + line for line in inner + [store(a) for a in lk.stores]]
         for j, i in _in_place_pairs(lk):
             into = {j: f"in{i}"}
             variants.append((j, i, head + [ind * 2 + line for line in
-                                           body + [store(a, into.get(a.arg)) for a in lk.stores]]))
+                                           inner + [store(a, into.get(a.arg)) for a in lk.stores]]))
         passes = 1
     else:
         pre, stages, final = plan_stages(lk)
