@@ -31,8 +31,10 @@ def build(node: Node, target: str, cache_dir: str, autotune: bool = False) -> Ke
         from .cuda_gen import render
         target_used = "cuda"
     elif target == "triton":
+        from .lower import rows_of
         from .triton_gen import render
         target_used = "triton"
+        lk = rows_of(lk)
     else:
         from .numba_gen import render
         target_used = "cpu"
@@ -41,5 +43,7 @@ def build(node: Node, target: str, cache_dir: str, autotune: bool = False) -> Ke
             "out_strides": lk.out_strides, "cache_dir": cache_dir, "autotune": bool(autotune), **extra}
     entry = meta.pop("entry", lk.name)      # numba sources name no kernel, so equal groups share one
     # one entry per IR node the kernel computes (repeats kept), so reports count ops, not op names
-    k = Kernel(lk.name, lk.kind, target_used, list(lk.ops), src, entry, meta)
+    if lk.kind != node.attrs["plan"]["kind"]:
+        meta["launch_kind"] = lk.kind       # laid out as another kind (lower.rows_of), launched as one
+    k = Kernel(lk.name, node.attrs["plan"]["kind"], target_used, list(lk.ops), src, entry, meta)
     return k

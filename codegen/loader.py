@@ -64,7 +64,8 @@ def load_loop(k: Kernel) -> None:
     xn, rn = k.meta["xnumel"], k.meta["rnumel"]
     one_pass = k.meta.get("one_pass", True)
     row = (k.meta.get("itemsize", 4), k.meta.get("shared_row", False))
-    state = {"cfg": k.meta.get("config") or triton_config(k.kind, xn, rn, one_pass, interpret, *row)}
+    kind = k.meta.get("launch_kind", k.kind)      # a pointwise kernel may be laid out in rows
+    state = {"cfg": k.meta.get("config") or triton_config(kind, xn, rn, one_pass, interpret, *row)}
     tuned = {"done": interpret or not k.meta.get("autotune") or "config" in k.meta}
 
     def run(cfg, ins, outs):
@@ -90,7 +91,7 @@ def load_loop(k: Kernel) -> None:
         """Pick the launch config on these tensors (database, else prune/rank/time); seconds spent."""
         from kiln.autotune import tuner
         ins = [_conform(t, s) for t, s in zip(inputs, in_strides)]
-        problem = tuner.loop_problem(k.kind, xn, rn, one_pass, [*ins, *outputs], len(ins))
+        problem = tuner.loop_problem(kind, xn, rn, one_pass, [*ins, *outputs], len(ins))
         res = tuner.tune_launch(k.source, problem, [*ins, *outputs], lambda cfg: run(cfg, ins, outputs), cache_dir,
                                 baseline=state["cfg"], timer=timer)
         state["cfg"] = k.meta["config"] = res.config
