@@ -5,7 +5,8 @@
 #   bash bench/gpu_check.sh tests demo fusion suite      (~170 + 50 + 60 + 150 s)
 #   bash bench/gpu_check.sh attention matmul memory offload
 # long: the long-row cases (LM-head softmax, log_softmax, cross-entropy); online: online softmax A/B;
-# loss: a cross-entropy training step (forward + backward) over an LM head's logits.
+# loss: a cross-entropy training step (forward + backward) over an LM head's logits; memory16: the
+# memory step's transformers models in bf16.
 # Diagnostics: profile (kernel-by-kernel GPU time against Inductor), plans (what the matmul pass
 # made of the model cases, bodies included), host (a tiny BERT layer's host time per call, with a
 # cProfile of kiln's executor), peaks (allocator traces of the zoo's training steps).
@@ -41,6 +42,10 @@ for s in $steps; do
         memory) for m in gpt2 llama bert zoo; do      # one process each: their peaks are separate
                     run memory-$m 300 python3 bench/gpu_memory.py --only $m --json "$OUT/gpu_memory_$m.json" &
                 done; wait ;;
+        memory16) for m in gpt2 llama bert; do    # bf16: attention on cuDNN's kernels
+                    run memory16-$m 300 python3 bench/gpu_memory.py --only $m --dtype bfloat16 \
+                        --json "$OUT/gpu_memory_${m}_bf16.json" &
+                done; wait ;;
         long) run long 200 python3 bench/gpu_fusion.py --long-rows --json "$OUT/fusion_long.json" ;;
         online) run online 150 python3 bench/online_softmax_ab.py --json "$OUT/online_softmax.json" ;;
         loss) run loss 150 python3 bench/gpu_loss.py --json "$OUT/gpu_loss.json" ;;
@@ -51,6 +56,6 @@ for s in $steps; do
         peaks) for m in zoo:cnn zoo:block zoo:embed; do
                    TAIL=30 run "peak-${m#zoo:}" 120 python3 bench/gpu_peak_trace.py --case "$m" --train
                done ;;
-        *) echo "unknown step $s (steps: tests demo fusion long online loss suite attention matmul memory offload profile host plans peaks)"; exit 2 ;;
+        *) echo "unknown step $s (steps: tests demo fusion long online loss suite attention matmul memory memory16 offload profile host plans peaks)"; exit 2 ;;
     esac
 done

@@ -1,7 +1,10 @@
 """Peak device memory of kiln against eager PyTorch (its caching allocator), inference and one
-training step, on transformers models (GPT-2, Llama, BERT; fp32) and the model zoo:
+training step, on transformers models (GPT-2, Llama, BERT; fp32 unless --dtype) and the model zoo:
 
-    PYTHONPATH=$PWD python bench/gpu_memory.py [--json out.json] [--small] [--only gpt2,zoo]
+    PYTHONPATH=$PWD python bench/gpu_memory.py [--json out.json] [--small] [--only gpt2,zoo] [--dtype bfloat16]
+
+In bf16 the models' attention runs cuDNN's kernels (codegen/attention_aten.py), whose outputs
+cuDNN allocates itself for the length of the call.
 
 Processes do not share the allocator's statistics, so ``--only`` lets several run side by side.
 
@@ -13,6 +16,7 @@ the training step is forward + backward with gradients set to None before each s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import gc
 import json
@@ -100,10 +104,29 @@ def step_of(model, args, kw, train: bool, fn):
     return run
 
 
-def measure(make_model, make_inputs, train: bool) -> dict:
+@contextlib.contextmanager
+def library_attention():
+    """Counts the attention calls that ran an ATen (cuDNN, flash) kernel during the block: [n]."""
+    from kiln.codegen import attention_aten as aa
+    calls, saved = [0], (aa.run, aa.run_backward)
+
+    def counted(fn):
+        def inner(*a, **k):
+            calls[0] += 1
+            return fn(*a, **k)
+        return inner
+    aa.run, aa.run_backward = counted(aa.run), counted(aa.run_backward)
+    try:
+        yield calls
+    finally:
+        aa.run, aa.run_backward = saved
+
+
+def measure(make_model, make_inputs, train: bool, dtype: torch.dtype = torch.float32) -> dict:
     torch.manual_seed(0)
-    model = Logits(make_model()).cuda().train(train)
+    model = Logits(make_model()).to("cuda", dtype).train(train)
     args, kw = make_inputs()
+    args = [a.to(dtype) if a.is_floating_point() else a for a in args]
     if train:
         args = [a.requires_grad_(a.is_floating_point()) for a in args]
 
@@ -118,13 +141,14 @@ def measure(make_model, make_inputs, train: bool) -> dict:
     compiled = torch.compile(model, backend=functools.partial(kiln_backend, options=OPTIONS))
     for _ in range(2):
         step(compiled)()
-    ours = peak(step(compiled), base)
+    with library_attention() as calls:
+        ours = peak(step(compiled), base)
     with torch.no_grad():
         ref, got = model(*args, **kw), compiled(*args, **kw)
     err = ((got.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-12)).item()
     del compiled
     torch._dynamo.reset()
-    return {"eager": eager, "kiln": ours, "rel_err": err}
+    return {"eager": eager, "kiln": ours, "rel_err": err, "library_attention_calls": calls[0]}
 
 
 def zoo_cases() -> dict:
@@ -147,7 +171,10 @@ def main() -> None:
     ap.add_argument("--json")
     ap.add_argument("--small", action="store_true", help="small configs (a quick check)")
     ap.add_argument("--only", help="comma-separated models to run: gpt2, llama, bert, zoo (default: all)")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                    help="the models' parameters and floating inputs (default: float32)")
     args = ap.parse_args()
+    dtype = getattr(torch, args.dtype)
     only = set(args.only.split(",")) if args.only else None
     if only and only - set(MODELS):
         ap.error(f"--only: unknown model(s) {', '.join(sorted(only - set(MODELS)))}; choose from {', '.join(MODELS)}")
@@ -158,23 +185,23 @@ def main() -> None:
         cases[name] = (mk, lambda ins=ins: ((), ins()))
     cases.update(zoo_cases())
     rows = []
-    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
-    print("| model | graph | eager peak | kiln peak | kiln / eager | rel. err |")
-    print("|---|---|---|---|---|---|")
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, {args.dtype}")
+    print("| model | graph | eager peak | kiln peak | kiln / eager | rel. err | ATen attention calls |")
+    print("|---|---|---|---|---|---|---|")
     for name, (mk, ins) in cases.items():
         if only and name.split(":")[0] not in only:
             continue
         for train in (False, True):
             r = {"model": name, "graph": "train step" if train else "inference"}
             try:
-                r.update(measure(mk, ins, train))
+                r.update(measure(mk, ins, train, dtype))
             except Exception as e:             # report and go on: one model's failure is a row
                 torch._dynamo.reset()
-                print(f"| {name} | {r['graph']} | failed: {type(e).__name__}: {str(e).splitlines()[0][:160]} |||||")
+                print(f"| {name} | {r['graph']} | failed: {type(e).__name__}: {str(e).splitlines()[0][:160]} ||||||")
                 continue
-            rows.append(r)
+            rows.append({**r, "dtype": args.dtype})
             print(f"| {name} | {r['graph']} | {r['eager']:,} | {r['kiln']:,} | {r['kiln'] / max(r['eager'], 1):.3f} "
-                  f"| {r['rel_err']:.1e} |", flush=True)
+                  f"| {r['rel_err']:.1e} | {r['library_attention_calls']} |", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
