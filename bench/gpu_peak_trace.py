@@ -6,7 +6,7 @@ the test zoo's models; gpt2 / llama / bert the memory benchmark's transformers (
 their small configs). How the sixth session found run_list's locals holding an activation past
 its free.
 
-    PYTHONPATH=$PWD python bench/gpu_peak_trace.py [--case zoo:cnn] [--train] [--top 12]
+    PYTHONPATH=$PWD python bench/gpu_peak_trace.py [--case zoo:cnn] [--train] [--top 12] [--dtype bfloat16]
 """
 import argparse
 import functools
@@ -118,11 +118,14 @@ def main() -> None:
     ap.add_argument("--train", action="store_true", help="a training step (default: inference)")
     ap.add_argument("--small", action="store_true")
     ap.add_argument("--top", type=int, default=12)
+    ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     a = ap.parse_args()
+    dtype = getattr(torch, a.dtype)
     make_model, make_inputs = case(a.case, a.small)
     torch.manual_seed(0)
-    model = Logits(make_model()).cuda().train(a.train)
+    model = Logits(make_model()).to("cuda", dtype).train(a.train)
     args, kw = make_inputs()
+    args = [x.to(dtype) if x.is_floating_point() else x for x in args]
     if a.train:
         args = [x.requires_grad_(x.is_floating_point()) for x in args]
 
