@@ -67,7 +67,7 @@ def kernel_for_match(m: Match, names) -> list[Node]:
     q, k, v = m.q, m.k, m.v
     sq, dv = q.shape[2], v.shape[3]
     dev = m.anchor.out.type.device
-    out = _fresh(names, (b, h, sq, dv), m.anchor.out.type.dtype, dev)
+    out = _fresh(names, (b, h, sq, dv), m.low or m.anchor.out.type.dtype, dev)
     lse = _fresh(names, (b, h, sq), torch.float32, dev)
     ins = [q.traced.src, k.traced.src, v.traced.src]
     views = [_view(o.traced.src.type, o.shape, o.strides, o.offset) for o in (q, k, v)]
@@ -75,11 +75,15 @@ def kernel_for_match(m: Match, names) -> list[Node]:
         ins.append(m.mask)
         views.append(_view(m.mask.type, *mask_view(m.mask.type, m.mask_shape, b, h)))
     ops = list(dict.fromkeys(n.op for n in [*m.dead, m.anchor]))
-    attrs = _attrs("forward", m.scale, m.causal, m.causal_offset, m.mask, m.fill, views, q.x.type.dtype,
-                   v.x.type.dtype, f"attn_{m.anchor.out.name}", ops)
+    attrs = _attrs("forward", m.scale, m.causal, m.causal_offset, m.mask, m.fill, views, m.low or q.x.type.dtype,
+                   m.low or v.x.type.dtype, f"attn_{m.anchor.out.name}", ops)
     kern = Node(KERNEL, tuple(ins), {}, [out, lse], attrs)
-    back = Node("aten.view.default", (out, list(m.anchor.out.type.shape)), {}, [m.anchor.out])
-    return [*m.prep, kern, back]
+    res, cast = out, []
+    if out.type.dtype != m.anchor.out.type.dtype:     # computed in the 16-bit dtype SDPA upcast from
+        res = _fresh(names, (b, h, sq, dv), m.anchor.out.type.dtype, dev)
+        cast = [Node("aten._to_copy.default", (out,), {"dtype": m.anchor.out.type.dtype}, [res])]
+    back = Node("aten.view.default", (res, list(m.anchor.out.type.shape)), {}, [m.anchor.out])
+    return [*m.prep, kern, *cast, back]
 
 
 def _from_op(n: Node) -> Node:

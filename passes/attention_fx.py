@@ -193,7 +193,7 @@ def _op_nodes(c: _Ctx, m: Match) -> list[Node]:
     scale = m.alpha
     ts, srcs = [], []
     for which, o in (("q", m.q), ("k", m.k), ("v", m.v)):
-        t, from_src = _tensor4(c, o, which, b, h, kv_from_src=None if which != "v" else srcs[1])
+        t, from_src = _tensor4(c, o, which, b, h, kv_from_src=None if which != "v" else srcs[1], dtype=m.low)
         scale *= o.traced.scale if from_src and which != "v" else 1.0
         ts.append(t)
         srcs.append(from_src)
@@ -215,11 +215,13 @@ def _op_nodes(c: _Ctx, m: Match) -> list[Node]:
     return nodes
 
 
-def _tensor4(c: _Ctx, o: Operand, which: str, b: int, h: int, kv_from_src=None) -> tuple[Value, bool]:
+def _tensor4(c: _Ctx, o: Operand, which: str, b: int, h: int, kv_from_src=None,
+             dtype: torch.dtype | None = None) -> tuple[Value, bool]:
     """The operand as a [B, heads, S, D] tensor: views of its source where view + select +
     permute express it (no copy, GQA kept), else a reshape of the matmul's own operand. V follows
-    K (``kv_from_src``), so both carry the same number of heads."""
-    src, want = o.traced.src, o.x.type.dtype
+    K (``kv_from_src``), so both carry the same number of heads. ``dtype``: the one to compute in
+    (default: the matmul's)."""
+    src, want = o.traced.src, dtype or o.x.type.dtype
     t = _factored_view(c, src, o.shape, o.strides, o.offset) if kv_from_src is not False else None
     if t is not None and kv_from_src is None and which == "v":
         t = None

@@ -13,6 +13,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import torch
+
 from kiln.ir import Node, Value
 from kiln.ir.types import TensorType
 
@@ -195,6 +197,14 @@ def is_copy(n: Node) -> bool:
     return n.op in COPY_OPS and not ({"device", "layout"} & set(n.kwargs)) and len(n.args) <= 2
 
 
+def rounds(n: Node) -> bool:
+    """A cast to a float type with fewer bits (or another of the same width): its elements are
+    not the source's, so an operand is not traced through it (fp32 -> bf16 -> fp32 reads as the
+    bf16 values eager computes with, not the fp32 ones before the rounding)."""
+    a, b = n.args[0].type.dtype, n.out.type.dtype
+    return a != b and a.is_floating_point and b.is_floating_point and torch.finfo(b).bits <= torch.finfo(a).bits
+
+
 def apply_view(lay: Layout, n: Node, out: Value) -> Layout:
     op, a = n.op, n.args
     if op in ("aten.view.default", "aten._unsafe_view.default", "aten.reshape.default"):
@@ -253,7 +263,7 @@ def trace(v: Value, producers: dict[str, Node], scalar_of) -> Traced:
             if c is None or c == 0 or n.args[0].type.shape != cur.type.shape:
                 break
             scale *= c if SCALE_OPS[n.op] == 1 else 1.0 / c
-        elif not (n.op in VIEW_OPS or is_copy(n)):
+        elif not (n.op in VIEW_OPS or is_copy(n) and not rounds(n)):
             break
         chain.append((n, cur))
         cur = n.args[0]

@@ -56,6 +56,7 @@ class Match:
     fill: float = float("-inf")
     prep: list[Node] = field(default_factory=list)   # nodes that build `mask` (to insert before the kernel)
     dead: list[Node] = field(default_factory=list)   # nodes the kernel replaces
+    low: torch.dtype | None = None   # compute in this 16-bit dtype: SDPA's math path upcast Q, K, V from it
 
     @property
     def scale(self) -> float:
@@ -489,7 +490,32 @@ def match_at(c: _Ctx, pv: Node) -> Match:
     if q.traced.scale * k.traced.scale * alpha <= 0:
         raise NoMatch("non-positive scale")
     return Match(pv, q, k, v, (b, h), alpha, causal is not None, causal or 0, mask, mshape, fill,
-                 list(c.prep), dead)
+                 list(c.prep), dead, _sdpa_upcast(c, sm_nodes, (q, k, v), pv))
+
+
+def _sdpa_upcast(c: _Ctx, sm_nodes: list[Node], ops, pv: Node) -> torch.dtype | None:
+    """The 16-bit dtype PyTorch's math SDPA upcast this attention from, or None. A traced
+    ``scaled_dot_product_attention`` becomes its math path wherever no fused kernel was picked
+    at trace time (a CPU graph, a masked one on some GPU paths), and that path casts 16-bit Q, K
+    and V to fp32 and the result back: kiln's kernel would run in fp32 and autograd save fp32
+    activations (a bf16 BERT layer's training step held 12% more than eager's, which runs the
+    fused 16-bit kernel). Its safe softmax (``where(row all -inf, 0, softmax)``) marks the path:
+    nothing else writes it; and the result must go back to the inputs' dtype."""
+    if not any(n.op in ("aten.any.dim", "aten._safe_softmax.default") for n in sm_nodes):
+        return None
+    low = {o.traced.src.type.dtype for o in ops}
+    if len(low) != 1 or (low := low.pop()) not in (torch.float16, torch.bfloat16) \
+            or any(o.x.type.dtype != torch.float32 for o in ops):
+        return None
+    cur = pv.out
+    while cur.name not in c.outputs and len(us := c.users.get(cur.name, [])) == 1:
+        n = us[0]
+        if is_copy(n):
+            return low if n.kwargs.get("dtype") == low and n.out.type.dtype == low else None
+        if not _is_reshape(n):
+            return None
+        cur = n.out
+    return None
 
 
 def find_attention(g: Graph, needs_grad=None, c: _Ctx | None = None) -> list[Match]:

@@ -88,6 +88,50 @@ def test_fp32_softmax_of_bf16_scores():
     assert a["causal"] and a["dot_dtype"] == "bfloat16"
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_sdpa_math_path_runs_in_the_inputs_dtype(dtype):
+    """SDPA traced to PyTorch's math path (the CPU's, a masked one) upcasts 16-bit Q, K, V to
+    fp32 and casts the result back: the kernel runs in the 16-bit dtype, as eager's fused kernels
+    do, on the 16-bit tensors (not the fp32 copies, which autograd would save)."""
+    q, k, v = _qkv(dtype)
+    keep = torch.rand(B, 1, 1, S, generator=torch.Generator().manual_seed(1)) > 0.3
+    for fn, args in ((lambda q, k, v: F.scaled_dot_product_attention(q, k, v), (q, k, v)),
+                     (lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m), (q, k, v, keep))):
+        compiled, _ = compile_ahead(fn, args, {"target": "cpu"})
+        torch.testing.assert_close(compiled(*args)[0], fn(*args), rtol=2e-2, atol=2e-2)
+        (n,) = [n for n in compiled.graph.nodes if n.op == "kiln.attention"]
+        assert n.attrs["dot_dtype"] == n.attrs["pv_dtype"] == str(dtype).removeprefix("torch.")
+        assert all(a.type.dtype == dtype for a in n.args[:3]), [a.type for a in n.args[:3]]
+
+
+def test_sdpa_math_path_training_saves_16_bit_tensors(monkeypatch):
+    """A training step through the math path: what the forward keeps for the backward is bf16
+    (Q, K, V and the output, as eager's fused kernels keep), and the gradients match eager's."""
+    import kiln
+    from kiln.passes import pipeline
+    graphs = []
+    monkeypatch.setattr(pipeline, "PIPELINE", pipeline.PIPELINE + [("keep", lambda g, o: graphs.append(g) or g)])
+    q, k, v = (t.requires_grad_() for t in _qkv(torch.bfloat16))
+    keep = torch.rand(B, 1, 1, S, generator=torch.Generator().manual_seed(1)) > 0.3
+    fn = lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m)  # noqa: E731
+    torch._dynamo.reset()
+    got = torch.autograd.grad(kiln.compile(fn, target="cpu")(q, k, v, keep).float().square().sum(), (q, k, v))
+    want = torch.autograd.grad(fn(q, k, v, keep).float().square().sum(), (q, k, v))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=3e-2, atol=3e-2)
+    (fwd,) = [g for g in graphs if g.meta.get("graph_kind") == "forward"]
+    saved = [v.type for v in fwd.output_values() if v.type is not None and v.type.rank == 4]
+    assert saved and all(t.dtype == torch.bfloat16 for t in saved), saved
+
+
+def test_explicit_fp32_attention_stays_fp32():
+    """Attention a model writes in fp32 on 16-bit inputs (plain softmax, no SDPA) keeps fp32."""
+    q, k, v = _qkv(torch.bfloat16)
+    a = _one(lambda q, k, v: (torch.softmax(q.float() @ k.float().transpose(-2, -1) * 0.3, -1) @ v.float())
+             .to(q.dtype), q, k, v, rtol=2e-2, atol=2e-2)
+    assert a["dot_dtype"] == "float32"
+
+
 def test_runtime_masks():
     q, k, v = _qkv()
     bias = torch.randn(B, 1, S, S)
