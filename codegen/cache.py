@@ -39,7 +39,9 @@ def build(node: Node, target: str, cache_dir: str, autotune: bool = False) -> Ke
         from .numba_gen import render
         target_used = "cpu"
     src, extra = render(lk)
-    meta = {"xnumel": lk.xnumel, "rnumel": lk.rnumel, "in_strides": lk.in_strides,
+    iota = {a.arg for a in lk.loads if a.iota is not None}      # computed, never read: any tensor will do
+    in_strides = [None if i in iota else s for i, s in enumerate(lk.in_strides)]
+    meta = {"xnumel": lk.xnumel, "rnumel": lk.rnumel, "in_strides": in_strides,
             "out_strides": lk.out_strides, "cache_dir": cache_dir, "autotune": bool(autotune), **extra}
     entry = meta.pop("entry", lk.name)      # numba sources name no kernel, so equal groups share one
     # one entry per IR node the kernel computes (repeats kept), so reports count ops, not op names

@@ -26,7 +26,10 @@ def _import(path: str):
 
 
 def _conform(t: torch.Tensor, strides) -> torch.Tensor:
-    """The kernel was specialised for these strides; copy the rare input that differs."""
+    """The kernel was specialised for these strides; copy the rare input that differs. None: an
+    input the kernel never reads (an arange it computes: passes/iota.py)."""
+    if strides is None:
+        return t
     st = t.stride()
     if st == strides or all(s == e for s, e, n in zip(st, strides, t.shape) if n > 1):
         return t
@@ -44,7 +47,7 @@ def _flat(t: torch.Tensor):
 def load_loop(k: Kernel) -> None:
     """Launchers for loop kernels (kiln.fused groups) on every target."""
     cache_dir = k.meta.get("cache_dir") or os.path.join(os.path.expanduser("~"), ".cache", "kiln")
-    in_strides = [tuple(s) for s in k.meta["in_strides"]]
+    in_strides = [tuple(s) if s is not None else None for s in k.meta["in_strides"]]
     if k.target == "cpu":
         fn = getattr(_import(source_path(cache_dir, k.source, "cpu")), k.entry)
 

@@ -15,7 +15,7 @@ from kiln.passes.inplace import INPLACE_ATEN
 from kiln.passes.memory import MemoryPlan, out_variant
 from .host_alloc import empty_strided
 
-KERNEL, OUT, ATEN, VIEW = "kernel", "out", "aten", "view"
+KERNEL, OUT, ATEN, VIEW, SKIP = "kernel", "out", "aten", "view", "skip"
 # ATen ops that copy the whole storage of their first argument to keep its strides
 # (clone_preserve_strides): given a view of the arena or of the tier pool they would allocate
 # that much. The runtime hands them a compact copy of a dense view first (same strides, so the
@@ -95,6 +95,13 @@ class InputError(ValueError):
     """Inputs do not match the signature the graph was compiled for."""
 
 
+class _Skipped(set):
+    """Indices of skipped steps, and ``values``: the names of what they would have made."""
+    def __init__(self):
+        super().__init__()
+        self.values: set[str] = set()
+
+
 class CompiledGraph:
     def __init__(self, graph: Graph, kernels: dict, check_inputs: bool = False, transient_arena: bool = False):
         """``transient_arena``: take the arena from PyTorch's allocator at each call and give it
@@ -114,8 +121,10 @@ class CompiledGraph:
             from kiln.runtime.tiers import TierRuntime
             self._tiers = TierRuntime(graph, graph.meta["cache_schedule"], self.plan.arena_bytes)
             self._consts = {k: v for k, v in self._consts.items() if k not in self._tiers.planned}
+        self._iota_dtypes: set = set()          # dtypes of the placeholders for skipped aranges
         self._steps = self._prepare()
         self._host_args = self._host_tensor_args()
+        self._placeholders: dict[torch.device, dict[str, torch.Tensor]] = {}
         self._home = next((t.device for t in self._consts.values() if isinstance(t, torch.Tensor) and t.dim()), None)
         self._moved_consts: dict = {}
         self._input_names = [v.name for v in graph.inputs]
@@ -188,7 +197,11 @@ class CompiledGraph:
         steps = []
         lasting = self._lasting()       # name -> how to tell at run time that its tensor lasts
         escaping = {v.name for v in self.graph.output_values()}
-        for node, frees in zip(self.graph.nodes, self._free_after):
+        skipped = self._iota_only()
+        for i, (node, frees) in enumerate(zip(self.graph.nodes, self._free_after)):
+            if i in skipped:
+                steps.append((SKIP, None, None, None, [], frees))
+                continue
             outs = [(v.name, v.type) for v in node.outputs]
             src = node.args[0] if node.args else None
             if isinstance(src, Value) and src.name in lasting and op_kind(node.op) == OpKind.VIEW \
@@ -201,8 +214,10 @@ class CompiledGraph:
                 in_place = {v.name: self.plan.overwrites[v.name] for v in node.outputs
                             if v.name in self.plan.overwrites}      # output -> input it overwrites
                 outs = [(v.name, v.type.shape, v.type.strides, v.type.dtype) for v in node.outputs]
-                steps.append((KERNEL, self.kernels[node.outputs[0].name], [v.name for v in node.args],
-                              in_place, outs, frees))
+                iota = {pos for pos, _ in node.attrs.get("iota", ())}
+                args = [v.name if not (j in iota and v.name in skipped.values) else self._placeholder(v)
+                        for j, v in enumerate(node.args)]
+                steps.append((KERNEL, self.kernels[node.outputs[0].name], args, in_place, outs, frees))
             elif self.plan.buffer_of(outs[0][0]) is not None and out_variant(node.op) and len(outs) == 1:
                 steps.append((OUT, (node, resolve(out_variant(node.op))), binder(node.args), binder(node.kwargs),
                               outs, frees))
@@ -214,6 +229,43 @@ class CompiledGraph:
                 steps.append((ATEN, self._aten_call(node), binder(node.args), binder(node.kwargs), outs, frees))
         self._outputs = binder(list(self.graph.outputs))
         return steps
+
+    def _iota_only(self) -> "_Skipped":
+        """Steps that make an arange (or a view of one) only for kernels that compute it from
+        their index instead (passes/iota.py): they are not run, and the kernels get a one-element
+        placeholder in its place (an ATen launch and a tensor of the vocabulary's size saved on a
+        cross-entropy's backward)."""
+        from kiln.passes.iota import VIEWS, _arange_node
+        nodes, escaping = self.graph.nodes, {v.name for v in self.graph.output_values()}
+        uses: dict[str, list[tuple[int, bool]]] = {}
+        for i, n in enumerate(nodes):
+            iota = {pos for pos, _ in n.attrs.get("iota", ())} if is_kernel_op(n.op) else set()
+            for j, a in enumerate(n.args):
+                if isinstance(a, Value):
+                    uses.setdefault(a.name, []).append((i, j in iota))
+            for a in iter_values(n.kwargs):
+                uses.setdefault(a.name, []).append((i, False))
+        out = _Skipped()
+        for i in range(len(nodes) - 1, -1, -1):
+            n = nodes[i]
+            if not (_arange_node(n) or n.op in VIEWS) or any(v.name in escaping for v in n.outputs):
+                continue
+            if all(u and (iota or j in out) for v in n.outputs if (u := uses.get(v.name)) is not None
+                   for j, iota in u) and all(uses.get(v.name) for v in n.outputs):
+                out.add(i)
+                out.values.update(v.name for v in n.outputs)
+        return out
+
+    def _placeholder(self, v: Value) -> str:
+        self._iota_dtypes.add(v.type.dtype)
+        return f"<iota {v.type.dtype}>"
+
+    def _placeholder_env(self, device: torch.device) -> dict[str, torch.Tensor]:
+        got = self._placeholders.get(device)
+        if got is None:
+            got = self._placeholders[device] = {f"<iota {dt}>": torch.zeros(1, dtype=dt, device=device)
+                                                for dt in self._iota_dtypes}
+        return got
 
     def _host_tensor_args(self) -> dict[int, list[int]]:
         """Kernel step -> positions of its arguments that are CPU tensors while the kernel runs on a
@@ -360,6 +412,8 @@ class CompiledGraph:
                       None) or self._home or next((x.device for x in inputs if isinstance(x, torch.Tensor)),
                                                   torch.device("cpu"))
         alloc = empty_strided if device.type == "cpu" else torch.empty_strided   # huge pages: CPU only
+        if self._iota_dtypes:
+            env.update(self._placeholder_env(device))
         views = self._arena_views(device) if self.plan.arena_bytes else {}
         tiers = self._tiers
         if tiers is not None:
@@ -385,6 +439,8 @@ class CompiledGraph:
                             res = self._bind(outs, res, got, views)
                             got = None
                     vals = None
+            elif mode is SKIP:                  # an arange only kernels compute themselves
+                res = ()
             elif mode is VIEW:                  # what: the view op, args: its source, extra: the rest
                 res = [self._view(k, what, env[args], extra, views)]
             elif mode is OUT:

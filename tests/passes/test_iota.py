@@ -97,6 +97,19 @@ def test_what_is_not_an_arange_is_loaded():
     assert not any(_marked(_compiled(lambda x, i: x + i, (torch.randn(2, 50), torch.arange(50)))))
 
 
+@pytest.mark.parametrize("target", TARGETS)
+def test_an_arange_used_elsewhere_is_still_made(target):
+    """Only an arange every reader computes is skipped: one the graph returns, or that an op
+    other than a kernel reads, is made as before."""
+    fn = lambda x: (x + torch.arange(x.shape[-1]), torch.arange(x.shape[-1]))  # noqa: E731
+    x = torch.randn(3, 9000)
+    cg = _compiled(fn, (x,), target=target)
+    from kiln.runtime.executor import SKIP
+    assert any(_marked(cg)) and not any(st[0] is SKIP for st in cg._steps)
+    for got, want in zip(cg(x), fn(x)):
+        torch.testing.assert_close(got, want)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_cross_entropy_backward_computes_its_column_indices(dtype):
     torch.manual_seed(0)
@@ -104,6 +117,10 @@ def test_cross_entropy_backward_computes_its_column_indices(dtype):
     t = torch.randint(0, 1000, (8,))
     cg = _compiled(lambda x, t: F.cross_entropy(x, t), (x, t), kind="backward")
     assert any(_marked(cg)), str(cg.graph)
+    # the arange is not made at all (its kernel gets a placeholder): no ATen step left makes one
+    from kiln.runtime.executor import ATEN, SKIP
+    assert any(st[0] is SKIP for st in cg._steps)
+    assert not any(st[0] is ATEN and "arange" in st[1][0].op for st in cg._steps), str(cg.graph)
     for target in TARGETS:
         torch._dynamo.reset()
         got = torch.autograd.grad(kiln.compile(lambda x, t: F.cross_entropy(x, t), target=target)(x, t), x)[0]
