@@ -312,3 +312,36 @@ def test_allocator_grain_counts_each_block():
     blocks, total_blocks = memory.arena_plan(planned, grain=memory.ALLOC_GRAIN)
     assert blocks.device_bytes % memory.ALLOC_GRAIN == 0 and total_blocks % memory.ALLOC_GRAIN == 0
     assert blocks.device_bytes >= exact.device_bytes and total_blocks >= total
+
+
+def _transient(fn, args, **options):
+    from kiln.codegen import generate
+    from kiln.runtime import CompiledGraph
+    g = _compiled_graph(fn, args, **options)
+    assert g.meta["memory_plan"].arena_bytes > 0
+    return CompiledGraph(g, generate(g, "cpu", kiln.Options().cache_dir), transient_arena=True)
+
+
+def test_transient_arena_keeps_its_views_and_gives_its_memory_back():
+    """A training graph's arena is empty between calls, its views kept over the storage (resized
+    back at the next call); ATen out= steps write into it (no numpy view pins the storage)."""
+    fn = lambda x, w1, w2, w3: ((x @ w1).tanh() @ w2) @ w3  # noqa: E731
+    args, cpu = _mlp_args(), torch.device("cpu")
+    cg = _transient(fn, args, fusion=False)
+    views = None
+    for _ in range(3):
+        torch.testing.assert_close(cg(*args)[0], fn(*args), rtol=1e-4, atol=1e-5)
+        assert cg._arena[cpu].untyped_storage().nbytes() == 0
+        assert views is None or cg._views[cpu] is views
+        views = cg._views[cpu]
+
+
+def test_transient_arena_shared_with_numpy_is_made_each_call():
+    """The cpu target's kernels read the arena as numpy arrays, which pins its storage: the arena
+    is then dropped after each call and made again (views and all)."""
+    args, cpu = _mlp_args(), torch.device("cpu")
+    cg = _transient(_mlp, args)
+    for _ in range(3):
+        torch.testing.assert_close(cg(*args)[0], _mlp(*args), rtol=1e-4, atol=1e-5)
+        assert cpu not in cg._arena and cpu not in cg._views
+    assert cg._resizable[cpu] is False
