@@ -116,6 +116,7 @@ class CompiledGraph:
         self._free_after = self._frees()
         self._views: dict[torch.device, dict[str, torch.Tensor]] = {}
         self._resizable: dict[torch.device, bool] = {}     # transient arenas: see _release
+        self._planned: list | None = None                   # (name, offset, bytes, type) of arena buffers
         self._consts = {v.name: graph.constants[v.name] for v in graph.constant_values}
         self._tiers = None
         if graph.meta.get("cache_schedule") is not None:    # weights visit the device as planned
@@ -184,20 +185,18 @@ class CompiledGraph:
         arena = self._arena_for(device)
         typed: dict[torch.dtype, torch.Tensor] = {}
         views = {}
-        for n in self.graph.nodes:
-            for v in n.outputs:
-                b = self.plan.buffer_of(v.name)
-                if b is None or b.offset < 0:
-                    continue
-                t = v.type
-                size = t.dtype.itemsize
-                if b.offset % size or arena.numel() % size:
-                    views[v.name] = arena[b.offset: b.offset + b.nbytes].view(t.dtype).as_strided(t.shape, t.strides)
-                    continue
-                base = typed.get(t.dtype)
-                if base is None:
-                    base = typed[t.dtype] = arena.view(t.dtype)
-                views[v.name] = base.as_strided(t.shape, t.strides, b.offset // size)
+        if self._planned is None:
+            self._planned = [(v.name, b.offset, b.nbytes, v.type) for n in self.graph.nodes for v in n.outputs
+                             if (b := self.plan.buffer_of(v.name)) is not None and b.offset >= 0]
+        for name, offset, nbytes, t in self._planned:
+            size = t.dtype.itemsize
+            if offset % size or arena.numel() % size:
+                views[name] = arena[offset: offset + nbytes].view(t.dtype).as_strided(t.shape, t.strides)
+                continue
+            base = typed.get(t.dtype)
+            if base is None:
+                base = typed[t.dtype] = arena.view(t.dtype)
+            views[name] = base.as_strided(t.shape, t.strides, offset // size)
         if not self.transient_arena or self._resizable.get(device, True):
             self._views[device] = views
         return views
