@@ -72,22 +72,29 @@ class LoopKernel:
         return _prod(self.rsizes)
 
 
+def row_vars(lk: LoopKernel) -> set[str]:
+    """A pointwise kernel's loads and statements that read nothing along its innermost dim (a
+    row statistic, a row's target, a scalar): the same for every element of a row."""
+    last = len(lk.xsizes) - 1
+    row = {a.var for a in lk.loads if not a.xstrides[last]}
+    for st in lk.stmts:
+        if all(r in row for r in refs(st.expr)):
+            row.add(st.var)
+    return row
+
+
 def rows_of(lk: LoopKernel) -> LoopKernel:
     """A 2-D pointwise kernel whose elements share a row's work, laid out as a reduction with no
     reduction: the innermost dim walked as the row (in blocks when it is long) and the statements
     that read no element of it computed once a row. Flat, every element redid that work: a
     cross-entropy's gradient (4096 x 50257 bf16, a dozen row statements: the target, its check,
     the scale and its division) ran at 49% of the copy bandwidth on an H200, issue-bound. Left
-    flat (returned as is) when no statement is a row's, or an output skips the innermost dim."""
+    flat (returned as is) with fewer than ROW_WORK row statements, or an output that skips the
+    innermost dim."""
     if lk.kind != "pointwise" or len(lk.xsizes) < 2 or any(not a.xstrides[-1] for a in lk.stores):
         return lk
-    row = {a.var for a in lk.loads if not a.xstrides[-1]}
-    work = 0
-    for st in lk.stmts:
-        if all(r in row for r in refs(st.expr)):
-            row.add(st.var)
-            work += bool(refs(st.expr))
-    if work < ROW_WORK:
+    row = row_vars(lk)
+    if sum(st.var in row and bool(refs(st.expr)) for st in lk.stmts) < ROW_WORK:
         return lk
     split = lambda a: replace(a, xstrides=a.xstrides[:-1], rstrides=[a.xstrides[-1]])  # noqa: E731
     return replace(lk, kind="reduction", xsizes=lk.xsizes[:-1], rsizes=[lk.xsizes[-1]],

@@ -29,7 +29,7 @@ import re
 
 
 from kiln.ir.scalar import Const, E, neutral
-from .lower import LoopKernel, Reduce, compute_dtype, refs
+from .lower import LoopKernel, Reduce, compute_dtype, refs, row_vars
 from .numba_math import EXPORTS, SOURCE_HASH
 from .scalar_render import NP, NumbaRenderer
 from .schedule_stmts import Stage, plan_stages
@@ -141,15 +141,11 @@ def _next_row_stage(stages, final, stash) -> bool:
 
 
 def _hoisted(lk: LoopKernel, load, stmt) -> tuple[list[str], list[str]]:
-    """A pointwise kernel's loads and statements split into those of the row (no read of the
-    innermost dim: a row statistic, a target index, a scalar) and those of each element. LLVM
+    """A pointwise kernel's loads and statements split into those of the row (lower.row_vars)
+    and those of each element. LLVM
     cannot hoist the row's loads itself (the output may alias any input), so a cross-entropy's
     gradient recomputed its whole per-row prologue for every element."""
-    last = len(lk.xsizes) - 1
-    row = {a.var for a in lk.loads if not a.xstrides[last]}
-    for s in lk.stmts:
-        if all(r in row for r in refs(s.expr)):
-            row.add(s.var)
+    row = row_vars(lk)
     outer = [load(a) for a in lk.loads if a.var in row] + [stmt(s) for s in lk.stmts if s.var in row]
     inner = [load(a) for a in lk.loads if a.var not in row] + [stmt(s) for s in lk.stmts if s.var not in row]
     return outer, inner

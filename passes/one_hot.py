@@ -91,7 +91,6 @@ def _rewrite(n: Node, producers: dict, names) -> list[Node] | None:
     return new
 
 
-
 # ops a one-hot passes through on its way to a sum: casts, negation, and products (the position
 # the one-hot may take) whose other operand is constant along the scattered dim
 UNARY = {"aten._to_copy.default", "aten.neg.default"}
