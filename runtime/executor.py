@@ -260,8 +260,8 @@ class CompiledGraph:
     def _iota_only(self) -> "_Skipped":
         """Steps that make an arange (or a view of one) only for kernels that compute it from
         their index instead (passes/iota.py): they are not run, and the kernels get a one-element
-        placeholder in its place (an ATen launch and a tensor of the vocabulary's size saved on a
-        cross-entropy's backward)."""
+        placeholder in its place (a cross-entropy's backward spares an ATen launch and a tensor
+        of the vocabulary's size)."""
         from kiln.passes.iota import VIEWS, _arange_node
         nodes, escaping = self.graph.nodes, {v.name for v in self.graph.output_values()}
         uses: dict[str, list[tuple[int, bool]]] = {}
@@ -277,8 +277,8 @@ class CompiledGraph:
             n = nodes[i]
             if not (_arange_node(n) or n.op in VIEWS) or any(v.name in escaping for v in n.outputs):
                 continue
-            if all(u and (iota or j in out) for v in n.outputs if (u := uses.get(v.name)) is not None
-                   for j, iota in u) and all(uses.get(v.name) for v in n.outputs):
+            read = [u for v in n.outputs for u in uses.get(v.name, ())]
+            if read and all(iota or j in out for j, iota in read):
                 out.add(i)
                 out.values.update(v.name for v in n.outputs)
         return out
