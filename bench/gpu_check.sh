@@ -9,7 +9,8 @@
 # memory step's transformers models in bf16.
 # Diagnostics: profile (kernel-by-kernel GPU time against Inductor), plans (what the matmul pass
 # made of the model cases, bodies included), host (a tiny BERT layer's host time per call, with a
-# cProfile of kiln's executor), peaks (allocator traces of the zoo's training steps).
+# cProfile of kiln's executor), trainhost (tiny training steps, host-bound: a BERT layer and a
+# cross-entropy), peaks (allocator traces of the zoo's training steps).
 # On the device machine the checkout runs uninstalled: PYTHONPATH=$PWD; ortools comes from
 # wheels carried in .whl/ when present (see /work/.library/device/README.md).
 set -u
@@ -52,10 +53,11 @@ for s in $steps; do
         offload) run offload 200 python3 bench/offload.py --reps 3 --json "$OUT/offload.json" ;;
         profile) TAIL=60 run profile 150 python3 bench/gpu_kernel_profile.py llama_layer gpt2_block bert_layer ;;
         host) TAIL=70 run host 120 python3 bench/host_tiny_bert.py --profile ;;
+        trainhost) run trainhost 150 python3 bench/host_train_step.py --json "$OUT/host_train_step.json" ;;
         plans) TAIL=40 run plans 150 python3 bench/matmul_plans.py gpt2_block bert_layer llama_layer --body ;;
         peaks) for m in zoo:cnn zoo:block zoo:embed; do
                    TAIL=30 run "peak-${m#zoo:}" 120 python3 bench/gpu_peak_trace.py --case "$m" --train
                done ;;
-        *) echo "unknown step $s (steps: tests demo fusion long online loss suite attention matmul memory memory16 offload profile host plans peaks)"; exit 2 ;;
+        *) echo "unknown step $s (steps: tests demo fusion long online loss suite attention matmul memory memory16 offload profile host trainhost plans peaks)"; exit 2 ;;
     esac
 done
