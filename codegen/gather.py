@@ -16,7 +16,7 @@ import torch
 from kiln.ir.types import contiguous_strides
 from .cache import source_path
 from .kernel import Kernel
-from .loader import _conform, _import
+from .loader import _conform, _import, numpy_of
 from .templates import ENV
 
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -42,7 +42,7 @@ def load(k: Kernel) -> None:
         def launch(inputs, outputs):
             w, idx = inputs[0], inputs[1]
             bits = _BITS[w.element_size()]
-            fn(w.view(bits).numpy(), idx.reshape(-1).numpy(), outputs[0].view(bits).view(n, d).numpy())
+            fn(numpy_of(w.view(bits)), numpy_of(idx.reshape(-1)), numpy_of(outputs[0].view(bits).view(n, d)))
         k.launcher = launch
         return
     if not torch.cuda.is_available():

@@ -5,6 +5,7 @@ import importlib.util
 import os
 import sys
 
+import numpy as np
 import torch
 
 from .cache import source_path
@@ -36,12 +37,42 @@ def _conform(t: torch.Tensor, strides) -> torch.Tensor:
     return torch.empty_strided(t.shape, strides, dtype=t.dtype, device=t.device).copy_(t)
 
 
+class _Memory:
+    """An array interface over a tensor's memory: numpy reads it without ``Tensor.numpy()``,
+    which marks the storage unresizable for good (a training graph's arena gives its memory
+    back between calls by resizing its storage: runtime/executor.py, _release)."""
+    __slots__ = ("__array_interface__", "tensor")
+
+    def __init__(self, t: torch.Tensor, n: int, typestr: str):
+        self.tensor = t         # the array's base holds this object, and so the tensor's memory
+        self.__array_interface__ = {"data": (t.data_ptr(), False), "shape": (n,), "typestr": typestr, "version": 3}
+
+
+_TYPESTR = {torch.float32: "<f4", torch.float64: "<f8", torch.float16: "<f2", torch.int64: "<i8",
+            torch.int32: "<i4", torch.int16: "<i2", torch.int8: "|i1", torch.uint8: "|u1", torch.bool: "|b1"}
+
+
+def as_array(t: torch.Tensor, n: int | None = None):
+    """A 1-D numpy array over ``n`` elements (default: all) from ``t``'s first; no copy."""
+    ts = _TYPESTR.get(t.dtype)
+    if ts is None or t.device.type != "cpu":
+        a = torch.as_strided(t, (t.numel() if n is None else n,), (1,), t.storage_offset()).numpy()
+        return a
+    return np.asarray(_Memory(t, t.numel() if n is None else n, ts))
+
+
+def numpy_of(t: torch.Tensor):
+    """``t.numpy()`` (same shape and strides), without pinning the storage where ``t`` is dense."""
+    if t.is_contiguous() and t.dtype in _TYPESTR and t.device.type == "cpu":
+        return as_array(t).reshape(t.shape)
+    return t.numpy()
+
+
 def _flat(t: torch.Tensor):
-    if t.is_contiguous():                   # the common case, at half the cost of as_strided
-        a = t.numpy()
-        return a if a.ndim == 1 else a.reshape(-1)
+    if t.is_contiguous():                   # the common case
+        return as_array(t)
     span = 1 + sum((s - 1) * st for s, st in zip(t.shape, t.stride())) if t.numel() else 0
-    return torch.as_strided(t, (span,), (1,), t.storage_offset()).numpy()
+    return as_array(t, span)
 
 
 def load_loop(k: Kernel) -> None:

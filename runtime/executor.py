@@ -177,11 +177,14 @@ class CompiledGraph:
         the arena and its views are made every call."""
         views = self._views.get(device)
         if views is not None:
-            if self.transient_arena:
-                st = self._arena[device].untyped_storage()
-                if st.nbytes() == 0:
-                    st.resize_(self.plan.arena_bytes)
-            return views
+            st = self._arena[device].untyped_storage()
+            if not self.transient_arena or st.nbytes():
+                return views
+            try:
+                st.resize_(self.plan.arena_bytes)
+                return views
+            except RuntimeError:            # pinned since (see _release)
+                self._drop(device)
         arena = self._arena_for(device)
         typed: dict[torch.dtype, torch.Tensor] = {}
         views = {}
@@ -205,15 +208,20 @@ class CompiledGraph:
         """A transient arena's memory goes back to the allocator at the end of each call. Its
         views are kept over the emptied storage and see the new memory once the next call
         resizes it back: making them took a tiny cross-entropy's CPU forward ~20 of its ~90 us.
-        A storage shared with numpy (the cpu target's kernels read it as arrays) cannot be
-        resized: that arena is dropped and made again, views and all, at every call."""
+        A storage something pinned (``Tensor.numpy()`` marks it unresizable; kiln's numba
+        launches read tensors without it) is dropped and made again, views and all, each call."""
         if device in self._views:
             try:
                 self._arena[device].untyped_storage().resize_(0)
                 return
             except RuntimeError:
-                self._resizable[device] = False
-                del self._views[device]
+                pass
+        self._drop(device)
+
+    def _drop(self, device: torch.device) -> None:
+        """Forget a transient arena whose storage cannot be resized: made again at every call."""
+        self._resizable[device] = False
+        self._views.pop(device, None)
         self._arena.pop(device, None)
 
     def _prepare(self) -> list:
@@ -328,17 +336,16 @@ class CompiledGraph:
     def _lasting(self) -> dict[str, Any]:
         """Values whose tensor may be the same object, over the same memory, on every call, and
         how a VIEW step tells at run time that it is: graph constants and the module's weights
-        (None: they are), the kept arena's values (their name: the tensor must be that arena
-        view, not a fresh tensor from an ATen fallback), kept views (their step: the tensor must
-        be that step's kept view). A view of one is made once and kept, guarded by the source's
+        (None: they are), the arena's values (their name: the tensor must be that arena view,
+        not a fresh tensor from an ATen fallback; a transient arena's only while its views are
+        kept), kept views (their step: the tensor must be that step's kept view). A view of one is made once and kept, guarded by the source's
         identity and address: ATen view calls were most of the steps of small graphs (a BERT
         layer: 28 of 39). Views that escape are made fresh: the caller owns what it gets."""
         if self._tiers is not None:
             return {}
         lasting: dict[str, Any] = dict.fromkeys(set(self._consts) | set(self.graph.meta.get("weight_inputs") or ()))
-        if not self.transient_arena:
-            lasting.update((v.name, v.name) for n in self.graph.nodes for v in n.outputs
-                           if (b := self.plan.buffer_of(v.name)) is not None and b.offset >= 0)
+        lasting.update((v.name, v.name) for n in self.graph.nodes for v in n.outputs
+                       if (b := self.plan.buffer_of(v.name)) is not None and b.offset >= 0)
         return lasting
 
     @staticmethod
@@ -388,7 +395,7 @@ class CompiledGraph:
         """A VIEW step: the kept view while its source is the same tensor at the same address;
         otherwise a new one, kept only if its source lasts (see _lasting)."""
         kept = self._kept[k]
-        if kept is not None and kept[0] is x and kept[1] == x.data_ptr():
+        if kept is not None and kept[0] is x and (kept[1] is None or kept[1] == x.data_ptr()):
             return kept[2]
         v = what(x, *extra[0], **extra[1])
         how = extra[2]
@@ -396,13 +403,15 @@ class CompiledGraph:
             seen = self._seen.get(k)    # caller passing new weights each call has no old ones held
             lasts = seen is not None and seen() is x
             self._seen[k] = weakref.ref(x)
-        else:
-            lasts = x is views.get(how) if isinstance(how, str) \
+        else:       # an arena view (only while the views are kept: see _release), or a kept view
+            lasts = (x is views.get(how) and views is self._views.get(x.device)) if isinstance(how, str) \
                 else self._kept[how] is not None and self._kept[how][2] is x
         # reshape copies what it cannot view: a kept copy would go stale when the source is
         # written in place (an optimizer step on a weight)
         lasts = lasts and v.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
-        self._kept[k] = (x, x.data_ptr(), v) if lasts else None
+        # a transient arena's storage moves between calls and its views follow it: no address check
+        at = None if how is not None and self.transient_arena else x.data_ptr()
+        self._kept[k] = (x, at, v) if lasts else None
         return v
 
     @staticmethod

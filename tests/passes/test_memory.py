@@ -322,12 +322,14 @@ def _transient(fn, args, **options):
     return CompiledGraph(g, generate(g, "cpu", kiln.Options().cache_dir), transient_arena=True)
 
 
-def test_transient_arena_keeps_its_views_and_gives_its_memory_back():
+@pytest.mark.parametrize("kernels", [False, True])
+def test_transient_arena_keeps_its_views_and_gives_its_memory_back(kernels):
     """A training graph's arena is empty between calls, its views kept over the storage (resized
-    back at the next call); ATen out= steps write into it (no numpy view pins the storage)."""
-    fn = lambda x, w1, w2, w3: ((x @ w1).tanh() @ w2) @ w3  # noqa: E731
+    back at the next call): written by ATen out= steps, and by numba kernels (which read it as
+    numpy arrays without pinning the storage)."""
+    fn = _mlp if kernels else (lambda x, w1, w2, w3: ((x @ w1).tanh() @ w2) @ w3)  # noqa: E731
     args, cpu = _mlp_args(), torch.device("cpu")
-    cg = _transient(fn, args, fusion=False)
+    cg = _transient(fn, args, fusion=kernels)
     views = None
     for _ in range(3):
         torch.testing.assert_close(cg(*args)[0], fn(*args), rtol=1e-4, atol=1e-5)
@@ -336,11 +338,26 @@ def test_transient_arena_keeps_its_views_and_gives_its_memory_back():
         views = cg._views[cpu]
 
 
-def test_transient_arena_shared_with_numpy_is_made_each_call():
-    """The cpu target's kernels read the arena as numpy arrays, which pins its storage: the arena
-    is then dropped after each call and made again (views and all)."""
+def test_transient_arena_views_of_its_buffers_are_kept():
+    """Views of a transient arena's buffers (transposes between matmuls) are made once and kept:
+    they follow the storage when it is resized back."""
+    from kiln.runtime.executor import VIEW
+    fn = lambda x, w1, w2, w3: (((x @ w1).t() @ x).t() @ w2) @ w3  # noqa: E731
+    args = _mlp_args()
+    cg = _transient(fn, args, fusion=False)
+    for _ in range(3):
+        torch.testing.assert_close(cg(*args)[0], fn(*args), rtol=1e-4, atol=1e-5)
+    kept = [cg._kept[i] for i, st in enumerate(cg._steps) if st[0] is VIEW]
+    assert kept and all(k is not None for k in kept)
+
+
+def test_transient_arena_that_cannot_resize_is_made_each_call():
+    """A storage something pinned (``Tensor.numpy()`` marks it unresizable) is dropped after
+    each call and made again, views and all."""
     args, cpu = _mlp_args(), torch.device("cpu")
     cg = _transient(_mlp, args)
+    cg(*args)
+    pinned = cg._arena[cpu][:0].numpy()     # noqa: F841 - pins the arena's storage
     for _ in range(3):
         torch.testing.assert_close(cg(*args)[0], _mlp(*args), rtol=1e-4, atol=1e-5)
         assert cpu not in cg._arena and cpu not in cg._views
