@@ -38,14 +38,15 @@ def build(node: Node, target: str, cache_dir: str, autotune: bool = False) -> Ke
     else:
         from .numba_gen import render
         target_used = "cpu"
-    src, extra = render(lk)
+    kind = node.attrs["plan"]["kind"]
+    src, extra = render(lk) if lk.kind == kind else render(lk, f"{kind}, laid out in rows")
     iota = {a.arg for a in lk.loads if a.iota is not None}      # computed, never read: any tensor will do
     in_strides = [None if i in iota else s for i, s in enumerate(lk.in_strides)]
     meta = {"xnumel": lk.xnumel, "rnumel": lk.rnumel, "in_strides": in_strides,
             "out_strides": lk.out_strides, "cache_dir": cache_dir, "autotune": bool(autotune), **extra}
     entry = meta.pop("entry", lk.name)      # numba sources name no kernel, so equal groups share one
     # one entry per IR node the kernel computes (repeats kept), so reports count ops, not op names
-    if lk.kind != node.attrs["plan"]["kind"]:
+    if lk.kind != kind:
         meta["launch_kind"] = lk.kind       # laid out as another kind (lower.rows_of), launched as one
-    k = Kernel(lk.name, node.attrs["plan"]["kind"], target_used, list(lk.ops), src, entry, meta)
+    k = Kernel(lk.name, kind, target_used, list(lk.ops), src, entry, meta)
     return k

@@ -340,7 +340,8 @@ def _online_softmax(em: _Emitter, first: Stage, second: Stage, sub: str, loop, f
     return L
 
 
-def render(lk: LoopKernel) -> tuple[str, dict]:
+def render(lk: LoopKernel, label: str | None = None) -> tuple[str, dict]:
+    """``label``: what the source's header calls the kernel (default: its layout's kind)."""
     em = _Emitter(lk)
     L = em.lines
     red = lk.kind == "reduction"
@@ -429,7 +430,7 @@ def render(lk: LoopKernel) -> tuple[str, dict]:
                       for a in lk.loads + lk.stores])
     wide = span >= 2**31 - 1 or lk.xnumel * max(lk.rnumel, 1) >= 2**31 - 1
     src = ENV.get_template("triton_kernel.py.j2").render(
-        name=lk.name, kind=lk.kind, ops=lk.ops, helpers=helpers, params=params, body=L, wide=wide)
+        name=lk.name, kind=lk.kind, label=label, ops=lk.ops, helpers=helpers, params=params, body=L, wide=wide)
     row = [a.dtype.itemsize for a in lk.loads + lk.stores if any(a.rstrides) and a.iota is None]
     shared = any(any(a.rstrides) and not any(a.xstrides) for a in lk.loads if a.iota is None)
     return src, {"one_pass": one_pass, "itemsize": max(row or [4]), "shared_row": shared}
