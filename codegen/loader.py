@@ -54,11 +54,10 @@ _TYPESTR = {torch.float32: "<f4", torch.float64: "<f8", torch.float16: "<f2", to
 
 def as_array(t: torch.Tensor, n: int | None = None):
     """A 1-D numpy array over ``n`` elements (default: all) from ``t``'s first; no copy."""
-    ts = _TYPESTR.get(t.dtype)
+    ts, n = _TYPESTR.get(t.dtype), t.numel() if n is None else n
     if ts is None or t.device.type != "cpu":
-        a = torch.as_strided(t, (t.numel() if n is None else n,), (1,), t.storage_offset()).numpy()
-        return a
-    return np.asarray(_Memory(t, t.numel() if n is None else n, ts))
+        return torch.as_strided(t, (n,), (1,), t.storage_offset()).numpy()
+    return np.asarray(_Memory(t, n, ts))
 
 
 def numpy_of(t: torch.Tensor):

@@ -95,13 +95,6 @@ class InputError(ValueError):
     """Inputs do not match the signature the graph was compiled for."""
 
 
-class _Skipped(set):
-    """Indices of skipped steps, and ``values``: the names of what they would have made."""
-    def __init__(self):
-        super().__init__()
-        self.values: set[str] = set()
-
-
 class CompiledGraph:
     def __init__(self, graph: Graph, kernels: dict, check_inputs: bool = False, transient_arena: bool = False):
         """``transient_arena``: take the arena from PyTorch's allocator at each call and give it
@@ -232,7 +225,7 @@ class CompiledGraph:
         steps = []
         lasting = self._lasting()       # name -> how to tell at run time that its tensor lasts
         escaping = {v.name for v in self.graph.output_values()}
-        skipped = self._iota_only()
+        skipped, unmade = self._iota_only()
         for i, (node, frees) in enumerate(zip(self.graph.nodes, self._free_after)):
             if i in skipped:
                 steps.append((SKIP, None, None, None, [], frees))
@@ -250,7 +243,7 @@ class CompiledGraph:
                             if v.name in self.plan.overwrites}      # output -> input it overwrites
                 outs = [(v.name, v.type.shape, v.type.strides, v.type.dtype) for v in node.outputs]
                 iota = {pos for pos, _ in node.attrs.get("iota", ())}
-                args = [v.name if not (j in iota and v.name in skipped.values) else self._placeholder(v)
+                args = [v.name if not (j in iota and v.name in unmade) else self._placeholder(v)
                         for j, v in enumerate(node.args)]
                 steps.append((KERNEL, self.kernels[node.outputs[0].name], args, in_place, outs, frees))
             elif self.plan.buffer_of(outs[0][0]) is not None and out_variant(node.op) and len(outs) == 1:
@@ -265,11 +258,11 @@ class CompiledGraph:
         self._outputs = binder(list(self.graph.outputs))
         return steps
 
-    def _iota_only(self) -> "_Skipped":
+    def _iota_only(self) -> tuple[set[int], set[str]]:
         """Steps that make an arange (or a view of one) only for kernels that compute it from
         their index instead (passes/iota.py): they are not run, and the kernels get a one-element
         placeholder in its place (a cross-entropy's backward spares an ATen launch and a tensor
-        of the vocabulary's size)."""
+        of the vocabulary's size). Returns those steps' indices and the values they would make."""
         from kiln.passes.iota import VIEWS, _arange_node
         nodes, escaping = self.graph.nodes, {v.name for v in self.graph.output_values()}
         uses: dict[str, list[tuple[int, bool]]] = {}
@@ -280,7 +273,7 @@ class CompiledGraph:
                     uses.setdefault(a.name, []).append((i, j in iota))
             for a in iter_values(n.kwargs):
                 uses.setdefault(a.name, []).append((i, False))
-        out = _Skipped()
+        out, unmade = set(), set()
         for i in range(len(nodes) - 1, -1, -1):
             n = nodes[i]
             if not (_arange_node(n) or n.op in VIEWS) or any(v.name in escaping for v in n.outputs):
@@ -288,8 +281,8 @@ class CompiledGraph:
             read = [u for v in n.outputs for u in uses.get(v.name, ())]
             if read and all(iota or j in out for j, iota in read):
                 out.add(i)
-                out.values.update(v.name for v in n.outputs)
-        return out
+                unmade.update(v.name for v in n.outputs)
+        return out, unmade
 
     def _placeholder(self, v: Value) -> str:
         self._iota_dtypes.add(v.type.dtype)
