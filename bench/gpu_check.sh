@@ -33,7 +33,9 @@ run() {     # name, seconds, command...
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 for s in $steps; do
     case $s in
-        tests) TAIL=6 run tests 240 python3 -m pytest -m gpu tests -rf -n 8 -q -p no:cacheprovider ;;
+        tests) TAIL=6 run tests 240 python3 -m pytest -m "gpu and not timing" tests -rf -n 8 -q -p no:cacheprovider
+               # alone: the others' kernels would count in these tests' GPU timings
+               TAIL=4 run tests-timing 120 python3 -m pytest -m "gpu and timing" tests -rf -q -p no:cacheprovider ;;
         demo) run demo 90 python3 -m kiln.cli demo ;;
         fusion) run fusion 90 python3 bench/gpu_fusion.py --json "$OUT/fusion.json" ;;
         suite) TAIL=18 run suite 300 python3 bench/suite.py --cases micro model --json "$OUT/suite.json" \

@@ -1,6 +1,6 @@
 """Per-step time of tiny training steps, where host time is all there is: a BERT layer (hidden
 64, 2x16 tokens) and a cross-entropy over 16 x 64 logits, forward + backward, eager vs Inductor
-vs kiln (training graphs run without CUDA-graph replay). Runs on the CPU too (target cpu).
+vs kiln (on a GPU with and without its CUDA-graph replay). Runs on the CPU too (target cpu).
 
     PYTHONPATH=$PWD python bench/host_train_step.py [--json PATH]
 """
@@ -48,11 +48,14 @@ def main(argv=None) -> int:
     target = "triton" if dev == "cuda" else "cpu"
     res = {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "torch": torch.__version__}
     for name, (fn, step_of) in cases(dev).items():
-        for impl, f in (("eager", fn), ("inductor", torch.compile(fn)), ("kiln", kiln.compile(fn, target=target))):
+        impls = [("eager", fn), ("inductor", torch.compile(fn)), ("kiln", kiln.compile(fn, target=target))]
+        if dev == "cuda":       # kiln replays launch-bound training graphs as CUDA graphs by default
+            impls.append(("kiln_no_replay", kiln.compile(fn, target=target, cudagraphs=False)))
+        for impl, f in impls:
             step = step_of(f)
             res[f"{name}_{impl}_us"] = best_us(step, 300, warmup=10)
             torch._dynamo.reset()
-        print(f"{name}: " + ", ".join(f"{i} {res[f'{name}_{i}_us']:.1f} us" for i in ("eager", "inductor", "kiln"))
+        print(f"{name}: " + ", ".join(f"{i} {res[f'{name}_{i}_us']:.1f} us" for i, _ in impls)
               + f" a step ({res['device']})", flush=True)
     if a.json:
         with open(a.json, "w") as fh:

@@ -49,10 +49,13 @@ def _compile_graph(graph: Graph, options: Options, kind: str, verify: bool) -> t
         tuning_s = tune_kernels(g, kernels)
         timings.append({"name": "autotune", "ms": (time.perf_counter() - t2) * 1e3})
     compiled = CompiledGraph(g, kernels, transient_arena=kind != "inference")  # training: free between graphs
-    if options.cudagraphs and kind == "inference" and target in ("triton", "cuda") and torch.cuda.is_available() \
-            and "cache_schedule" not in g.meta:     # tier transfers sync with the host: no graph replay
+    # tier transfers sync with the host: no graph replay; nor for a training step under a memory
+    # budget (replay keeps a graph's memory between calls)
+    if options.cudagraphs and target in ("triton", "cuda") and torch.cuda.is_available() \
+            and "cache_schedule" not in g.meta and (kind == "inference" or options.memory_budget is None):
         from kiln.runtime.cudagraphs import CudaGraphRunner
-        compiled = CudaGraphRunner(compiled, policy="always" if options.cudagraphs is True else "auto")
+        compiled = CudaGraphRunner(compiled, policy="always" if options.cudagraphs is True else "auto",
+                                   saved_from=g.meta.get("saved_from"), training=kind != "inference")
     report = make_report(g, kernels, n_nodes, timings, kind, target)
     report.compile_s = time.perf_counter() - t0
     report.tuning_s = tuning_s
@@ -150,6 +153,8 @@ class _ShapeSpecialized:
 
 def _compile_fx(gm, example_inputs, kind, options: Options, params=(), pair: dict | None = None):
     pair = {} if pair is None else pair
+    if kind == "forward":       # read here: a symbolic graph's shapes compile outside AOTAutograd's context
+        pair.setdefault("saved_from", _saved_from())
     if is_symbolic(gm):
         return _ShapeSpecialized(gm, options, kind, params, pair)
     g = from_fx(gm)
@@ -179,6 +184,7 @@ def mark_weight_inputs(g: Graph, kind: str, params=(), pair: dict | None = None,
             types = {v.name: v.type for v in g.output_values()}
             pair["weight_views"] = {(names or {}).get(name, name): types[name] for name in weight_views(g)}
             g.meta["spill_outputs"] = True
+            g.meta["saved_from"] = pair.get("saved_from")
     else:
         saved, host = pair.get("weight_views", {}), pair.get("host_outputs", {})
         key = lambda v: (names or {}).get(v.name, v.name)  # noqa: E731
@@ -211,6 +217,15 @@ def captured_graphs(run) -> list[tuple[str, Graph]]:
         return dynamo_backend(keep)(gm, ex)
     run(backend)
     return graphs
+
+
+def _saved_from() -> int | None:
+    """Where a training forward's outputs for its backward start (after the mutated inputs, the
+    user's outputs and RNG offsets), from AOTAutograd's metadata; None outside its context."""
+    ctx = torch._guards.TracingContext.try_get()
+    meta = getattr(ctx, "fw_metadata", None)
+    n = getattr(meta, "num_forward", None)
+    return n if isinstance(n, int) else None
 
 
 def _parameter_inputs(g: Graph, params=()) -> list[str]:

@@ -122,8 +122,9 @@ class Options:
     cache_dir: str = field(default_factory=_default_cache_dir)
     report: str | None = None
     fusion: bool = True
-    # replay inference graphs on the GPU as CUDA graphs: True, False, or "auto" (when a timed
-    # warm-up call shows the graph launch-bound; runtime/cudagraphs.py says how)
+    # replay graphs on the GPU as CUDA graphs (training graphs only without a memory budget): True,
+    # False, or "auto" (when a timed warm-up call shows the graph launch-bound; runtime/cudagraphs.py
+    # says how)
     cudagraphs: Any = "auto"
     debug: int = int(os.environ.get("KILN_DEBUG", "0") or 0)
 

@@ -7,7 +7,14 @@ warning). Policy "auto" captures only a launch-bound graph: after the warm-up ca
 time to issue the graph is compared with the GPU's time to run it, each the least seen over the
 warm-up calls after the first (one call can be a host hiccup, or carry a library's first-use
 work on the GPU); a GPU-bound graph gains nothing from replay and would pay for copying inputs
-and outputs."""
+and outputs.
+
+Training graphs replay too. A forward's outputs the backward alone reads (what it saved) are
+handed out uncloned, as fresh views of the graph's static buffers, and the backward reads them
+in place there; the next replay would overwrite them, so while any view handed out last time is
+still held (a second forward before the first's backward) the forward runs without replay.
+Replay keeps a graph's memory between calls, which eager frees: under "auto" a training graph
+replays only while that memory is small (``TRAIN_HOLD_BYTES``)."""
 from __future__ import annotations
 
 import time
@@ -32,6 +39,11 @@ LAUNCH_BOUND = 0.5
 # ms, and its 64 MiB output clone makes a replayed call 0.055 ms). Past this share of the GPU's
 # time, replay must beat the host's least time outright.
 COPY_SHARE = 0.1
+# "auto" replays a training graph only if replay would hold at most this much device memory
+# between calls (its planned peak and static input copies): a launch-bound training step is small
+# (a tiny BERT layer's graphs hold well under a megabyte), while a large one's activations are
+# what a training step must give back between its forward and backward.
+TRAIN_HOLD_BYTES = 256 << 20
 
 
 def should_replay(host_ms: float, gpu_ms: float, copy_ms: float) -> bool:
@@ -45,6 +57,16 @@ def should_replay(host_ms: float, gpu_ms: float, copy_ms: float) -> bool:
 _LIVE: "weakref.WeakSet[CudaGraphRunner]" = weakref.WeakSet()
 
 
+def _use_count(storage) -> int:
+    """How many tensors hold this storage."""
+    return torch._C._storage_Use_Count(storage._cdata)
+
+
+def _handed(but=None) -> frozenset:
+    """Addresses of the saved outputs replayed training forwards hand out."""
+    return frozenset().union(*(r.handed_ptrs for r in list(_LIVE) if r is not but and r.handed_ptrs))
+
+
 def live_runners() -> list["CudaGraphRunner"]:
     """The runners of the compiled graphs still alive (what ``describe`` says of each: the demo
     prints it, tests check it)."""
@@ -52,19 +74,31 @@ def live_runners() -> list["CudaGraphRunner"]:
 
 
 class CudaGraphRunner:
-    def __init__(self, compiled, warmup: int = 3, policy: str = "always"):
+    def __init__(self, compiled, warmup: int = 3, policy: str = "always", saved_from: int | None = None,
+                 training: bool = False):
+        """``saved_from``: a training forward's outputs from this index on are what its backward
+        saved (handed out uncloned: see the module docstring). ``training``: a forward or backward
+        graph, which "auto" replays only under ``TRAIN_HOLD_BYTES``."""
         self.compiled = compiled
         self.warmup = warmup
         self.policy = policy
+        self.saved_from = saved_from
+        self.training = training
         self.launch_bound: bool | None = None      # what the timed warm-up calls showed ("auto")
         self.calls = 0
         self.captures = 0
+        self.unreplayed = 0         # calls run without replay while saved outputs were still held
         self.cg: torch.cuda.CUDAGraph | None = None
         self.failed = False
         self.key = None
         self.seen_ptrs: list[list[int | None]] = []
         self.samples: list[tuple[float, float]] = []        # (host ms, GPU ms) of timed warm-up calls
+        self.watch: list[tuple] = []                # (storage, its use count right after capture)
+        self.handed_ptrs: frozenset = frozenset()   # saved outputs' addresses (a backward reads them in place)
+        self.pooled: list[bool] = []                # inputs read in place from another graph's replay
         self._capturing = torch.cuda.is_current_stream_capturing if torch.cuda.is_available() else bool
+        # boxed where the graph is (AOTAutograd's convention: the callee empties the argument list)
+        self._run = compiled.run_list if hasattr(type(compiled), "run_list") else (lambda xs: compiled(*xs))
         _LIVE.add(self)
 
     def __getattr__(self, name):            # graph, plan, kernels ... come from the wrapped graph
@@ -76,8 +110,11 @@ class CudaGraphRunner:
 
     def _capture(self, inputs) -> None:
         self.captures += 1
-        stable = [len({p[i] for p in self.seen_ptrs}) == 1 and self.captures < MAX_CAPTURES
-                  for i in range(len(inputs))]
+        # another graph's saved outputs, handed out by its replay, stay at their address while it replays
+        pool = _handed(self)
+        self.pooled = [isinstance(x, torch.Tensor) and x.data_ptr() in pool for x in inputs]
+        stable = [p or (len({q[i] for q in self.seen_ptrs}) == 1 and self.captures < MAX_CAPTURES)
+                  for i, p in enumerate(self.pooled)]
         self.stable = stable
         self.static_in = [x if (s or not isinstance(x, torch.Tensor)) else x.clone() for x, s in zip(inputs, stable)]
         self.ptrs = self._ptrs(self.static_in)
@@ -89,31 +126,54 @@ class CudaGraphRunner:
         self.cg = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.cg):
             self.static_out = self.compiled(*self.static_in)
+        # not held: a reference would keep the other graph's views alive, and it from replaying
+        self.static_in = [None if p else x for x, p in zip(self.static_in, self.pooled)]
+        if self.saved_from is not None:
+            saved = [o for o in self.static_out[self.saved_from:] if isinstance(o, torch.Tensor)]
+            self.handed_ptrs = frozenset(o.data_ptr() for o in saved)
+            # the storages replay writes (not the stable inputs'), and how many tensors use each
+            # now: a view handed out adds one until the backward lets it go (AOTAutograd saves a
+            # view's detached copy, so the view object itself can die while its storage is held)
+            kept = {x.untyped_storage().data_ptr() for x, s in zip(self.static_in, stable)
+                    if s and isinstance(x, torch.Tensor)}
+            stores = {st.data_ptr(): st for st in (o.untyped_storage() for o in saved) if st.data_ptr() not in kept}
+            self.watch = [(st, _use_count(st)) for st in stores.values()]
 
     def _timed(self, inputs):
         """A warm-up call timed on the host (issuing it) and on the GPU (running it)."""
+        moving = self._moving_bytes(inputs)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         torch.cuda.synchronize()
         start.record()
         t0 = time.perf_counter()
-        out = self.compiled(*inputs)
+        out = self._run(inputs)
         host_ms = (time.perf_counter() - t0) * 1e3
         end.record()
         end.synchronize()
         self.samples.append((host_ms, start.elapsed_time(end)))
         host, gpu = (min(x) for x in zip(*self.samples))
-        self.launch_bound = should_replay(host, gpu, self._copy_ms(inputs, out))
+        self.launch_bound = should_replay(host, gpu, self._copy_ms(moving, out)) and \
+            (not self.training or self._held_bytes(moving) <= TRAIN_HOLD_BYTES)
         return out
 
-    def _copy_ms(self, inputs, out) -> float:
+    def _moving_bytes(self, inputs) -> int:
+        """Bytes of the inputs whose address changed between calls (replay copies them in)."""
+        return sum(x.numel() * x.element_size() for i, x in enumerate(inputs) if isinstance(x, torch.Tensor)
+                   and len({p[i] for p in self.seen_ptrs}) > 1)
+
+    def _copy_ms(self, moving: int, out) -> float:
         """What replay adds on the GPU: cloning the outputs out of the graph's pool and copying in
         the inputs whose address changed between calls (read + write at nominal bandwidth)."""
         from kiln.passes.simulate import device_peaks
-        moving = [x for i, x in enumerate(inputs) if isinstance(x, torch.Tensor)
-                  and len({p[i] for p in self.seen_ptrs}) > 1]
         outs = [o for o in (out if isinstance(out, (list, tuple)) else [out]) if isinstance(o, torch.Tensor)]
-        nbytes = sum(t.numel() * t.element_size() for t in (*moving, *outs))
+        nbytes = moving + sum(t.numel() * t.element_size() for t in outs)
         return 2 * nbytes / device_peaks("cuda")[0] * 1e3
+
+    def _held_bytes(self, moving: int) -> int:
+        """Device memory replay keeps between calls: the graph's planned peak (arena, outputs and
+        what else it allocates) and the static copies of its moving inputs."""
+        plan = getattr(self.compiled, "plan", None)
+        return moving + (max(plan.peak_bytes, plan.device_bytes) if plan is not None else 0)
 
     def describe(self) -> str:
         """One line on whether calls replay a CUDA graph, and why not."""
@@ -122,22 +182,27 @@ class CudaGraphRunner:
         if self.cg is not None:
             return f"CUDA graph: replayed ({self.captures} capture{'s' if self.captures != 1 else ''})"
         if self.launch_bound is False:
-            return "CUDA graph: not used (GPU-bound: replay would save no time)"
+            return "CUDA graph: not used (GPU-bound: replay would save no time)" if not self.training else \
+                "CUDA graph: not used (GPU-bound, or replay would hold too much memory)"
         return f"CUDA graph: not captured yet ({self.calls} of {self.warmup} warm-up calls)"
 
     def __call__(self, *inputs):
+        return self.run_list(list(inputs))
+
+    def run_list(self, inputs: list):
+        """Runs (or replays) the graph; empties ``inputs`` once read, as CompiledGraph.run_list."""
         if self._capturing():
             # the caller is capturing its own CUDA graph (a decode loop, a benchmark): the kernels
             # go into it; replaying or timing here would fail (no replay or sync inside a capture)
-            return self.compiled(*inputs)
+            return self._run(inputs)
         if self.launch_bound is False and self.calls >= self.warmup and self.policy == "auto":
             # decided: GPU-bound, no replay. A compiled graph has one input signature (kiln
             # compiles each shape on its own), so nothing below can change that; skipping the
             # per-call key was ~9 us of a 33 us softmax kernel's call on an H200's host
-            return self.compiled(*inputs)
+            return self._run(inputs)
         if self.failed or not all(
                 not isinstance(x, torch.Tensor) or x.is_cuda for x in inputs):
-            return self.compiled(*inputs)
+            return self._run(inputs)
         key = tuple((tuple(x.shape), x.dtype, x.device) if isinstance(x, torch.Tensor) else x for x in inputs)
         if key != self.key:
             self.key, self.cg, self.calls, self.seen_ptrs, self.launch_bound = key, None, 0, [], None
@@ -147,23 +212,46 @@ class CudaGraphRunner:
             self.seen_ptrs.append(self._ptrs(inputs))
             if self.policy == "auto" and (self.calls > 1 or self.warmup == 1):
                 return self._timed(inputs)
-            return self.compiled(*inputs)
+            return self._run(inputs)
         if self.policy == "auto" and not self.launch_bound:
-            return self.compiled(*inputs)
-        moved = self.cg is not None and any(
-            s and isinstance(x, torch.Tensor) and x.data_ptr() != p for x, s, p in zip(inputs, self.stable, self.ptrs))
+            return self._run(inputs)
+        if any(_use_count(st) > n for st, n in self.watch):
+            # what the last replay saved for a backward is still held: replay would overwrite it
+            self.unreplayed += 1
+            return self._run(inputs)
+        moved = [s and isinstance(x, torch.Tensor) and x.data_ptr() != p
+                 for x, s, p in zip(inputs, self.stable, self.ptrs)] if self.cg is not None else []
+        moved = moved if any(moved) else []
+        if moved and all(p for m, p in zip(moved, self.pooled) if m) and \
+                not any(m and x.data_ptr() in _handed() for m, x in zip(moved, inputs)):
+            # another graph's saved outputs came from a call that did not replay: run on them as
+            # they are (they are back in place once that graph replays again; a new capture of
+            # it moves them for good, and this graph is captured again)
+            self.unreplayed += 1
+            return self._run(inputs)
         if self.cg is None or moved:
             try:
                 self.seen_ptrs.append(self._ptrs(inputs))
                 self._capture(inputs)
             except Exception as e:             # an op that cannot be captured: run as before from now on
-                self.failed, self.cg = True, None
+                self.failed, self.cg, self.handed_ptrs = True, None, frozenset()
                 first = (str(e).strip().splitlines() or [""])[0][:200]
                 warnings.warn(f"kiln: CUDA graph capture failed ({type(e).__name__}: {first}); "
                               "the graph runs without replay")
-                return self.compiled(*inputs)
+                return self._run(inputs)
         for x, s, buf in zip(inputs, self.stable, self.static_in):
             if not s and isinstance(x, torch.Tensor):
                 buf.copy_(x)
+        inputs.clear()
         self.cg.replay()
-        return [o.clone() if isinstance(o, torch.Tensor) else o for o in self.static_out]
+        return self._outputs()
+
+    def _outputs(self) -> list:
+        """Clones of the outputs, but for a training forward's saved ones: fresh views of the
+        static buffers, watched (see run_list) until the backward lets them go."""
+        out = self.static_out
+        cut = len(out) if self.saved_from is None else self.saved_from
+        res = [o.clone() if isinstance(o, torch.Tensor) else o for o in out[:cut]]
+        saved = [o.as_strided(o.shape, o.stride(), o.storage_offset()) if isinstance(o, torch.Tensor) else o
+                 for o in out[cut:]]
+        return res + saved

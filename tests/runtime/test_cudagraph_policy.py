@@ -15,7 +15,8 @@ def test_cuda_graph_replay_cost_counts_outputs_and_moving_inputs():
     r.seen_ptrs = [[still.data_ptr(), 1], [still.data_ptr(), 2]]
     out = [torch.empty(1 << 18, dtype=torch.float32), None]
     want = 2 * ((1 << 10) + (1 << 20)) / device_peaks("cuda")[0] * 1e3
-    assert abs(r._copy_ms([still, moving], out) - want) < 1e-12
+    assert r._moving_bytes([still, moving]) == 1 << 10
+    assert abs(r._copy_ms(r._moving_bytes([still, moving]), out) - want) < 1e-12
     assert r.describe() == "CUDA graph: not captured yet (0 of 3 warm-up calls)"
 
 

@@ -1,0 +1,126 @@
+"""CUDA graph replay of training graphs (skipped without CUDA): forward and backward replay in a
+plain training loop and match eager; a forward's saved outputs stay intact while something still
+holds them (two forwards before a backward); "auto" leaves a training graph that would hold much
+memory unreplayed. (AOTAutograd refuses ``retain_graph`` on graphs with donated buffers.)"""
+import copy
+import gc
+
+import pytest
+import torch
+
+import kiln
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+ac = torch.testing.assert_close
+
+
+def _runners(before=()) -> list:
+    from kiln.runtime.cudagraphs import live_runners
+    gc.collect()
+    old = {id(o) for o in before}
+    return [r for r in live_runners() if id(r) not in old]
+
+
+def _model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.LayerNorm(32), torch.nn.GELU(),
+                               torch.nn.Linear(32, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4)).cuda()
+
+
+@pytest.fixture(autouse=True)
+def _fresh():
+    torch._dynamo.reset()
+    yield
+
+
+@pytest.mark.timing         # "auto" times warm-up calls
+@pytest.mark.parametrize("cg", [True, "auto"])
+def test_training_loop_replays_forward_and_backward(cg):
+    before = _runners()
+    m = _model()
+    e = copy.deepcopy(m)
+    om, oe = torch.optim.SGD(m.parameters(), 0.1), torch.optim.SGD(e.parameters(), 0.1)
+    f = kiln.compile(m, target="triton", cudagraphs=cg)
+    outs = {f: [], e: []}
+    for _ in range(8):
+        x = torch.randn(24, 16, device="cuda")
+        for mod, opt in ((f, om), (e, oe)):
+            opt.zero_grad()
+            out = mod(x)
+            out.square().mean().backward()
+            opt.step()
+            outs[mod].append(out)           # each step's output outlives the later calls
+    for a, b in zip(outs[f], outs[e]):
+        ac(a, b, rtol=1e-4, atol=1e-5)
+    for a, b in zip(m.parameters(), e.parameters()):
+        ac(a, b, rtol=1e-4, atol=1e-5)
+    runners = [r for r in _runners(before) if r.training]
+    assert len(runners) == 2, [r.describe() for r in runners]
+    for r in runners:
+        assert r.cg is not None, r.describe()
+        assert r.unreplayed == 0 and r.captures == 1, (r.unreplayed, r.captures)
+    fw = next(r for r in runners if r.saved_from is not None)
+    assert fw.handed_ptrs                                  # the backward read the saved outputs in place
+    bw = next(r for r in runners if r is not fw)
+    assert any(bw.pooled)
+
+
+def test_saved_outputs_survive_a_second_forward():
+    """Two forwards before one backward (summed losses): the second must not overwrite what the
+    first saved; then the plain loop replays again."""
+    before = _runners()
+    m = _model()
+    e = copy.deepcopy(m)
+    f = kiln.compile(m, target="triton", cudagraphs=True)
+    for _ in range(5):                  # warm up and capture
+        f(torch.randn(24, 16, device="cuda")).sum().backward()
+    m.zero_grad()
+    x1, x2 = torch.randn(24, 16, device="cuda"), torch.randn(24, 16, device="cuda")
+    (f(x1).square().sum() + f(x2).tanh().sum()).backward()
+    (e(x1).square().sum() + e(x2).tanh().sum()).backward()
+    for a, b in zip(m.parameters(), e.parameters()):
+        ac(a.grad, b.grad, rtol=1e-4, atol=1e-5)
+    fw = next(r for r in _runners(before) if r.training and r.saved_from is not None)
+    assert fw.unreplayed >= 1
+    m.zero_grad()
+    e.zero_grad()
+    x = torch.randn(24, 16, device="cuda")
+    f(x).sum().backward()
+    e(x).sum().backward()
+    for a, b in zip(m.parameters(), e.parameters()):
+        ac(a.grad, b.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_auto_leaves_a_training_graph_that_would_hold_much_memory(monkeypatch):
+    from kiln.runtime import cudagraphs
+    monkeypatch.setattr(cudagraphs, "TRAIN_HOLD_BYTES", 0)
+    before = _runners()
+    m = _model()
+    f = kiln.compile(m, target="triton")
+    for _ in range(6):
+        f(torch.randn(24, 16, device="cuda")).sum().backward()
+    runners = [r for r in _runners(before) if r.training]
+    assert runners and all(r.cg is None and r.launch_bound is False for r in runners)
+    assert "too much memory" in runners[0].describe()
+
+
+def test_weights_moved_capture_both_graphs_again():
+    """A weight at a new address (``.data`` replaced) makes the forward capture again, its saved
+    outputs move with it, and the backward follows them."""
+    before = _runners()
+    m = _model()
+    e = copy.deepcopy(m)
+    f = kiln.compile(m, target="triton", cudagraphs=True)
+    for _ in range(5):
+        f(torch.randn(24, 16, device="cuda")).sum().backward()
+    m[0].weight.data = m[0].weight.data.clone()
+    for _ in range(3):
+        m.zero_grad()
+        e.zero_grad()
+        x = torch.randn(24, 16, device="cuda")
+        f(x).square().sum().backward()
+        e(x).square().sum().backward()
+        for a, b in zip(m.parameters(), e.parameters()):
+            ac(a.grad, b.grad, rtol=1e-4, atol=1e-5)
+    runners = [r for r in _runners(before) if r.training]
+    assert all(r.captures == 2 and r.unreplayed == 0 for r in runners), [(r.captures, r.unreplayed) for r in runners]
