@@ -67,11 +67,15 @@ def numpy_of(t: torch.Tensor):
     return t.numpy()
 
 
-def _flat(t: torch.Tensor):
+def _span(t: torch.Tensor) -> int:
+    """Elements from ``t``'s first to its last in memory (its numel when it is contiguous)."""
     if t.is_contiguous():                   # the common case
-        return as_array(t)
-    span = 1 + sum((s - 1) * st for s, st in zip(t.shape, t.stride())) if t.numel() else 0
-    return as_array(t, span)
+        return t.numel()
+    return 1 + sum((s - 1) * st for s, st in zip(t.shape, t.stride())) if t.numel() else 0
+
+
+def _flat(t: torch.Tensor):
+    return as_array(t, _span(t))
 
 
 def load_loop(k: Kernel) -> None:
@@ -80,10 +84,14 @@ def load_loop(k: Kernel) -> None:
     in_strides = [tuple(s) if s is not None else None for s in k.meta["in_strides"]]
     if k.target == "cpu":
         fn = getattr(_import(source_path(cache_dir, k.source, "cpu")), k.entry)
-
-        def launch(inputs, outputs):
-            ins = [_flat(_conform(t, s)) for t, s in zip(inputs, in_strides)]
-            fn(*ins, *[_flat(o) for o in outputs])
+        if k.meta.get("pointers"):
+            def launch(inputs, outputs):
+                ins = [_conform(t, s) for t, s in zip(inputs, in_strides)]    # alive through the call
+                fn(*[v for t in (*ins, *outputs) for v in (t.data_ptr(), _span(t))])
+        else:                       # a kernel generated before, or over a dtype numba has no scalar for
+            def launch(inputs, outputs):
+                ins = [_flat(_conform(t, s)) for t, s in zip(inputs, in_strides)]
+                fn(*ins, *[_flat(o) for o in outputs])
         k.launcher = launch
         return
     if k.target == "cuda":

@@ -135,6 +135,20 @@ def _claim(typingctx, ctr, i):
     return _nbt.int64(ctr, i), codegen
 
 
+@intrinsic
+def _ptr(typingctx, addr, like):
+    """The integer ``addr`` as a pointer to ``like``'s type: a kernel's buffers arrive as
+    addresses and lengths (``numba.carray`` makes them arrays), because turning a tensor into a
+    numpy array for the call cost more host time than the call (codegen/loader.py)."""
+    if not (isinstance(addr, _nbt.Integer) and isinstance(like, (_nbt.Number, _nbt.Boolean))):
+        return None
+    ptr_t = _nbt.CPointer(like)
+
+    def codegen(context, builder, sig, args):
+        return builder.inttoptr(args[0], context.get_value_type(ptr_t))
+    return ptr_t(addr, like), codegen
+
+
 def _llvm_binary(name):
     @intrinsic
     def f(typingctx, a, b):
