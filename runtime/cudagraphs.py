@@ -39,10 +39,11 @@ LAUNCH_BOUND = 0.5
 # ms, and its 64 MiB output clone makes a replayed call 0.055 ms). Past this share of the GPU's
 # time, replay must beat the host's least time outright.
 COPY_SHARE = 0.1
-# "auto" replays a training graph only if replay would hold at most this much device memory
-# between calls (its planned peak and static input copies): a launch-bound training step is small
-# (a tiny BERT layer's graphs hold well under a megabyte), while a large one's activations are
-# what a training step must give back between its forward and backward.
+# "auto" replays training graphs only while replay would hold at most this much device memory
+# between calls, all replayed training graphs together (each one's planned peak and static input
+# copies): a launch-bound training step is small (a tiny BERT layer's graphs hold well under a
+# megabyte), while a large one's activations are what a training step must give back between its
+# forward and backward.
 TRAIN_HOLD_BYTES = 256 << 20
 
 
@@ -96,6 +97,7 @@ class CudaGraphRunner:
         self.watch: list[tuple] = []                # (storage, its use count right after capture)
         self.handed_ptrs: frozenset = frozenset()   # saved outputs' addresses (a backward reads them in place)
         self.pooled: list[bool] = []                # inputs read in place from another graph's replay
+        self.held = 0                               # training: device bytes replay would hold (_timed)
         self._capturing = torch.cuda.is_current_stream_capturing if torch.cuda.is_available() else bool
         # boxed where the graph is (AOTAutograd's convention: the callee empties the argument list)
         self._run = compiled.run_list if hasattr(type(compiled), "run_list") else (lambda xs: compiled(*xs))
@@ -152,8 +154,12 @@ class CudaGraphRunner:
         end.synchronize()
         self.samples.append((host_ms, start.elapsed_time(end)))
         host, gpu = (min(x) for x in zip(*self.samples))
-        self.launch_bound = should_replay(host, gpu, self._copy_ms(moving, out)) and \
-            (not self.training or self._held_bytes(moving) <= TRAIN_HOLD_BYTES)
+        self.launch_bound = should_replay(host, gpu, self._copy_ms(moving, out))
+        if self.training:
+            # all replayed training graphs together (one pair per input shape compiled) stay under the cap
+            self.held = self._held_bytes(moving)
+            others = sum(r.held for r in list(_LIVE) if r is not self and r.training and r.cg is not None)
+            self.launch_bound = self.launch_bound and self.held + others <= TRAIN_HOLD_BYTES
         return out
 
     def _moving_bytes(self, inputs) -> int:

@@ -153,3 +153,22 @@ def test_gpt2_training_replayed_matches_eager():
     runners = [r for r in _runners(before) if r.training]
     assert runners and all(r.cg is not None and r.unreplayed == 0 for r in runners), \
         [(r.describe(), r.unreplayed) for r in runners]
+
+
+@pytest.mark.timing         # "auto" times warm-up calls
+def test_auto_cap_counts_every_replayed_training_graph(monkeypatch):
+    """One replayed pair per input shape: a second shape's graphs stay unreplayed when the pairs
+    together would hold more than the cap."""
+    from kiln.runtime import cudagraphs
+    before = _runners()
+    m = _model()
+    f = kiln.compile(m, target="triton")
+    for _ in range(6):
+        f(torch.randn(24, 16, device="cuda")).sum().backward()
+    first = [r for r in _runners(before) if r.training]
+    assert first and all(r.cg is not None for r in first), [r.describe() for r in first]
+    monkeypatch.setattr(cudagraphs, "TRAIN_HOLD_BYTES", sum(r.held for r in first) + 1)
+    for _ in range(6):
+        f(torch.randn(40, 16, device="cuda")).sum().backward()
+    second = [r for r in _runners(before) if r.training and r not in first]
+    assert second and all(r.cg is None and r.launch_bound is False for r in second), [r.describe() for r in second]
