@@ -4,6 +4,7 @@ do matmul outputs (through out=). A kernel output the plan puts in place of an i
 of the same arena bytes."""
 from __future__ import annotations
 
+import os
 import weakref
 from typing import Any
 
@@ -16,6 +17,9 @@ from kiln.passes.memory import MemoryPlan, out_variant
 from .host_alloc import empty_strided
 
 KERNEL, OUT, ATEN, VIEW, SKIP = "kernel", "out", "aten", "view", "skip"
+# run the steps as one generated function (runtime/straight.py); KILN_STRAIGHT=0: the loop below
+STRAIGHT = os.environ.get("KILN_STRAIGHT", "1") != "0"
+NO_VIEWS: dict = {}         # a graph without an arena (one object: the generated function is kept for it)
 # ATen ops that copy the whole storage of their first argument to keep its strides
 # (clone_preserve_strides): given a view of the arena or of the tier pool they would allocate
 # that much. The runtime hands them a compact copy of a dense view first (same strides, so the
@@ -126,6 +130,7 @@ class CompiledGraph:
         self._kept: list = [None] * len(self._steps)       # VIEW steps: (source, its address, the view)
         self._seen: dict[int, weakref.ref] = {}             # VIEW steps over weights: the last source
         self._warm = False
+        self._straight: dict = {}           # device -> (generated run function, the views it binds)
 
     def _frees(self) -> list[list[str]]:
         last: dict[str, int] = {}
@@ -313,7 +318,10 @@ class CompiledGraph:
         return moves
 
     def _kernel_args(self, k: int, args: list, env: dict, device: torch.device) -> list:
-        vals = [env[a] for a in args]
+        return self._kernel_vals(k, args, [env[a] for a in args], device)
+
+    def _kernel_vals(self, k: int, args: list, vals: list, device: torch.device) -> list:
+        """``vals`` (kernel step ``k``'s arguments, named ``args``) with its host tensors on ``device``."""
         for i in self._host_args.get(k, ()):
             x = vals[i]
             if isinstance(x, torch.Tensor) and x.device != device:
@@ -356,8 +364,14 @@ class CompiledGraph:
                 return fn(*args(env), **kwargs(env), out=view)
             except (RuntimeError, TypeError):
                 pass
+        return self._out_failed(k, args(env), kwargs(env))
+
+    def _out_failed(self, k: int, a, kw):
+        """OUT step ``k`` becomes a plain ATen call for good (and runs as one on ``a``, ``kw``)."""
+        _, (node, fn), args, kwargs, outs, frees = self._steps[k]
         self._steps[k] = (ATEN, self._aten_call(node), args, kwargs, outs, frees)
-        return run_aten(node, args(env), kwargs(env))
+        self._straight.clear()          # written with the old step
+        return run_aten(node, a, kw)
 
     @staticmethod
     def _in_place_tensor(x, out, device):
@@ -441,15 +455,24 @@ class CompiledGraph:
                       None) or self._home or next((x.device for x in inputs if isinstance(x, torch.Tensor)),
                                                   torch.device("cpu"))
         alloc = empty_strided if device.type == "cpu" else torch.empty_strided   # huge pages: CPU only
-        if self._iota_dtypes:
-            env.update(self._placeholder_env(device))
-        views = self._arena_views(device) if self.plan.arena_bytes else {}
+        holders = self._placeholder_env(device) if self._iota_dtypes else {}
+        env.update(holders)
+        views = self._arena_views(device) if self.plan.arena_bytes else NO_VIEWS
         tiers = self._tiers
         if tiers is not None:
             tiers.begin(env, inputs, device, next(iter(views.values()), None))   # an arena view, if any
         try:
-            inputs.clear()
             first, self._warm = not self._warm, True
+            # the steps as one generated function, where the views it binds are this device's
+            # for good (not a tier schedule's, nor a transient arena's made again each call)
+            if STRAIGHT and tiers is None and (not views or views is self._views.get(device)):
+                run = self._straight.get(device)
+                if run is None or run[1] is not views:
+                    from .straight import write
+                    run = self._straight[device] = (write(self, views, holders, device)[0], views)
+                env = None
+                return run[0](self, inputs, self._consts, holders, first, views, device)
+            inputs.clear()
             for k, (mode, what, args, extra, outs, frees) in enumerate(self._steps):
                 if tiers is not None:
                     tiers.before(k, env)
