@@ -7,6 +7,7 @@ wrapper). Steps whose cases are rare keep their helpers (a kept view that must b
 an ``out=`` call that fails, a kernel's first in-place launch)."""
 from __future__ import annotations
 
+import linecache
 from typing import Any
 
 import torch
@@ -169,8 +170,9 @@ def write(cg, views: dict, placeholders: dict, device: torch.device):
     # nothing here refers back to cg (a cycle would keep a dropped graph's arena until the
     # cyclic collector ran): it comes in as an argument
     env = {"C": s.consts, "K": cg._kept, "alloc": torch.empty_strided if device.type != "cpu" else _cpu_alloc()}
-    code = compile(src, f"<kiln graph {id(cg):x}>", "exec")
-    exec(code, env)
+    filename = f"<kiln graph {id(cg):x}>"
+    linecache.cache[filename] = (len(src), None, src.splitlines(True), filename)   # tracebacks show the step
+    exec(compile(src, filename, "exec"), env)
     return env["run"], src
 
 

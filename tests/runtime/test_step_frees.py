@@ -4,6 +4,7 @@ the next ATen call, one whole activation above eager's peak in an MLP."""
 import gc
 import weakref
 
+import pytest
 import torch
 
 import kiln
@@ -11,8 +12,10 @@ from kiln.runtime import CompiledGraph, executor
 from models.mlp import ResidualMLP
 
 
-def test_freed_activations_are_released(monkeypatch):
+@pytest.mark.parametrize("straight", [True, False])     # the generated step function, the step loop
+def test_freed_activations_are_released(monkeypatch, straight):
     from kiln.passes import memory
+    monkeypatch.setattr(executor, "STRAIGHT", straight)
     monkeypatch.setattr(executor, "out_variant", lambda op: None)     # matmuls as plain ATen calls
     monkeypatch.setattr(memory, "DYNAMIC_DEVICES", ("cuda", "cpu"))   # no arena: the GPU's plan
     monkeypatch.setattr(memory, "DYNAMIC_MARGIN", (0, 0.0))
@@ -52,6 +55,7 @@ def test_freed_activations_are_released(monkeypatch):
                 kern.launch(a, r)
         steps[last] = (steps[last][0], Check()) + steps[last][2:]
         cg._steps = steps
+        cg._straight.clear()            # written again over the spied steps
         out = f(x)
         torch.testing.assert_close(out, m(x))
         assert seen, "no activation reached an ATen call"
