@@ -13,8 +13,7 @@ from typing import Any
 import torch
 
 from kiln.ir import Value
-
-KERNEL, OUT, ATEN, VIEW, SKIP = "kernel", "out", "aten", "view", "skip"
+from .executor import KERNEL, OUT, SKIP, VIEW
 
 
 class _Source:
