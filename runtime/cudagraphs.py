@@ -88,7 +88,7 @@ class CudaGraphRunner:
         self.launch_bound: bool | None = None      # what the timed warm-up calls showed ("auto")
         self.calls = 0
         self.captures = 0
-        self.unreplayed = 0         # calls run without replay while saved outputs were still held
+        self.unreplayed = 0         # calls not replayed: saved outputs still held, or another's not in place
         self.cg: torch.cuda.CUDAGraph | None = None
         self.failed = False
         self.key = None
