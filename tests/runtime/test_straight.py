@@ -12,6 +12,12 @@ import kiln
 from kiln.runtime import CompiledGraph, executor
 
 
+@pytest.fixture(autouse=True)
+def _straight(monkeypatch):
+    """The generated function whatever KILN_STRAIGHT says (a test may switch it off itself)."""
+    monkeypatch.setattr(executor, "STRAIGHT", True)
+
+
 def _graphs(before: set) -> list:
     return [o for o in gc.get_objects() if not isinstance(o, weakref.ProxyType)
             and type(o) is CompiledGraph and id(o) not in before]
