@@ -116,6 +116,11 @@ class _ShapeSpecialized:
                          if has_symbolic(n.meta.get("val"))]
 
     def __call__(self, *args):
+        return self.run_list(list(args))
+
+    def run_list(self, args: list):
+        """Boxed, as the graphs it compiles (capture.boxed): the list is emptied, so a backward
+        frees each saved activation at its last use for every input shape too."""
         key = tuple((a.shape, a.stride()) if isinstance(a, torch.Tensor) else a
                     for a in (args[i] for i in self.symbolic))
         fn = self.cache.get(key)
@@ -125,7 +130,9 @@ class _ShapeSpecialized:
                     self.warned = True
                     _log.warning("kiln: a %s graph met %d input signatures; further ones run uncompiled",
                                  self.kind, self.LIMIT)
-                return self.gm(*args)
+                owned = list(args)
+                args.clear()
+                return self.gm(*owned)
             gm = retrace(self.gm, list(args))
             g = from_fx(gm)
             names = self._names(g)
@@ -134,7 +141,7 @@ class _ShapeSpecialized:
             if self.kind == "forward":
                 note_host_outputs(getattr(fn, "graph", g), self.pair, names)
             self.cache[key] = fn
-        return fn(*args)
+        return fn.run_list(args)
 
     def _names(self, g: Graph) -> dict | None:
         """Retracing renames the placeholders (argN_1) and may rename outputs: AOTAutograd's names,
