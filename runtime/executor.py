@@ -469,7 +469,7 @@ class CompiledGraph:
                 run = self._straight.get(device)
                 if run is None or run[1] is not views:
                     from .straight import write
-                    run = self._straight[device] = (write(self, views, holders, device)[0], views)
+                    run = self._straight[device] = (write(self, views, holders, alloc)[0], views)
                 env = None
                 return run[0](self, inputs, self._consts, holders, first, views, device)
             inputs.clear()

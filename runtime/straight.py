@@ -10,8 +10,6 @@ from __future__ import annotations
 import linecache
 from typing import Any
 
-import torch
-
 from kiln.ir import Value
 from .executor import KERNEL, OUT, SKIP, VIEW
 
@@ -43,10 +41,7 @@ class _Source:
         if isinstance(obj, list):
             return "[" + ", ".join(self.expr(o) for o in obj) + "]"
         if isinstance(obj, dict):
-            if all(isinstance(k, str) and k.isidentifier() for k in obj):
-                return "{" + ", ".join(f"{k!r}: {self.expr(v)}" for k, v in obj.items()) + "}"
-            return self.const(obj) if not _has_value(obj) else \
-                "{" + ", ".join(f"{self.const(k)}: {self.expr(v)}" for k, v in obj.items()) + "}"
+            return "{" + ", ".join(f"{self.expr(k)}: {self.expr(v)}" for k, v in obj.items()) + "}"
         if obj is None or isinstance(obj, (bool, int, str)):
             return repr(obj)
         return self.const(obj)
@@ -60,20 +55,10 @@ class _Source:
         return ", ".join(parts)
 
 
-def _has_value(obj) -> bool:
-    if isinstance(obj, Value):
-        return True
-    if isinstance(obj, (tuple, list)):
-        return any(_has_value(o) for o in obj)
-    if isinstance(obj, dict):
-        return any(_has_value(o) for o in obj.values())
-    return False
-
-
-def write(cg, views: dict, placeholders: dict, device: torch.device):
-    """``run(cg, inputs, consts, placeholders, first, views, device)`` for CompiledGraph ``cg`` on
-    ``device`` with the arena views ``views`` (this device's, kept between calls) and the iota
-    placeholders ``placeholders``; and its source."""
+def write(cg, views: dict, placeholders: dict, alloc):
+    """``run(cg, inputs, consts, placeholders, first, views, device)`` for CompiledGraph ``cg``
+    with the arena views ``views`` (one device's, kept between calls), the iota placeholders
+    ``placeholders`` and ``alloc`` (how that device's outputs are allocated); and its source."""
     s = _Source()
     ind = "    "
     body: list[str] = []
@@ -168,13 +153,8 @@ def write(cg, views: dict, placeholders: dict, device: torch.device):
     src = "\n".join(lines) + "\n"
     # nothing here refers back to cg (a cycle would keep a dropped graph's arena until the
     # cyclic collector ran): it comes in as an argument
-    env = {"C": s.consts, "K": cg._kept, "alloc": torch.empty_strided if device.type != "cpu" else _cpu_alloc()}
+    env = {"C": s.consts, "K": cg._kept, "alloc": alloc}
     filename = f"<kiln graph {id(cg):x}>"
     linecache.cache[filename] = (len(src), None, src.splitlines(True), filename)   # tracebacks show the step
     exec(compile(src, filename, "exec"), env)
     return env["run"], src
-
-
-def _cpu_alloc():
-    from .host_alloc import empty_strided
-    return empty_strided
