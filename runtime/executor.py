@@ -17,9 +17,21 @@ from kiln.passes.memory import MemoryPlan, out_variant
 from .host_alloc import empty_strided
 
 KERNEL, OUT, ATEN, VIEW, SKIP = "kernel", "out", "aten", "view", "skip"
-# run the steps as one generated function (runtime/straight.py); KILN_STRAIGHT=0: the loop below
-STRAIGHT = os.environ.get("KILN_STRAIGHT", "1") != "0"
+# run the steps as one generated function (runtime/straight.py), or the loop below: None reads
+# KILN_STRAIGHT (checked at the first call), True / False decide
+STRAIGHT: bool | None = None
 NO_VIEWS: dict = {}         # a graph without an arena (one object: the generated function is kept for it)
+
+
+def straight_setting() -> bool:
+    """KILN_STRAIGHT, checked: a misspelt value would otherwise silently pick one of the two."""
+    value = os.environ.get("KILN_STRAIGHT", "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"KILN_STRAIGHT={value!r}: use 1 (steps as one generated function, the default) "
+                         "or 0 (the step loop)")
+    return value == "1"
+
+
 # ATen ops that copy the whole storage of their first argument to keep its strides
 # (clone_preserve_strides): given a view of the arena or of the tier pool they would allocate
 # that much. The runtime hands them a compact copy of a dense view first (same strides, so the
@@ -448,6 +460,7 @@ class CompiledGraph:
         last use here rather than after the whole graph."""
         if self.check_inputs:
             self._check(inputs)
+        straight = STRAIGHT if STRAIGHT is not None else straight_setting()
         env: dict[str, Any] = dict(self._consts)
         env.update(zip(self._input_names, inputs))     # (a loop variable would keep the last input alive)
         # a 0-d CPU tensor next to CUDA inputs is a scalar, not where the graph runs
@@ -465,7 +478,7 @@ class CompiledGraph:
             first, self._warm = not self._warm, True
             # the steps as one generated function, where the views it binds are this device's
             # for good (not a tier schedule's, nor a transient arena's made again each call)
-            if STRAIGHT and tiers is None and (not views or views is self._views.get(device)):
+            if straight and tiers is None and (not views or views is self._views.get(device)):
                 run = self._straight.get(device)
                 if run is None or run[1] is not views:
                     from .straight import write

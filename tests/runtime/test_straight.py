@@ -129,3 +129,16 @@ def test_generated_once(fn):
     for _ in range(3):
         torch.testing.assert_close(f(x), fn(x))
     assert [r for r, _ in cg._straight.values()] == first and len(first) == 1
+
+
+def test_bad_switch_value_is_refused(monkeypatch):
+    """KILN_STRAIGHT takes 0 or 1; anything else is one clear error at the first call, before any step."""
+    monkeypatch.setattr(executor, "STRAIGHT", None)
+    monkeypatch.setenv("KILN_STRAIGHT", "yes")
+    torch._dynamo.reset()
+    f = kiln.compile(lambda x: (x * 2).sum(-1), target="cpu")
+    with pytest.raises(ValueError, match=r"KILN_STRAIGHT='yes': use 1 .* or 0"):
+        f(torch.randn(4, 8))
+    monkeypatch.setenv("KILN_STRAIGHT", "0")
+    x = torch.randn(4, 8)
+    torch.testing.assert_close(f(x), (x * 2).sum(-1))
