@@ -27,6 +27,12 @@ def _model():
                                torch.nn.Linear(32, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4)).cuda()
 
 
+def _train(f, steps: int, rows: int = 24) -> None:
+    """``steps`` training steps of ``f`` on fresh inputs (a sum as the loss), no optimizer."""
+    for _ in range(steps):
+        f(torch.randn(rows, 16, device="cuda")).sum().backward()
+
+
 @pytest.fixture(autouse=True)
 def _fresh():
     torch._dynamo.reset()
@@ -72,8 +78,7 @@ def test_saved_outputs_survive_a_second_forward():
     m = _model()
     e = copy.deepcopy(m)
     f = kiln.compile(m, target="triton", cudagraphs=True)
-    for _ in range(5):                  # warm up and capture
-        f(torch.randn(24, 16, device="cuda")).sum().backward()
+    _train(f, 5)                        # warm up and capture
     m.zero_grad()
     x1, x2 = torch.randn(24, 16, device="cuda"), torch.randn(24, 16, device="cuda")
     (f(x1).square().sum() + f(x2).tanh().sum()).backward()
@@ -97,8 +102,7 @@ def test_auto_leaves_a_training_graph_that_would_hold_much_memory(monkeypatch):
     before = _runners()
     m = _model()
     f = kiln.compile(m, target="triton")
-    for _ in range(6):
-        f(torch.randn(24, 16, device="cuda")).sum().backward()
+    _train(f, 6)
     runners = [r for r in _runners(before) if r.training]
     assert runners and all(r.cg is None and r.launch_bound is False for r in runners)
     assert "too much memory" in runners[0].describe()
@@ -111,8 +115,7 @@ def test_weights_moved_capture_both_graphs_again():
     m = _model()
     e = copy.deepcopy(m)
     f = kiln.compile(m, target="triton", cudagraphs=True)
-    for _ in range(5):
-        f(torch.randn(24, 16, device="cuda")).sum().backward()
+    _train(f, 5)
     m[0].weight.data = m[0].weight.data.clone()
     for _ in range(3):
         m.zero_grad()
@@ -163,12 +166,10 @@ def test_auto_cap_counts_every_replayed_training_graph(monkeypatch):
     before = _runners()
     m = _model()
     f = kiln.compile(m, target="triton")
-    for _ in range(6):
-        f(torch.randn(24, 16, device="cuda")).sum().backward()
+    _train(f, 6)
     first = [r for r in _runners(before) if r.training]
     assert first and all(r.cg is not None for r in first), [r.describe() for r in first]
     monkeypatch.setattr(cudagraphs, "TRAIN_HOLD_BYTES", sum(r.held for r in first) + 1)
-    for _ in range(6):
-        f(torch.randn(40, 16, device="cuda")).sum().backward()
+    _train(f, 6, rows=40)
     second = [r for r in _runners(before) if r.training and r not in first]
     assert second and all(r.cg is None and r.launch_bound is False for r in second), [r.describe() for r in second]
