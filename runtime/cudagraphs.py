@@ -131,14 +131,16 @@ class CudaGraphRunner:
         # not held: a reference would keep the other graph's views alive, and it from replaying
         self.static_in = [None if p else x for x, p in zip(self.static_in, self.pooled)]
         if self.saved_from is not None:
-            saved = [o for o in self.static_out[self.saved_from:] if isinstance(o, torch.Tensor)]
-            self.handed_ptrs = frozenset(o.data_ptr() for o in saved)
-            # the storages replay writes (not the stable inputs'), and how many tensors use each
-            # now: a view handed out adds one until the backward lets it go (AOTAutograd saves a
-            # view's detached copy, so the view object itself can die while its storage is held)
+            # the storages replay writes (not the stable inputs': a saved weight is the caller's)
             kept = {x.untyped_storage().data_ptr() for x, s in zip(self.static_in, stable)
                     if s and isinstance(x, torch.Tensor)}
-            stores = {st.data_ptr(): st for st in (o.untyped_storage() for o in saved) if st.data_ptr() not in kept}
+            saved = [o for o in self.static_out[self.saved_from:]
+                     if isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() not in kept]
+            self.handed_ptrs = frozenset(o.data_ptr() for o in saved)
+            # and how many tensors use each now: a view handed out adds one until the backward lets
+            # it go (AOTAutograd saves a view's detached copy, so the view object itself can die
+            # while its storage is held)
+            stores = {st.data_ptr(): st for st in (o.untyped_storage() for o in saved)}
             self.watch = [(st, _use_count(st)) for st in stores.values()]
 
     def _timed(self, inputs):

@@ -173,3 +173,29 @@ def test_auto_cap_counts_every_replayed_training_graph(monkeypatch):
     _train(f, 6, rows=40)
     second = [r for r in _runners(before) if r.training and r not in first]
     assert second and all(r.cg is None and r.launch_bound is False for r in second), [r.describe() for r in second]
+
+
+def test_inference_graph_beside_training_captures_again_when_a_weight_moves():
+    """The training forward saves weights for its backward; they are the caller's, not handed out
+    by replay, so the same model's inference graph (which takes them as inputs) treats a moved
+    weight as any moved input: it captures again instead of running unreplayed from then on."""
+    before = _runners()
+    m = _model()
+    e = copy.deepcopy(m)
+    f = kiln.compile(m, target="triton", cudagraphs=True)
+    _train(f, 5)
+    x = torch.randn(24, 16, device="cuda")
+    with torch.no_grad():
+        for _ in range(4):
+            f(x)
+    fw = next(r for r in _runners(before) if r.training and r.saved_from is not None)
+    weights = {p.data_ptr() for p in m.parameters()}
+    assert not (fw.handed_ptrs & weights)
+    m[0].weight.data = m[0].weight.data.clone()
+    e[0].weight.data = e[0].weight.data.clone()
+    with torch.no_grad():
+        for _ in range(3):
+            ac(f(x), e(x), rtol=1e-4, atol=1e-5)
+    inf = [r for r in _runners(before) if not r.training]
+    assert len(inf) == 1 and inf[0].captures == 2 and inf[0].unreplayed == 0, \
+        [(r.captures, r.unreplayed) for r in inf]
