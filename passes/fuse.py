@@ -138,7 +138,10 @@ class _Groups:
         ra, rb = self._ready(ma, m), self._ready(mb, m)
         if ra == rb:
             return False
-        early, at = (ma, rb) if ra < rb else (mb, ra)
+        early, late, at = (ma, mb, rb) if ra < rb else (mb, ma, ra)
+        made = {v.name for i in late for v in self.nodes[i].outputs}
+        if any(v.name in made for i in early for v in self.nodes[i].inputs()):
+            return False            # the early group reads the late one's output: it waited anyway
         # capture's addmm scales its bias (a [n] vector) after the product: holding the product
         # over those few small nodes costs no memory, and refusing cut the product's epilogue
         if sum(v.type.storage_bytes for k in range(min(ra, rb) + 1, at + 1) if k not in m
@@ -147,13 +150,40 @@ class _Groups:
         held: dict[str, int] = {}
         for i in early:
             for v in self.nodes[i].inputs():
+                v = self._base(v)                   # a view holds the tensor it views
                 p = self.prod.get(v.name)
                 if p is None or self.pos[id(p)] in m or v.type is None:
                     continue                        # graph inputs and weights stay alive anyway
-                later = [k for u in self.users.get(v.name, []) if (k := self.pos[id(u)]) not in m]
+                # read later outside the merge, or by the late group (which runs at ``at``
+                # merged or not: rotary's halves of one projection), it is alive then anyway
+                later = [k for k in self._readers(v) if k not in early]
                 if v.name not in self.out_names and (not later or max(later) < at):
                     held[v.name] = v.type.storage_bytes
         return sum(held.values()) >= HOLD_BYTES
+
+    def _base(self, v):
+        """The value ``v`` views (through view ops outside any merge), or ``v`` itself."""
+        p = self.prod.get(v.name)
+        while p is not None and op_kind(p.op) == OpKind.VIEW and p.args and hasattr(p.args[0], "name") \
+                and len(p.outputs) == 1:
+            v = p.args[0]
+            p = self.prod.get(v.name)
+        return v
+
+    def _readers(self, v) -> list[int]:
+        """Positions of the nodes that read ``v``, directly or through views of it."""
+        found, stack, seen = [], [v.name], set()
+        while stack:
+            name = stack.pop()
+            for u in self.users.get(name, []):
+                k = self.pos[id(u)]
+                if k in seen:
+                    continue
+                seen.add(k)
+                found.append(k)
+                if op_kind(u.op) == OpKind.VIEW:
+                    stack.extend(o.name for o in u.outputs)
+        return found
 
     def _epilogue_like(self, gid: int) -> bool:
         """Does the group read a matmul's product as it is stored (through reshaping views at
