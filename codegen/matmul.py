@@ -185,12 +185,42 @@ def render(node: Node) -> tuple[str, dict]:
     prec = ""
     if dtype == torch.float32:
         prec = ", input_precision='tf32'" if torch.backends.cuda.matmul.allow_tf32 else ", input_precision='ieee'"
+    tma = _tma_layout(plan, a_t, segs, nodes, pro)
     ops = [n.op for n in body.all_nodes() if not n.op.startswith("kiln.")]
     helpers = [HELPERS[h] for h in sorted(r.helpers)]
     src = ENV.get_template("matmul_kernel.py.j2").render(
         name=name, ops=list(dict.fromkeys(ops)), helpers=helpers, params=params, M=M, K=K, B=bt, a=a, pro=pro,
-        segments=segs, dtype=TL[dtype], prec=prec, wide=wide, gemv=plan["gemv"])
-    return src, {"ops": list(dict.fromkeys(ops))}
+        segments=segs, dtype=TL[dtype], prec=prec, wide=wide, gemv=plan["gemv"], tma=tma)
+    return src, {"ops": list(dict.fromkeys(ops)), "tma": tma}
+
+
+def _tma_layout(plan: dict, a_t, segs: list[dict], nodes: dict, pro) -> dict | None:
+    """How A and each B are read through TMA tensor descriptors (Hopper and later), or None when
+    the plan does not allow it: one segment (one tile space), no batch, no prologue (A in memory),
+    every operand 2-D with a unit stride along one dimension and 16-byte-aligned rows. Each B is
+    read as stored: K-major (an nn.Linear weight, [N, K]) or N-major ([K, N]). Sets ``kmajor`` on
+    the segment's B entries for the template."""
+    if len(plan["segments"]) != 1 or plan["batch"] != 1 or plan["a"] is None or pro is not None:
+        return None
+    isz = a_t.itemsize
+    if a_t.rank != 2 or a_t.strides[1] != 1 or a_t.strides[0] * isz % 16:
+        return None
+    seg = plan["segments"][0]
+    bs = []
+    for acc, b in zip(seg["acc"], segs[0]["bs"]):
+        t = nodes[acc].args[1].type
+        if t.rank != 2 or t.dtype != a_t.dtype:
+            return None
+        sk, sn = t.strides
+        if sk == 1 and sn * isz % 16 == 0:
+            b["kmajor"] = True
+            bs.append({"stride": sn, "kmajor": True})
+        elif sn == 1 and sk * isz % 16 == 0:
+            b["kmajor"] = False
+            bs.append({"stride": sk, "kmajor": False})
+        else:
+            return None
+    return {"a_stride": a_t.strides[0], "b": bs}
 
 
 def _inplace(seg: dict, node: Node, nodes: dict) -> bool:
@@ -284,5 +314,6 @@ def build(node: Node, target: str, cache_dir: str, autotune: bool = False) -> Ke
             "in_strides": [list(v.type.strides) for v in node.args],
             "M": plan["M"], "K": plan["K"], "batch": plan["batch"], "a": plan["a"], "segments": segs,
             "gemv": plan["gemv"], "identity": identity, "prologue": plan["prologue"] is not None,
+            "tma": extra["tma"],
             "dtype": str(nodes[first["acc"][0]].out.type.dtype).removeprefix("torch.")}
     return Kernel(node.attrs["name"], "matmul", "triton", extra["ops"], src, node.attrs["name"], meta)

@@ -20,6 +20,17 @@ from kiln.autotune.space import Config, Estimate, Problem, Space, cdiv, next_pow
 # Large products went to cuBLAS plus the epilogue pass: 2048x2048->8192 with bias+GELU
 # 0.114 ms vs 0.121 for the best template; SwiGLU gate/up 8192x4096x2x11008 2.04 vs 2.36 ms. The
 # threshold between the measured points is a guess; autotune=True decides per shape.
+# TMA_NOTE. On an H200 (.gpu/swiglu_gemm.py, device time, bf16, Llama's gate/up 8192x2048 ->
+# 2x5632): cuBLAS 0.531 ms for the product and 0.067 for an epilogue pass (silu * mul) after it;
+# a persistent Triton kernel reading A and B through TMA descriptors, 128x256x64 tiles, 8 warps,
+# 3 stages, 0.523 ms for the plain product (723 TFLOP/s) and 0.492 ms with SwiGLU in its epilogue
+# (it writes half the bytes); Inductor's whole SwiGLU 0.549. kiln's two products (gate and up
+# read through two descriptors, two dots a K step: no weights interleaved, no copy of them) ran
+# 0.539 ms at best (128x128x64, 8 warps, 4 stages, the tile loop not flattened; 0.665 flattened
+# with 3 stages) against cuBLAS's two products 0.495 plus the epilogue pass 0.067 (.gpu/dual_dot.py).
+# The Llama layer's down projection with its residual add: 0.239 ms (cuBLAS 0.235 plus a 0.023
+# pass). So a large product whose epilogue cuBLAS cannot fuse runs as that kernel; a plain
+# product or one plus a bias stays on cuBLAS.
 GEMV_KERNEL_MAX_M = 4        # above this the tiled kernel with BLOCK_M=16 streams B as well
 CUBLAS_MIN_FLOPS = 2 ** 35
 
@@ -46,7 +57,9 @@ def split_k(tiles: int, K: int, bk: int, sms: int) -> int:
     return s
 
 
-def default_config(meta: dict, interpret: bool, sms: int = 132) -> dict:
+def default_config(meta: dict, interpret: bool, sms: int = 132, tma: bool = False) -> dict:
+    """The launch config without timing. ``tma``: the device has TMA (Hopper and later) and the
+    kernel has its TMA variant (one segment, operands TMA can read)."""
     d = problem_dims(meta)
     M, K, bt, P = d["M"], d["K"], d["B"], d["P"]
     base = {"GROUP_M": 8, "SPLIT_K": 1, "GEMV": 0, "ATEN": 0}
@@ -67,6 +80,13 @@ def default_config(meta: dict, interpret: bool, sms: int = 132) -> dict:
         # not yet measured on its own.)
         return {**base, "ATEN": 1, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4}
     if M >= 1024 and flops >= CUBLAS_MIN_FLOPS and not meta["prologue"]:
+        if tma and itemsize == 2 and not meta["identity"]:
+            # an epilogue cuBLAS cannot run: the persistent TMA kernel fuses it (see TMA_NOTE)
+            if P == 1:
+                return {**base, "TMA": 1, "BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "FLATTEN": 1,
+                        "num_warps": 8, "num_stages": 3}
+            return {**base, "TMA": 1, "BLOCK_M": 128, "BLOCK_N": 128 if P == 2 else 64, "BLOCK_K": 64,
+                    "FLATTEN": 0, "num_warps": 8, "num_stages": 4}
         return {**base, "ATEN": 1, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4}
     if M <= 16:
         bm, bn, bk, w, st = 16, 128 // P, 128 if itemsize == 2 else 64, 4, 4
@@ -88,6 +108,11 @@ def _candidates(p: Problem):
     if p.info.get("aten", True):
         yield Config.make({"ATEN": 1, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8,
                            "SPLIT_K": 1, "GEMV": 0}, 4)
+    if p.info.get("tma"):
+        for bm, bn, bk, w, st, fl in itertools.product((128, 256), (64, 128, 256), (64, 128), (4, 8), (2, 3, 4),
+                                                       (0, 1)):
+            yield Config.make({"TMA": 1, "GEMV": 0, "ATEN": 0, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk,
+                               "GROUP_M": 8, "SPLIT_K": 1, "FLATTEN": fl}, w, st)
     if p.info.get("gemv") and M <= 16:
         bm = next_pow2(M)
         for bn, bk, w, st, sk, df, pf in itertools.product((4, 8, 16, 32, 64), (64, 128, 256, 512, 1024), (2, 4, 8),

@@ -41,15 +41,18 @@ def load_matmul(k: Kernel) -> None:
     if interpret:
         os.environ["TRITON_INTERPRET"] = "1"
     mod = _import(source_path(cache_dir, k.source, "triton"))
-    fns = {0: getattr(mod, k.entry), 1: getattr(mod, k.entry + "_gemv", None)}
+    fns = {0: getattr(mod, k.entry), 1: getattr(mod, k.entry + "_gemv", None), 2: getattr(mod, k.entry + "_tma", None)}
     in_strides = [tuple(s) for s in meta["in_strides"]]
     M, K, bt, segs = meta["M"], meta["K"], meta["batch"], meta["segments"]
     n_ws = sum(s["P"] for s in segs)
     ws_shapes = [(s["n"]) for s in segs for _ in range(s["P"])]
     sms = torch.cuda.get_device_properties(0).multi_processor_count if not interpret else 132
-    state = {"cfg": meta.get("config") or default_config(meta, interpret, sms)}
+    tma = bool(meta.get("tma")) and fns[2] is not None and (interpret or torch.cuda.get_device_capability()[0] >= 9)
+    state = {"cfg": meta.get("config") or default_config(meta, interpret, sms, tma)}
     if state["cfg"].get("ATEN") and meta["prologue"]:       # A exists only inside the kernel
-        state["cfg"] = {**default_config(meta, interpret, sms), "ATEN": 0}
+        state["cfg"] = {**default_config(meta, interpret, sms, tma), "ATEN": 0}
+    if state["cfg"].get("TMA") and not tma:                 # a config tuned on another device
+        state["cfg"] = default_config(meta, interpret, sms, tma)
     tuned = {"done": interpret or not meta.get("autotune") or "config" in meta}
     fast: dict = {}
 
@@ -127,9 +130,32 @@ def load_matmul(k: Kernel) -> None:
         if not all(s["direct"] or s.get("bias") is not None for s in segs):
             call({**EPILOGUE_CFG, "GEMV": 0}, 2, 1, [*ins, *outs, *prods])
 
+    def run_tma(cfg, ins, outs) -> bool:
+        """The persistent TMA kernel (one segment): descriptors over A and each B as stored. False
+        (nothing launched) when an operand's address is not 16-byte aligned, as TMA needs."""
+        from triton.tools.tensor_descriptor import TensorDescriptor
+        lay, seg = meta["tma"], segs[0]
+        a, bs = ins[meta["a"]], [ins[b] for b in seg["b"]]
+        if any(t.data_ptr() % 16 for t in (a, *bs)):
+            return False
+        bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+        descs = [TensorDescriptor(a, [M, K], [lay["a_stride"], 1], [bm, bk])]
+        for b, bl in zip(bs, lay["b"]):
+            descs.append(TensorDescriptor(b, [seg["n"], K], [bl["stride"], 1], [bn, bk]) if bl["kmajor"] else
+                         TensorDescriptor(b, [K, seg["n"]], [bl["stride"], 1], [bk, bn]))
+        g = (min(sms, _cdiv(M, bm) * _cdiv(seg["n"], bn)),)
+        fns[2][g](*ins, *outs, *([ins[0]] * n_ws), *descs, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                  GROUP_M=cfg["GROUP_M"], NUM_SMS=g[0], FLATTEN=bool(cfg.get("FLATTEN", 1)), num_warps=cfg["num_warps"],
+                  num_stages=cfg.get("num_stages") or 3)
+        return True
+
     def run(cfg, ins, outs):
         if cfg.get("ATEN"):
             return run_aten(ins, outs)
+        if cfg.get("TMA"):
+            if fns[2] is not None and run_tma(cfg, ins, outs):
+                return None
+            cfg = {**cfg, "TMA": 0, "SPLIT_K": 1}       # unaligned: the same tile without TMA
         splits = cfg.get("SPLIT_K", 1)
         if splits == 1:
             return call(cfg, 0, 1, [*ins, *outs, *([ins[0]] * n_ws)])
@@ -142,7 +168,8 @@ def load_matmul(k: Kernel) -> None:
         from kiln.autotune.space import Problem
         ins = [_conform(t, s) for t, s in zip(inputs, in_strides)]
         problem = Problem("matmul", problem_dims(meta), ins[0].dtype,
-                          {"gemv": meta["gemv"], "aten": not meta["prologue"], "identity": meta["identity"]})
+                          {"gemv": meta["gemv"], "aten": not meta["prologue"], "identity": meta["identity"],
+                           "tma": tma})
         res = tuner.tune_launch(k.source, problem, [*ins, *outputs], lambda cfg: run(cfg, ins, outputs), cache_dir,
                                 baseline=state["cfg"], timer=timer)
         state["cfg"] = meta["config"] = res.config

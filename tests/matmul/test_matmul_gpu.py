@@ -17,7 +17,7 @@ def _check(fn, *args, cfg=None, rtol=2e-2, atol=7e-2, monkeypatch=None):
     addmm rounds once), so sums of O(4) values may differ by an ulp (0.03) here and there."""
     if cfg is not None:
         base = matmul_launch.default_config
-        monkeypatch.setattr(matmul_launch, "default_config", lambda meta, interp, sms=132: {**base(meta, interp, sms), **cfg})
+        monkeypatch.setattr(matmul_launch, "default_config", lambda meta, interp, sms=132, tma=False: {**base(meta, interp, sms, tma), **cfg})
     torch._dynamo.reset()
     with torch.no_grad():
         compiled = kiln.compile(fn, target="triton")
@@ -83,3 +83,33 @@ def test_autotune_picks_and_matches():
         got = kiln.compile(fn, target="triton", autotune=True)(x, w)
     torch.testing.assert_close(got.float(), fn(x, w).float(), rtol=2e-2, atol=2e-2)
     assert kiln.last_report().tuning_s >= 0
+
+
+@needs_cuda
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9, reason="needs TMA (sm90+)")
+@pytest.mark.parametrize("case", ["swiglu", "down_residual", "n_major_gelu"])
+def test_tma_kernel_by_default_for_large_fused_epilogues(case, monkeypatch):
+    """Products over 2^35 FLOPs whose epilogue cuBLAS cannot run take the persistent TMA kernel
+    by default (a SwiGLU pair, a residual add, B stored N-major); bf16 against eager."""
+    from triton.tools import tensor_descriptor
+    made = []
+
+    class Counted(tensor_descriptor.TensorDescriptor):
+        def __post_init__(self):
+            super().__post_init__()
+            made.append(self)
+    monkeypatch.setattr(tensor_descriptor, "TensorDescriptor", Counted)
+    torch.manual_seed(0)
+    M, E, I = 2048, 2048, 5632
+    x = torch.randn(M, E, device="cuda", dtype=BF)
+    g, u = (torch.randn(I, E, device="cuda", dtype=BF) / E ** 0.5 for _ in range(2))
+    d = torch.randn(E, I, device="cuda", dtype=BF) / I ** 0.5
+    h = torch.randn(M, I, device="cuda", dtype=BF)
+    if case == "swiglu":
+        _check(lambda x, g, u: F.silu(F.linear(x, g)) * F.linear(x, u), x, g, u)
+    elif case == "down_residual":
+        _check(lambda h, d, x: F.linear(h, d) + x, h, d, x)
+    else:
+        w = torch.randn(E, I, device="cuda", dtype=BF) / E ** 0.5       # [K, N], used as stored
+        _check(lambda x, w: F.gelu(x @ w), x, w)
+    assert made, "the TMA kernel did not run"

@@ -17,7 +17,7 @@ def run(fn, *args, cfg=None, monkeypatch=None, rtol=1e-4, atol=1e-5, expect=1):
     if cfg is not None:
         base = matmul_launch.default_config
         monkeypatch.setattr(matmul_launch, "default_config",
-                            lambda meta, interp, sms=132: {**base(meta, interp, sms), **cfg})
+                            lambda meta, interp, sms=132, tma=False: {**base(meta, interp, sms, tma), **cfg})
     torch._dynamo.reset()
     with torch.no_grad():
         got = kiln.compile(fn, target="triton")(*args)
@@ -203,3 +203,70 @@ def test_default_config_sends_ieee_fp32_products_to_cublas(monkeypatch):
     assert default_config({**meta, "M": 4, "gemv": True}, interpret=False)["GEMV"] == 1
     monkeypatch.setattr(matmul_config, "_tf32", lambda: True)
     assert default_config(meta, interpret=False)["ATEN"] == 0
+
+
+TMA = {"TMA": 1, "GEMV": 0, "SPLIT_K": 1, "BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2, "num_stages": 2}
+TMA_CASES = {       # fp32 and fp16 (the interpreter reads bf16 through a descriptor as garbage)
+    "bias_gelu": (lambda x, w, b, r: F.gelu(F.linear(x, w, b)), torch.float32),
+    "residual_n_major_b": (lambda x, w, b, r: x @ w.t().contiguous() + r, torch.float32),
+    "swiglu_pair": (lambda x, w, b, r: F.silu(x @ w.t()) * (x @ (w * 0.5).t()), torch.float32),
+    "fp16_scale_tanh": (lambda x, w, b, r: torch.tanh(F.linear(x, w, b) * 0.5) + r, torch.float16),
+}
+
+
+@pytest.fixture
+def descriptors(monkeypatch):
+    """Counts the TMA tensor descriptors the launcher makes."""
+    from triton.tools import tensor_descriptor
+    made = []
+
+    class Counted(tensor_descriptor.TensorDescriptor):
+        def __post_init__(self):
+            super().__post_init__()
+            made.append(self)
+    monkeypatch.setattr(tensor_descriptor, "TensorDescriptor", Counted)
+    return made
+
+
+@pytest.mark.parametrize("name", list(TMA_CASES))
+def test_tma_kernel(name, data, monkeypatch, descriptors):
+    """The persistent TMA variant (tiles walked by fewer programs than tiles, edge tiles read as
+    zeros) against eager, with B K-major (a weight) or N-major (a contiguous transpose)."""
+    fn, dt = TMA_CASES[name]
+    args = [data[k].to(dt) for k in ("x", "w", "b", "r")]
+    tol = 2e-3 if dt == torch.float16 else 1e-4
+    monkeypatch.setattr(matmul_launch, "torch", _SmallGrid(monkeypatch))
+    run(fn, *args, cfg=TMA, monkeypatch=monkeypatch, rtol=tol, atol=tol)
+    assert len(descriptors) >= 2
+
+
+def _SmallGrid(monkeypatch):
+    """``torch`` as the launcher sees it, but 3 SMs: each persistent program walks several tiles."""
+    import types
+    cuda = types.SimpleNamespace(is_available=lambda: False,
+                                 get_device_properties=lambda i: types.SimpleNamespace(multi_processor_count=3))
+    return types.SimpleNamespace(**{k: getattr(torch, k) for k in dir(torch) if not k.startswith("__")} | {"cuda": cuda})
+
+
+def test_tma_kernel_falls_back_on_an_unaligned_input(data, monkeypatch, descriptors):
+    """TMA needs 16-byte-aligned addresses: an input one element off runs the same tile without it."""
+    fn = lambda x, w, r: x @ w.t() + r       # noqa: E731
+    run(fn, data["x"], data["w"], data["r"], cfg=TMA, monkeypatch=monkeypatch)
+    assert descriptors
+    descriptors.clear()
+    x = torch.empty(40 * 48 + 1)[1:].view(40, 48).copy_(data["x"])
+    run(fn, x, data["w"], data["r"], cfg=TMA, monkeypatch=monkeypatch)
+    assert not descriptors
+
+
+def test_default_config_fuses_a_large_epilogue_with_tma():
+    """Large 16-bit products: an epilogue cuBLAS cannot run goes to the TMA kernel where the device
+    has TMA; a plain product or one plus a bias stays on cuBLAS."""
+    from kiln.codegen.matmul_config import default_config
+    meta = {"M": 8192, "K": 2048, "batch": 1, "segments": [{"n": 5632, "P": 2}], "gemv": False,
+            "prologue": False, "dtype": "bfloat16", "identity": False}
+    cfg = default_config(meta, interpret=False, tma=True)
+    assert cfg["TMA"] == 1 and cfg["FLATTEN"] == 0
+    assert default_config(meta, interpret=False, tma=False)["ATEN"] == 1
+    assert default_config({**meta, "identity": True}, interpret=False, tma=True)["ATEN"] == 1
+    assert default_config({**meta, "dtype": "float32"}, interpret=False, tma=True).get("TMA", 0) == 0
