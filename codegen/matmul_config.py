@@ -20,17 +20,19 @@ from kiln.autotune.space import Config, Estimate, Problem, Space, cdiv, next_pow
 # Large products went to cuBLAS plus the epilogue pass: 2048x2048->8192 with bias+GELU
 # 0.114 ms vs 0.121 for the best template; SwiGLU gate/up 8192x4096x2x11008 2.04 vs 2.36 ms. The
 # threshold between the measured points is a guess; autotune=True decides per shape.
-# TMA_NOTE. On an H200 (.gpu/swiglu_gemm.py, device time, bf16, Llama's gate/up 8192x2048 ->
+# TMA_NOTE. On an H200 (bench/probe_tma_gemm.py, device time, bf16, Llama's gate/up 8192x2048 ->
 # 2x5632): cuBLAS 0.531 ms for the product and 0.067 for an epilogue pass (silu * mul) after it;
 # a persistent Triton kernel reading A and B through TMA descriptors, 128x256x64 tiles, 8 warps,
 # 3 stages, 0.523 ms for the plain product (723 TFLOP/s) and 0.492 ms with SwiGLU in its epilogue
 # (it writes half the bytes); Inductor's whole SwiGLU 0.549. kiln's two products (gate and up
 # read through two descriptors, two dots a K step: no weights interleaved, no copy of them) ran
 # 0.539 ms at best (128x128x64, 8 warps, 4 stages, the tile loop not flattened; 0.665 flattened
-# with 3 stages) against cuBLAS's two products 0.495 plus the epilogue pass 0.067 (.gpu/dual_dot.py).
+# with 3 stages) against cuBLAS's two products 0.495 plus the epilogue pass 0.067 (bench/probe_dual_dot.py).
 # The Llama layer's down projection with its residual add: 0.239 ms (cuBLAS 0.235 plus a 0.023
 # pass). So a large product whose epilogue cuBLAS cannot fuse runs as that kernel; a plain
-# product or one plus a bias stays on cuBLAS.
+# product or one plus a bias stays on cuBLAS. (Gate and up read through one 3-D view of both
+# weights, their distance as its outer stride, ran 0.533 against 0.577 for two descriptors in
+# another process: bench/probe_pair_view.py; not yet in the template.)
 GEMV_KERNEL_MAX_M = 4        # above this the tiled kernel with BLOCK_M=16 streams B as well
 CUBLAS_MIN_FLOPS = 2 ** 35
 

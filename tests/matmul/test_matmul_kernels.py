@@ -245,7 +245,8 @@ def _SmallGrid(monkeypatch):
     import types
     cuda = types.SimpleNamespace(is_available=lambda: False,
                                  get_device_properties=lambda i: types.SimpleNamespace(multi_processor_count=3))
-    return types.SimpleNamespace(**{k: getattr(torch, k) for k in dir(torch) if not k.startswith("__")} | {"cuda": cuda})
+    names = {k: getattr(torch, k) for k in dir(torch) if not k.startswith("__")}
+    return types.SimpleNamespace(**names | {"cuda": cuda})
 
 
 def test_tma_kernel_falls_back_on_an_unaligned_input(data, monkeypatch, descriptors):
