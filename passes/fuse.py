@@ -8,7 +8,7 @@ from __future__ import annotations
 import networkx as nx
 import torch
 
-from kiln.ir import Graph, Node, OpKind, op_kind
+from kiln.ir import Graph, Node, OpKind, Value, op_kind
 from kiln.ir.scalar import is_lowerable
 from .loops import NotFusible, analyze
 
@@ -161,16 +161,16 @@ class _Groups:
                     held[v.name] = v.type.storage_bytes
         return sum(held.values()) >= HOLD_BYTES
 
-    def _base(self, v):
-        """The value ``v`` views (through view ops outside any merge), or ``v`` itself."""
+    def _base(self, v: Value) -> Value:
+        """The value ``v`` views (through a chain of view ops), or ``v`` itself."""
         p = self.prod.get(v.name)
-        while p is not None and op_kind(p.op) == OpKind.VIEW and p.args and hasattr(p.args[0], "name") \
+        while p is not None and op_kind(p.op) == OpKind.VIEW and p.args and isinstance(p.args[0], Value) \
                 and len(p.outputs) == 1:
             v = p.args[0]
             p = self.prod.get(v.name)
         return v
 
-    def _readers(self, v) -> list[int]:
+    def _readers(self, v: Value) -> list[int]:
         """Positions of the nodes that read ``v``, directly or through views of it."""
         found, stack, seen = [], [v.name], set()
         while stack:
