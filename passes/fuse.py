@@ -159,7 +159,17 @@ class _Groups:
                 later = [k for k in self._readers(v) if k not in early]
                 if v.name not in self.out_names and (not later or max(later) < at):
                     held[v.name] = v.type.storage_bytes
-        return sum(held.values()) >= HOLD_BYTES
+        # what the early group made only for the late one is never stored once they merge: it
+        # was alive over the same wait (SwiGLU: the gate product held instead of silu's output)
+        freed = 0
+        for i in early:
+            if op_kind(self.nodes[i].op) == OpKind.VIEW:
+                continue
+            for v in self.nodes[i].outputs:
+                readers = {self.pos[id(u)] for u in self.users.get(v.name, [])} - early
+                if v.type is not None and v.name not in self.out_names and readers and readers <= late:
+                    freed += v.type.storage_bytes
+        return sum(held.values()) - freed >= HOLD_BYTES
 
     def _base(self, v: Value) -> Value:
         """The value ``v`` views (through a chain of view ops), or ``v`` itself."""

@@ -114,3 +114,17 @@ def test_a_merge_that_would_hold_a_big_input_is_still_refused(monkeypatch):
     assert len(sums()) == 2
     monkeypatch.setattr(fuse, "HOLD_BYTES", 1 << 40)
     assert len(sums()) == 1
+
+
+def test_swiglu_is_one_group_past_the_guard_size():
+    """silu(gate) * up with products past HOLD_BYTES (5.8 MB each): merging silu into the multiply
+    holds the gate product until the up product exists, but silu's output, which is then never
+    stored, was alive over that same wait; one group (two before, so the CPU target ran the
+    silu's output out to memory and back)."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP
+    torch.manual_seed(0)
+    mlp = LlamaMLP(LlamaConfig(hidden_size=64, intermediate_size=176)).eval()
+    g = _fused(mlp, torch.randn(8192, 64))
+    groups = [[m.op for m in n.body.nodes] for n in g.nodes if n.op == "kiln.fused"]
+    assert len(groups) == 1 and groups[0].count("aten.mul.Tensor") == 2, groups
