@@ -133,7 +133,8 @@ class _Groups:
         every layer's gradient alive). For tensors this big the launch a merge saves is worth
         less than the memory, unless the nodes that run meanwhile make little (then nothing big
         is alive next to the held inputs); pointwise chains and a reduction's prologue are never
-        delayed."""
+        delayed. Inputs count through their views, not if the late group reads them too, and net
+        of what the early group stored only for the late one (no longer stored once merged)."""
         m = ma | mb
         ra, rb = self._ready(ma, m), self._ready(mb, m)
         if ra == rb:
