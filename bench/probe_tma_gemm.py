@@ -11,6 +11,9 @@ import torch, triton, triton.language as tl
 import torch.nn.functional as F
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from probe_dual_dot import bench  # noqa: E402  (one timing loop for the probes)
+
 @triton.jit
 def _pid(tile_id, num_pid_in_group, num_pid_m, GROUP_M: tl.constexpr):
     group_id = tile_id // num_pid_in_group
@@ -79,18 +82,6 @@ def interleave(wg, wu, h):
     n, k = wg.shape
     return torch.stack([wg.reshape(n // h, h, k), wu.reshape(n // h, h, k)], 1).reshape(2 * n, k).contiguous()
 
-def bench(fn, reps=30, rounds=5):
-    for _ in range(3): fn()
-    torch.cuda.synchronize()
-    best = []
-    for _ in range(rounds):
-        s, e = torch.cuda.Event(True), torch.cuda.Event(True)
-        s.record()
-        for _ in range(reps): fn()
-        e.record(); e.synchronize()
-        best.append(s.elapsed_time(e) / reps)
-    best.sort()
-    return best[len(best) // 2]
 
 def main(M, K, NI):
     torch.manual_seed(0)

@@ -89,17 +89,9 @@ def test_autotune_picks_and_matches():
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
                     reason="needs a GPU with TMA (sm90+)")
 @pytest.mark.parametrize("case", ["swiglu", "down_residual", "n_major_gelu"])
-def test_tma_kernel_by_default_for_large_fused_epilogues(case, monkeypatch):
+def test_tma_kernel_by_default_for_large_fused_epilogues(case, descriptors):
     """Products over 2^35 FLOPs whose epilogue cuBLAS cannot run take the persistent TMA kernel
     by default (a SwiGLU pair, a residual add, B stored N-major); bf16 against eager."""
-    from triton.tools import tensor_descriptor
-    made = []
-
-    class Counted(tensor_descriptor.TensorDescriptor):
-        def __post_init__(self):
-            super().__post_init__()
-            made.append(self)
-    monkeypatch.setattr(tensor_descriptor, "TensorDescriptor", Counted)
     torch.manual_seed(0)
     M, E, I = 2048, 2048, 5632
     x = torch.randn(M, E, device="cuda", dtype=BF)
@@ -113,26 +105,18 @@ def test_tma_kernel_by_default_for_large_fused_epilogues(case, monkeypatch):
     else:
         w = torch.randn(E, I, device="cuda", dtype=BF) / E ** 0.5       # [K, N], used as stored
         _check(lambda x, w: F.gelu(x @ w), x, w)
-    assert made, "the TMA kernel did not run"
+    assert descriptors, "the TMA kernel did not run"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
                     reason="needs a GPU with TMA (sm90+)")
-def test_tma_kernel_falls_back_on_an_unaligned_input(monkeypatch):
+def test_tma_kernel_falls_back_on_an_unaligned_input(descriptors):
     """An input 2 bytes off a 16-byte boundary (TMA's requirement) runs the same tile without
     TMA, and matches eager."""
-    from triton.tools import tensor_descriptor
-    made = []
-
-    class Counted(tensor_descriptor.TensorDescriptor):
-        def __post_init__(self):
-            super().__post_init__()
-            made.append(self)
-    monkeypatch.setattr(tensor_descriptor, "TensorDescriptor", Counted)
     torch.manual_seed(0)
     M, K, N = 2048, 5632, 2048
     h = torch.empty(M * K + 1, device="cuda", dtype=BF)[1:].view(M, K).normal_()
     d = torch.randn(N, K, device="cuda", dtype=BF) / K ** 0.5
     x = torch.randn(M, N, device="cuda", dtype=BF)
     _check(lambda h, d, x: F.linear(h, d) + x, h, d, x)
-    assert not made
+    assert not descriptors

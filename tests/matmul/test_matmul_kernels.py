@@ -214,20 +214,6 @@ TMA_CASES = {       # fp32 and fp16 (the interpreter reads bf16 through a descri
 }
 
 
-@pytest.fixture
-def descriptors(monkeypatch):
-    """Counts the TMA tensor descriptors the launcher makes."""
-    from triton.tools import tensor_descriptor
-    made = []
-
-    class Counted(tensor_descriptor.TensorDescriptor):
-        def __post_init__(self):
-            super().__post_init__()
-            made.append(self)
-    monkeypatch.setattr(tensor_descriptor, "TensorDescriptor", Counted)
-    return made
-
-
 @pytest.mark.parametrize("name", list(TMA_CASES))
 def test_tma_kernel(name, data, monkeypatch, descriptors):
     """The persistent TMA variant (tiles walked by fewer programs than tiles, edge tiles read as
