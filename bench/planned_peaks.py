@@ -2,8 +2,9 @@
 step of bench/gpu_memory.py's models, compiled for the CPU target (no GPU needed): what a change
 to fusion or memory planning does to the plan, deterministically.
 
-    PYTHONPATH=$PWD python bench/planned_peaks.py gpt2|llama|bert [small]
+    PYTHONPATH=$PWD python bench/planned_peaks.py {gpt2,llama,bert} [small]
 """
+import argparse
 import json
 import os
 import sys
@@ -15,9 +16,12 @@ import torch  # noqa: E402
 import gpu_memory as G  # noqa: E402
 import kiln  # noqa: E402,F401  (registers the backend)
 
+ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+ap.add_argument("model", choices=("gpt2", "llama", "bert"))
+ap.add_argument("small", nargs="?", choices=("small",), help="the small configs")
+a = ap.parse_args()
+name, small = a.model, a.small is not None
 torch.manual_seed(0)
-name = sys.argv[1]
-small = len(sys.argv) > 2
 make, _ = G.configs(small)[name]
 model = G.Logits(make()).train()
 seq, batch = (64, 2) if small else (512, 8)          # as gpu_memory.configs
