@@ -199,7 +199,8 @@ def _tma_layout(plan: dict, a_t, segs: list[dict], nodes: dict, pro) -> dict | N
     the plan does not allow it: one segment (one tile space), no batch, no prologue (A in memory),
     every operand 2-D with a unit stride along one dimension and 16-byte-aligned rows. Each B is
     read as stored: K-major (an nn.Linear weight, [N, K]) or N-major ([K, N]). Sets ``kmajor`` on
-    the segment's B entries for the template."""
+    the segment's B entries for the template. ``pair``: two K-major weights alike, which the
+    launcher may read through one 3-D descriptor (their distance in memory as its outer stride)."""
     if len(plan["segments"]) != 1 or plan["batch"] != 1 or plan["a"] is None or pro is not None:
         return None
     isz = a_t.itemsize
@@ -220,7 +221,9 @@ def _tma_layout(plan: dict, a_t, segs: list[dict], nodes: dict, pro) -> dict | N
             bs.append({"stride": sk, "kmajor": False})
         else:
             return None
-    return {"a_stride": a_t.strides[0], "b": bs}
+    # two K-major weights of one shape: read as one [2, N, K] view when their distance allows
+    pair = len(bs) == 2 and all(b["kmajor"] for b in bs) and bs[0]["stride"] == bs[1]["stride"]
+    return {"a_stride": a_t.strides[0], "b": bs, "pair": pair}
 
 
 def _inplace(seg: dict, node: Node, nodes: dict) -> bool:

@@ -87,8 +87,9 @@ def default_config(meta: dict, interpret: bool, sms: int = 132, tma: bool = Fals
             if P == 1:
                 return {**base, "TMA": 1, "BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "FLATTEN": 1,
                         "num_warps": 8, "num_stages": 3}
+            pair = P == 2 and bool((meta.get("tma") or {}).get("pair"))
             return {**base, "TMA": 1, "BLOCK_M": 128, "BLOCK_N": 128 if P == 2 else 64, "BLOCK_K": 64,
-                    "FLATTEN": 0, "num_warps": 8, "num_stages": 4}
+                    "FLATTEN": 0, "num_warps": 8, "num_stages": 3 if pair else 4}
         return {**base, "ATEN": 1, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4}
     if M <= 16:
         bm, bn, bk, w, st = 16, 128 // P, 128 if itemsize == 2 else 64, 4, 4

@@ -34,6 +34,19 @@ def _shares_storage(t: torch.Tensor, others) -> bool:
                for x in others)
 
 
+def _pair_view(bs, stride: int, n: int, K: int, bn: int, bk: int, TensorDescriptor):
+    """(one [2, n, K] descriptor over two K-major weights, whether the second lies below the
+    first), or None: the outer stride is their distance in memory, which TMA takes when it is a
+    positive multiple of 16 bytes under 2^40. No copy of either weight is made."""
+    first, second = bs
+    d = second.data_ptr() - first.data_ptr()
+    lo, swap = (first, False) if d > 0 else (second, True)
+    d = abs(d)
+    if d == 0 or d % 16 or d >= 1 << 40:
+        return None
+    return TensorDescriptor(lo, [2, n, K], [d // lo.element_size(), stride, 1], [2, bn, bk]), swap
+
+
 def load_matmul(k: Kernel) -> None:
     meta = k.meta
     cache_dir = meta.get("cache_dir") or os.path.join(os.path.expanduser("~"), ".cache", "kiln")
@@ -140,13 +153,18 @@ def load_matmul(k: Kernel) -> None:
             return False
         bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
         descs = [TensorDescriptor(a, [M, K], [lay["a_stride"], 1], [bm, bk])]
-        for b, bl in zip(bs, lay["b"]):
-            descs.append(TensorDescriptor(b, [seg["n"], K], [bl["stride"], 1], [bn, bk]) if bl["kmajor"] else
-                         TensorDescriptor(b, [K, seg["n"]], [bl["stride"], 1], [bk, bn]))
+        pair = _pair_view(bs, lay["b"][0]["stride"], seg["n"], K, bn, bk, TensorDescriptor) if lay.get("pair") else None
+        if pair is not None:
+            descs += [pair[0], pair[0]]
+        else:
+            for b, bl in zip(bs, lay["b"]):
+                descs.append(TensorDescriptor(b, [seg["n"], K], [bl["stride"], 1], [bn, bk]) if bl["kmajor"] else
+                             TensorDescriptor(b, [K, seg["n"]], [bl["stride"], 1], [bk, bn]))
         g = (min(sms, _cdiv(M, bm) * _cdiv(seg["n"], bn)),)
         fns[2][g](*ins, *outs, *([ins[0]] * n_ws), *descs, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                  GROUP_M=cfg["GROUP_M"], NUM_SMS=g[0], FLATTEN=bool(cfg.get("FLATTEN", 1)), num_warps=cfg["num_warps"],
-                  num_stages=cfg.get("num_stages") or 3)
+                  GROUP_M=cfg["GROUP_M"], NUM_SMS=g[0], FLATTEN=bool(cfg.get("FLATTEN", 1)),
+                  PAIR=pair is not None, SWAP=pair is not None and pair[1],
+                  num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages") or 3)
         return True
 
     def run(cfg, ins, outs):

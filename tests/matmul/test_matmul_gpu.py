@@ -106,6 +106,8 @@ def test_tma_kernel_by_default_for_large_fused_epilogues(case, descriptors):
         w = torch.randn(E, I, device="cuda", dtype=BF) / E ** 0.5       # [K, N], used as stored
         _check(lambda x, w: F.gelu(x @ w), x, w)
     assert descriptors, "the TMA kernel did not run"
+    if case == "swiglu":        # gate and up read through one 3-D view of both
+        assert any(len(d.shape) == 3 for d in descriptors), [d.shape for d in descriptors]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,

@@ -235,6 +235,18 @@ def _SmallGrid(monkeypatch):
     return types.SimpleNamespace(**names | {"cuda": cuda})
 
 
+@pytest.mark.parametrize("order", ["up_above", "up_below"])
+def test_tma_kernel_reads_a_weight_pair_as_one_view(order, data, monkeypatch, descriptors):
+    """Gate and up weights, 64 bytes apart in one buffer either way round (the 3-D view's halves
+    swap), are read through one [2, N, K] descriptor and match eager."""
+    x = data["x"]
+    buf = torch.randn(2 * 24 * 48 + 16)
+    lo, hi = buf[:24 * 48].view(24, 48), buf[24 * 48 + 16:].view(24, 48)
+    g, u = (hi, lo) if order == "up_below" else (lo, hi)
+    run(lambda x, g, u: F.silu(F.linear(x, g)) * F.linear(x, u), x, g, u, cfg=TMA, monkeypatch=monkeypatch)
+    assert sorted(len(d.shape) for d in descriptors) == [2, 3]
+
+
 def test_tma_kernel_falls_back_on_an_unaligned_input(data, monkeypatch, descriptors):
     """TMA needs 16-byte-aligned addresses: an input one element off runs the same tile without it."""
     fn = lambda x, w, r: x @ w.t() + r       # noqa: E731
