@@ -157,9 +157,20 @@ def addmm(self, mat1, mat2, beta=1, alpha=1):
     return y.to(out.dtype) if _low(out) else y
 
 
+def outer(a, b):
+    """A product over K = 1 ([B, M, 1] @ [B, 1, N], or 2-D) is an outer product: a broadcast
+    multiply, which fuses with its neighbours instead of launching a matmul (older transformers'
+    rotary tables: inverse frequencies @ positions). One product per element, rounded once, as
+    the matmul rounds it."""
+    if a.shape[-1] != 1 or b.shape[-2] != 1 or a.dtype != b.dtype:
+        return NotImplemented
+    return a * b
+
+
 def _kiln_table():
     t = {}
     t[aten.addmm.default] = addmm
+    t[aten.mm.default] = t[aten.bmm.default] = outer
     for op in (aten.var_mean.correction,):
         t[op] = var_mean
     t[aten.var.correction] = var

@@ -40,6 +40,21 @@ def test_real_cat_stays():
     assert torch.equal(gm(a, b), torch.cat([a, b], -1))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_product_over_one_k_is_a_multiply(dtype):
+    """mm / bmm with K = 1 (older transformers' rotary tables: inverse frequencies @ positions)
+    become a broadcast multiply, bit-equal to the product; K = 2 stays a matmul."""
+    inv = (1.0 / 10000 ** (torch.arange(0, 16, 2) / 16)).to(dtype)
+    pos = torch.arange(32, dtype=dtype)
+    for fn, args in [(lambda a, b: a @ b, (inv[:, None], pos[None])),
+                     (lambda a, b: torch.bmm(a, b), (inv[None, :, None].expand(3, -1, 1), pos[None, None].expand(3, 1, -1)))]:
+        ops, gm = _ops(fn, *args)
+        assert not {aten.mm.default, aten.bmm.default} & set(ops), ops
+        assert torch.equal(gm(*args), fn(*args))
+    a, b = torch.randn(4, 2, dtype=dtype), torch.randn(2, 5, dtype=dtype)
+    assert aten.mm.default in _ops(lambda a, b: a @ b, a, b)[0]
+
+
 def test_split_becomes_slices():
     x = torch.randn(4, 12)
     ops, gm = _ops(lambda x: [t * 2 for t in torch.split(x, [3, 4, 5], dim=1)], x)
