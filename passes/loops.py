@@ -147,17 +147,71 @@ def analyze(body: Graph) -> dict:
     """The loop plan of a group body, or NotFusible. Plan keys: kind, domain, reduce_dims,
     maps (value name -> dim map of every node output). A pointwise group whose values reshape
     one another (a view merging or splitting dims) gets the finest domain they all walk: the
-    domain dims are split until every value maps onto consecutive runs of them."""
+    domain dims are split until every value maps onto consecutive runs of them.
+
+    Maps run forward, from the group's inputs: an op that reads none of the group's values
+    takes the default map of its shape. Where that fails (a product transposed, then broadcast
+    into a cat: the rotary tables), the analysis runs again with the maps the group's consumers
+    ask of such ops, walked back from its outputs (_hints)."""
+    try:
+        return _refining(body, hinted=False)
+    except NotFusible:
+        return _refining(body, hinted=True)
+
+
+def _refining(body: Graph, hinted: bool) -> dict:
     domain = None
     for _ in range(16):
         try:
-            return _analyze(body, domain)
+            return _analyze(body, domain, hinted)
         except _Refine as r:
             if domain is None:
                 domain = list(_domain(body)[0])
             d = list(domain)
             domain = d[:r.dim] + [d[r.dim] // r.inner, r.inner] + d[r.dim + 1:]
     raise NotFusible("the domain needs too many splits")
+
+
+def _inverse_view(node: Node, m: DimMap, domain) -> DimMap | None:
+    """The dim map a view's source needs for the view to have map ``m``, or None where the
+    view does not say (a slice of part of a dim, a reshape that does not line up)."""
+    src, dst = node.args[0].type.shape, node.out.type.shape
+    op = node.op
+    if op == "aten.permute.default":
+        out = [None] * len(src)
+        for i, d in enumerate(node.args[1]):
+            out[d % len(src)] = m[i]
+        return tuple(out)
+    if op in ("aten.transpose.int", "aten.t.default"):
+        a, b = (node.args[1] % len(src), node.args[2] % len(src)) if op == "aten.transpose.int" else (0, 1)
+        out = list(m)
+        if len(out) > 1:
+            out[a], out[b] = m[b], m[a]
+        return tuple(out)
+    if op in ("aten.slice.Tensor", "aten.narrow.default") and tuple(src) == tuple(dst):
+        return tuple(m)
+    if op == "aten.expand.default":
+        off = len(dst) - len(src)
+        return tuple(None if s == 1 else m[off + i] for i, s in enumerate(src))
+    if op not in RESHAPES:
+        return None
+    walked = [d for s, md in zip(dst, m) if s != 1 for d in dims_of(md)]
+    if any(s != 1 and md is None for s, md in zip(dst, m)):
+        return None
+    out, i = [], 0
+    for s in src:
+        if s == 1:
+            out.append(None)
+            continue
+        dims, p = [], 1
+        while p < s and i < len(walked):
+            dims.append(walked[i])
+            p *= domain[walked[i]]
+            i += 1
+        if p != s:
+            return None
+        out.append(_entry(dims))
+    return None if i != len(walked) else tuple(out)
 
 
 def _domain(body: Graph) -> tuple[tuple, tuple]:
@@ -169,7 +223,33 @@ def _domain(body: Graph) -> tuple[tuple, tuple]:
     return max(outs, key=lambda t: t.numel).shape, ()
 
 
-def _analyze(body: Graph, refined: list | None) -> dict:
+def _hints(body: Graph, domain, leaves: set) -> dict[str, DimMap]:
+    """Per value, the dim map its consumers in the group read it with, walked back from the
+    group's outputs (each on its default map) through pointwise ops and views."""
+    hints: dict[str, DimMap] = {}
+    for v in body.output_values():
+        if v.name not in leaves:
+            try:
+                hints.setdefault(v.name, _default_map(v.type.shape, domain, set()))
+            except (NotFusible, _Refine):
+                pass
+    for n in reversed(body.nodes):
+        m = hints.get(n.out.name)
+        if m is None:
+            continue
+        kind = op_kind(n.op)
+        if kind == OpKind.POINTWISE:
+            for a in n.inputs():
+                if a.name not in leaves:
+                    hints.setdefault(a.name, _right_align(a.type.shape, m, n.out.type.shape))
+        elif kind == OpKind.VIEW and n.args[0].name not in leaves:
+            inv = _inverse_view(n, m, domain)
+            if inv is not None:
+                hints.setdefault(n.args[0].name, inv)
+    return hints
+
+
+def _analyze(body: Graph, refined: list | None, hinted: bool = False) -> dict:
     notes = {"regrouped"} if refined is not None else set()
     leaves = {v.name for v in body.inputs}
     reds = [n for n in body.nodes if op_kind(n.op) == OpKind.REDUCTION]
@@ -195,6 +275,7 @@ def _analyze(body: Graph, refined: list | None) -> dict:
         domain = tuple(refined)
     identity = tuple(i if s != 1 else None for i, s in enumerate(domain))
     maps: dict[str, DimMap] = {}
+    hints = _hints(body, domain, leaves) if hinted and not reds else {}
 
     def map_of(v: Value, out_map, out_shape):
         if v.name in leaves:
@@ -232,8 +313,12 @@ def _analyze(body: Graph, refined: list | None) -> dict:
                             raise NotFusible("operands walk different domain dims")
                         cand[j] = am[i]
             default = None
+            hint = hints.get(n.out.name)
             for j, s in enumerate(oshape):
                 if cand[j] is None and s != 1:
+                    if hint is not None and hint[j] is not None and _size(hint[j], domain) == s:
+                        cand[j] = hint[j]
+                        continue
                     default = default or _default_map(oshape, domain, notes)
                     cand[j] = default[j]
             maps[n.out.name] = tuple(cand)

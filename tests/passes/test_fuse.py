@@ -119,15 +119,31 @@ def _order_is_topological(g):
         seen.update(v.name for v in n.outputs)
 
 
+@pytest.mark.parametrize("target", ["cpu", "triton"])
+def test_producer_read_transposed_into_a_cat(target):
+    """Older transformers' rotary tables: (inv_freq @ positions) transposed, duplicated by a cat,
+    then cos and sin. The product (a multiply: K = 1) walks the domain transposed, which only
+    the consumers say; one kernel, against eager."""
+    inv = 1.0 / 10000 ** (torch.arange(0, 16, 2).float() / 16)
+
+    def fn(inv, pos):
+        f = (inv[None, :, None].expand(pos.shape[0], -1, 1) @ pos[:, None, :].float()).transpose(1, 2)
+        emb = torch.cat((f, f), dim=-1)
+        return emb.cos(), emb.sin()
+    g, got, want = compile_fn(fn, inv, torch.arange(32)[None].expand(2, -1), target=target)
+    assert len(kernels(g)) == 1 and not unfused(g), g
+    check(got, want)
+
+
 def test_no_fusion_through_a_cycle():
     """a -> reduce -> matmul (ATen) -> m, and a pointwise consumer of both a and m: putting a,
     the reduction and the consumer in one kernel would need the matmul inside it."""
     def fn(x, w):
         a = torch.exp(x)
         r = a.sum(-1, keepdim=True)
-        m = r @ w
+        m = r.expand(-1, 2) @ w        # K = 2: a product over K = 1 is a multiply (ir/decompose.py)
         return a * m + r
-    x, w = torch.randn(4, 8), torch.randn(1, 8)
+    x, w = torch.randn(4, 8), torch.randn(2, 8)
     g, got, want = compile_fn(fn, x, w)
     _order_is_topological(g)
     mm = [n for n in g.nodes if op_kind(n.op) == OpKind.MATMUL]
