@@ -30,9 +30,16 @@ from kiln.autotune.space import Config, Estimate, Problem, Space, cdiv, next_pow
 # with 3 stages) against cuBLAS's two products 0.495 plus the epilogue pass 0.067 (bench/probe_dual_dot.py).
 # The Llama layer's down projection with its residual add: 0.239 ms (cuBLAS 0.235 plus a 0.023
 # pass). So a large product whose epilogue cuBLAS cannot fuse runs as that kernel; a plain
-# product or one plus a bias stays on cuBLAS. (Gate and up read through one 3-D view of both
-# weights, their distance as its outer stride, ran 0.533 against 0.577 for two descriptors in
-# another process: bench/probe_pair_view.py; not yet in the template.)
+# product or one plus a bias stays on cuBLAS. Gate and up read through one [2, N, K] view of
+# both weights (their distance as its outer stride: one load and one dot of twice the width)
+# ran 0.533 against 0.577 for two descriptors (bench/probe_pair_view.py), and with that view the
+# flattened tile loop wins at K = 2048 (bench/probe_pair_rows.py, all in one process, against
+# cuBLAS's two products: 1.050x with 3 stages flattened, 1.087x not flattened, 1.065-1.083x with
+# 4 stages), and loses at K = 4096 (the SwiGLU MLP's 8192x4096 -> 11008, kiln's kernel by
+# bench/gpu_kernel_profile.py against Inductor's two cuBLAS products, three runs alternating:
+# 1.047x and 1.031x flattened, 1.012x not; Llama's gate/up in the same runs 0.514 and 0.510 ms
+# flattened, 0.524 not). A [N, 2, K] view (accumulator columns interleaved, a register-local
+# split) and weights interleaved by a copy ran no faster.
 GEMV_KERNEL_MAX_M = 4        # above this the tiled kernel with BLOCK_M=16 streams B as well
 CUBLAS_MIN_FLOPS = 2 ** 35
 
@@ -89,7 +96,7 @@ def default_config(meta: dict, interpret: bool, sms: int = 132, tma: bool = Fals
                         "num_warps": 8, "num_stages": 3}
             pair = P == 2 and bool((meta.get("tma") or {}).get("pair"))
             return {**base, "TMA": 1, "BLOCK_M": 128, "BLOCK_N": 128 if P == 2 else 64, "BLOCK_K": 64,
-                    "FLATTEN": 0, "num_warps": 8, "num_stages": 3 if pair else 4}
+                    "FLATTEN": int(pair and K <= 2048), "num_warps": 8, "num_stages": 3 if pair else 4}
         return {**base, "ATEN": 1, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4}
     if M <= 16:
         bm, bn, bk, w, st = 16, 128 // P, 128 if itemsize == 2 else 64, 4, 4

@@ -265,7 +265,12 @@ def test_default_config_fuses_a_large_epilogue_with_tma():
     meta = {"M": 8192, "K": 2048, "batch": 1, "segments": [{"n": 5632, "P": 2}], "gemv": False,
             "prologue": False, "dtype": "bfloat16", "identity": False}
     cfg = default_config(meta, interpret=False, tma=True)
-    assert cfg["TMA"] == 1 and cfg["FLATTEN"] == 0
+    assert cfg["TMA"] == 1 and cfg["FLATTEN"] == 0 and cfg["num_stages"] == 4     # two descriptors
+    # the pair view (two K-major weights alike): its measured best, the tile loop flattened
+    # where K is short
+    pair = {**meta, "tma": {"pair": True}}
+    assert [(c["FLATTEN"], c["num_stages"]) for c in (default_config(m, interpret=False, tma=True)
+                                                      for m in (pair, {**pair, "K": 4096}))] == [(1, 3), (0, 3)]
     assert default_config(meta, interpret=False, tma=False)["ATEN"] == 1
     assert default_config({**meta, "identity": True}, interpret=False, tma=True)["ATEN"] == 1
     assert default_config({**meta, "dtype": "float32"}, interpret=False, tma=True).get("TMA", 0) == 0
