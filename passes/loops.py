@@ -122,8 +122,9 @@ def _view_map(node: Node, m: DimMap, domain, notes: set) -> DimMap:
         return tuple(None if s == 1 else next(kept) for s in dst)
     # a reshape that merges or splits dims: regroup the domain dims the source walks, in order
     walked = [d for s, md in zip(src, m) if s != 1 for d in dims_of(md)]
+    # in order: each dim after the last, past size-1 dims only (an unsqueezed output's)
     if [domain[d] for d in walked if domain[d] != 1] and \
-            any(b != a + 1 for a, b in zip(walked, walked[1:])):
+            any(b <= a or any(domain[k] != 1 for k in range(a + 1, b)) for a, b in zip(walked, walked[1:])):
         raise NotFusible(f"{op} regroups dims the domain does not walk in order")
     out, i = [], 0
     for s in dst:

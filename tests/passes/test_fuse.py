@@ -135,6 +135,25 @@ def test_producer_read_transposed_into_a_cat(target):
     check(got, want)
 
 
+@pytest.mark.parametrize("target", ["cpu", "triton"])
+def test_rotary_tables_in_one_kernel(target):
+    """Llama's rotary: cos and sin of cat(freqs, freqs), unsqueezed over heads, read by q's and
+    k's rotations (so neither takes them): the tables are one kernel, each rotation one more.
+    The unsqueezed outputs put a size-1 dim in the domain that the cat's view walks across."""
+    inv = 1.0 / 10000 ** (torch.arange(0, 16, 2).float() / 16)
+
+    def fn(q, k, pos):
+        freqs = pos[..., None].float() * inv
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos().unsqueeze(1), emb.sin().unsqueeze(1)
+        rot = lambda x: x * cos + torch.cat((-x[..., 8:], x[..., :8]), dim=-1) * sin  # noqa: E731
+        return rot(q), rot(k)
+    q, k = torch.randn(2, 4, 32, 16), torch.randn(2, 2, 32, 16)
+    g, got, want = compile_fn(fn, q, k, torch.arange(32)[None].expand(2, -1), target=target)
+    assert len(kernels(g)) == 3 and not unfused(g), g
+    check(got, want)
+
+
 def test_no_fusion_through_a_cycle():
     """a -> reduce -> matmul (ATen) -> m, and a pointwise consumer of both a and m: putting a,
     the reduction and the consumer in one kernel would need the matmul inside it."""
