@@ -2,12 +2,15 @@
 strides [row, distance, 1]): a [BH, 2, BK] block flattens to rows g0, u0, g1, u1, ..., so the
 accumulator's columns interleave and the SwiGLU split is ``reshape(BM, BH, 2)`` (neighbouring
 columns, which one thread holds) instead of the [2, N, K] view's permute of two half-tiles.
-Against the [2, N, K] view, weights interleaved by a copy (one 2-D descriptor) and cuBLAS, in
-one process, at Llama's (8192x2048 -> 5632) and the SwiGLU MLP's (8192x4096 -> 11008) shapes.
+Against the [2, N, K] view and weights interleaved by a copy (one 2-D descriptor), each with the
+tile loop flattened or not, the output stored by masked pointer stores or through a TMA
+descriptor, GROUP_M 8 or 16; cuBLAS's two products for reference. Timed round robin in one
+process, at Llama's (8192x2048 -> 5632) and the SwiGLU MLP's (8192x4096 -> 11008) shapes.
 
-    python bench/probe_pair_rows.py    (an sm90+ GPU; TRITON_INTERPRET=1 on a CPU: fp16, small)
+    python bench/probe_pair_rows.py [--layouts 2NK N2K copy]
+    (an sm90+ GPU; TRITON_INTERPRET=1 on a CPU: fp16, small)
 """
-import json, os, sys
+import argparse, json, os, sys
 import torch, triton, triton.language as tl
 import torch.nn.functional as F
 from triton.tools.tensor_descriptor import TensorDescriptor
@@ -17,10 +20,11 @@ from probe_dual_dot import bench  # noqa: E402  (one timing loop for the probes)
 
 
 @triton.jit
-def swiglu(a_desc, w_desc, out, M, N, K, BM: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
+def swiglu(a_desc, w_desc, out, out_desc, M, N, K, BM: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
            GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, FLATTEN: tl.constexpr, LAYOUT: tl.constexpr,
-           SWAP: tl.constexpr):
-    """LAYOUT 0: [2, N, K] view; 1: [N, 2, K] view; 2: 2-D [2N, K] weights interleaved in rows."""
+           SWAP: tl.constexpr, STORE: tl.constexpr):
+    """LAYOUT 0: [2, N, K] view; 1: [N, 2, K] view; 2: 2-D [2N, K] weights interleaved in rows.
+    STORE 0: masked pointer stores; 1: the output through a TMA descriptor (out_desc)."""
     num_pid_m = tl.cdiv(M, BM)
     num_pid_n = tl.cdiv(N, BH)
     npg = GROUP_M * num_pid_n
@@ -51,9 +55,13 @@ def swiglu(a_desc, w_desc, out, M, N, K, BM: tl.constexpr, BH: tl.constexpr, BK:
         g = g.to(out.dtype.element_ty).to(tl.float32)
         u = u.to(out.dtype.element_ty).to(tl.float32)
         o = (g / (1.0 + tl.exp(-g))).to(out.dtype.element_ty).to(tl.float32) * u
-        rm = pid_m * BM + tl.arange(0, BM)
-        rn = pid_n * BH + tl.arange(0, BH)
-        tl.store(out + rm[:, None] * N + rn[None, :], o.to(out.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+        if STORE == 1:
+            out_desc.store([pid_m * BM, pid_n * BH], o.to(out.dtype.element_ty))
+        else:
+            rm = pid_m * BM + tl.arange(0, BM)
+            rn = pid_n * BH + tl.arange(0, BH)
+            tl.store(out + rm[:, None] * N + rn[None, :], o.to(out.dtype.element_ty),
+                     mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
 def view(wg, wu, layout, bh, bk):
@@ -69,7 +77,10 @@ def view(wg, wu, layout, bh, bk):
     return TensorDescriptor(lo, [n, 2, k], [k, d, 1], [bh, 2, bk]), swap
 
 
-def main(M, K, N, dev, dt):
+LAYOUTS = ["2NK", "N2K", "copy"]
+
+
+def main(M, K, N, dev, dt, layouts=("2NK",)):
     torch.manual_seed(0)
     sms = torch.cuda.get_device_properties(0).multi_processor_count if dev == "cuda" else 3
     x = torch.randn(M, K, device=dev, dtype=dt)
@@ -81,17 +92,16 @@ def main(M, K, N, dev, dt):
     runs = {}       # name -> (config, launch)
     if dev == "cuda":
         runs["cublas_two_mm"] = ({}, lambda: (F.linear(x, wg), F.linear(x, wu)))
-        cfgs = [(128, 128, 64, 8, 3, False), (128, 128, 64, 8, 4, False), (128, 128, 64, 8, 3, True),
-                (128, 128, 64, 8, 4, True)]
+        cfgs = [(128, 128, 64, 8, 3, fl, st, gm) for fl in (False, True) for st in (0, 1) for gm in (8, 16)]
     else:
-        cfgs = [(32, 16, 16, 4, 2, False)]
-    for layout in (0, 1, 2):
+        cfgs = [(32, 16, 16, 4, 2, False, st, 4) for st in (0, 1)]
+    for layout in [LAYOUTS.index(name) for name in layouts]:
         for swapped in (False, True):
             if swapped and (layout == 2 or dev == "cuda"):
                 continue
-            for BM, BH, BK, w, st, fl in cfgs:
-                cfg = dict(layout=["2NK", "N2K", "copy"][layout], swapped=swapped, BM=BM, BH=BH, BK=BK, warps=w,
-                           stages=st, flatten=fl)
+            for BM, BH, BK, w, st, fl, store, gm in cfgs:
+                cfg = dict(layout=LAYOUTS[layout], swapped=swapped, BM=BM, BH=BH, BK=BK, warps=w,
+                           stages=st, flatten=fl, store=["pointer", "tma"][store], group_m=gm)
                 try:
                     a_d = TensorDescriptor.from_tensor(x, [BM, BK])
                     if swapped:     # same values, up at the lower address
@@ -100,9 +110,11 @@ def main(M, K, N, dev, dt):
                     else:
                         w_d, swap = view(wg, wu, layout, BH, BK)
                     g = (min(sms, triton.cdiv(M, BM) * triton.cdiv(N, BH)),)
-                    f = (lambda a_d=a_d, w_d=w_d, g=g, BM=BM, BH=BH, BK=BK, fl=fl, layout=layout, swap=swap, w=w, st=st:
-                         swiglu[g](a_d, w_d, out, M, N, K, BM=BM, BH=BH, BK=BK, GROUP_M=8, NUM_SMS=g[0], FLATTEN=fl,
-                                   LAYOUT=layout, SWAP=swap, num_warps=w, num_stages=st))
+                    o_d = TensorDescriptor.from_tensor(out, [BM, BH])
+                    f = (lambda a_d=a_d, w_d=w_d, o_d=o_d, g=g, BM=BM, BH=BH, BK=BK, fl=fl, layout=layout, swap=swap, w=w,
+                         st=st, store=store, gm=gm:
+                         swiglu[g](a_d, w_d, out, o_d, M, N, K, BM=BM, BH=BH, BK=BK, GROUP_M=gm, NUM_SMS=g[0], FLATTEN=fl,
+                                   LAYOUT=layout, SWAP=swap, STORE=store, num_warps=w, num_stages=st))
                     out.zero_()
                     f()
                     cfg["err"] = round(((out.float() - ref).norm() / ref.norm()).item(), 5)
@@ -120,8 +132,11 @@ def main(M, K, N, dev, dt):
 
 
 if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layouts", nargs="+", choices=LAYOUTS, default=["2NK"])
+    args = ap.parse_args()
     if torch.cuda.is_available():
-        main(8192, 2048, 5632, "cuda", torch.bfloat16)
-        main(8192, 4096, 11008, "cuda", torch.bfloat16)
+        main(8192, 2048, 5632, "cuda", torch.bfloat16, args.layouts)
+        main(8192, 4096, 11008, "cuda", torch.bfloat16, args.layouts)
     else:
-        main(64, 64, 64, "cpu", torch.float16)
+        main(64, 64, 64, "cpu", torch.float16, args.layouts)

@@ -4,6 +4,7 @@ product followed by the template's epilogue pass (MODE 2)."""
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 
@@ -45,6 +46,12 @@ def _pair_view(bs, stride: int, n: int, K: int, bn: int, bk: int, TensorDescript
     if d == 0 or d % 16 or d >= 1 << 40:
         return None
     return TensorDescriptor(lo, [2, n, K], [d // lo.element_size(), stride, 1], [2, bn, bk]), swap
+
+
+def _warn_once(state: dict, msg: str) -> None:
+    if not state.get("warned"):
+        state["warned"] = True
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
 
 def load_matmul(k: Kernel) -> None:
@@ -171,9 +178,17 @@ def load_matmul(k: Kernel) -> None:
         if cfg.get("ATEN"):
             return run_aten(ins, outs)
         if cfg.get("TMA"):
-            if fns[2] is not None and run_tma(cfg, ins, outs):
-                return None
-            cfg = {**cfg, "TMA": 0, "SPLIT_K": 1}       # unaligned: the same tile without TMA
+            from triton.runtime.errors import OutOfResources
+            unfit = state.setdefault("unfit", set())
+            key = tuple(sorted(cfg.items()))
+            try:
+                if key not in unfit and fns[2] is not None and run_tma(cfg, ins, outs):
+                    return None
+            except OutOfResources as e:     # a config this device cannot hold: from now on the tile kernel
+                unfit.add(key)
+                _warn_once(state, f"kiln: matmul {k.name}: the TMA kernel does not fit "
+                                  f"({str(e).splitlines()[0]}); running its tile kernel without TMA")
+            cfg = {**cfg, "TMA": 0, "SPLIT_K": 1}       # unaligned or too big: the same tile without TMA
         splits = cfg.get("SPLIT_K", 1)
         if splits == 1:
             return call(cfg, 0, 1, [*ins, *outs, *([ins[0]] * n_ws)])
