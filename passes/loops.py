@@ -157,6 +157,8 @@ def analyze(body: Graph) -> dict:
     try:
         return _refining(body, hinted=False)
     except NotFusible:
+        if any(op_kind(n.op) == OpKind.REDUCTION for n in body.nodes):
+            raise           # a reduction fixes the domain and its maps: no hints to take
         return _refining(body, hinted=True)
 
 
@@ -276,7 +278,7 @@ def _analyze(body: Graph, refined: list | None, hinted: bool = False) -> dict:
         domain = tuple(refined)
     identity = tuple(i if s != 1 else None for i, s in enumerate(domain))
     maps: dict[str, DimMap] = {}
-    hints = _hints(body, domain, leaves) if hinted and not reds else {}
+    hints = _hints(body, domain, leaves) if hinted else {}
 
     def map_of(v: Value, out_map, out_shape):
         if v.name in leaves:
