@@ -111,10 +111,10 @@ def main(M, K, N, dev, dt, layouts=("2NK",)):
                         w_d, swap = view(wg, wu, layout, BH, BK)
                     g = (min(sms, triton.cdiv(M, BM) * triton.cdiv(N, BH)),)
                     o_d = TensorDescriptor.from_tensor(out, [BM, BH])
-                    f = (lambda a_d=a_d, w_d=w_d, o_d=o_d, g=g, BM=BM, BH=BH, BK=BK, fl=fl, layout=layout, swap=swap, w=w,
-                         st=st, store=store, gm=gm:
-                         swiglu[g](a_d, w_d, out, o_d, M, N, K, BM=BM, BH=BH, BK=BK, GROUP_M=gm, NUM_SMS=g[0], FLATTEN=fl,
-                                   LAYOUT=layout, SWAP=swap, STORE=store, num_warps=w, num_stages=st))
+                    f = (lambda a_d=a_d, w_d=w_d, o_d=o_d, g=g, BM=BM, BH=BH, BK=BK, fl=fl, layout=layout,
+                         swap=swap, w=w, st=st, store=store, gm=gm:
+                         swiglu[g](a_d, w_d, out, o_d, M, N, K, BM=BM, BH=BH, BK=BK, GROUP_M=gm, NUM_SMS=g[0],
+                                   FLATTEN=fl, LAYOUT=layout, SWAP=swap, STORE=store, num_warps=w, num_stages=st))
                     out.zero_()
                     f()
                     cfg["err"] = round(((out.float() - ref).norm() / ref.norm()).item(), 5)

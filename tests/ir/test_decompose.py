@@ -46,8 +46,8 @@ def test_product_over_one_k_is_a_multiply(dtype):
     become a broadcast multiply, bit-equal to the product; K = 2 stays a matmul."""
     inv = (1.0 / 10000 ** (torch.arange(0, 16, 2) / 16)).to(dtype)
     pos = torch.arange(32, dtype=dtype)
-    for fn, args in [(lambda a, b: a @ b, (inv[:, None], pos[None])),
-                     (lambda a, b: torch.bmm(a, b), (inv[None, :, None].expand(3, -1, 1), pos[None, None].expand(3, 1, -1)))]:
+    batched = (inv[None, :, None].expand(3, -1, 1), pos[None, None].expand(3, 1, -1))
+    for fn, args in [(lambda a, b: a @ b, (inv[:, None], pos[None])), (lambda a, b: torch.bmm(a, b), batched)]:
         ops, gm = _ops(fn, *args)
         assert not {aten.mm.default, aten.bmm.default} & set(ops), ops
         assert torch.equal(gm(*args), fn(*args))
