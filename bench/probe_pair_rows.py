@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from probe_dual_dot import bench  # noqa: E402  (one timing loop for the probes)
+from probe_dual_dot import _tile, bench  # noqa: E402  (the probes' tile order and timing loop)
 
 
 @triton.jit
@@ -29,11 +29,7 @@ def swiglu(a_desc, w_desc, out, out_desc, M, N, K, BM: tl.constexpr, BH: tl.cons
     num_pid_n = tl.cdiv(N, BH)
     npg = GROUP_M * num_pid_n
     for tile in tl.range(tl.program_id(0), num_pid_m * num_pid_n, NUM_SMS, flatten=FLATTEN):
-        group_id = tile // npg
-        first = group_id * GROUP_M
-        gsz = min(num_pid_m - first, GROUP_M)
-        pid_m = first + ((tile % npg) % gsz)
-        pid_n = (tile % npg) // gsz
+        pid_m, pid_n = _tile(tile, npg, num_pid_m, GROUP_M)
         acc = tl.zeros((BM, 2 * BH), dtype=tl.float32)
         for k0 in range(0, K, BK):
             a = a_desc.load([pid_m * BM, k0])

@@ -185,14 +185,9 @@ def _inverse_view(node: Node, m: DimMap, domain) -> DimMap | None:
         for i, d in enumerate(node.args[1]):
             out[d % len(src)] = m[i]
         return tuple(out)
-    if op in ("aten.transpose.int", "aten.t.default"):
-        a, b = (node.args[1] % len(src), node.args[2] % len(src)) if op == "aten.transpose.int" else (0, 1)
-        out = list(m)
-        if len(out) > 1:
-            out[a], out[b] = m[b], m[a]
-        return tuple(out)
-    if op in ("aten.slice.Tensor", "aten.narrow.default") and tuple(src) == tuple(dst):
-        return tuple(m)
+    if op in ("aten.transpose.int", "aten.t.default") or \
+            (op in ("aten.slice.Tensor", "aten.narrow.default") and tuple(src) == tuple(dst)):
+        return _view_map(node, m, domain, set())        # its own inverse
     if op == "aten.expand.default":
         off = len(dst) - len(src)
         return tuple(None if s == 1 else m[off + i] for i, s in enumerate(src))
