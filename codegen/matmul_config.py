@@ -39,7 +39,11 @@ from kiln.autotune.space import Config, Estimate, Problem, Space, cdiv, next_pow
 # bench/gpu_kernel_profile.py against Inductor's two cuBLAS products, three runs alternating:
 # 1.047x and 1.031x flattened, 1.012x not; Llama's gate/up in the same runs 0.514 and 0.510 ms
 # flattened, 0.524 not). A [N, 2, K] view (accumulator columns interleaved, a register-local
-# split) and weights interleaved by a copy ran no faster.
+# split) and weights interleaved by a copy ran no faster. Outputs stored through TMA descriptors
+# (codegen/matmul.py _tma_stores) and GROUP_M 16 (bench/probe_pair_rows.py, the variants in one
+# process, against cuBLAS's two products): at K = 2048 1.065x (flattened; 1.110x with pointer
+# stores and GROUP_M 8), at K = 4096 0.993-0.995x flattened (1.013x before); GROUP_M 16 beat 8
+# in 7 of 8 pairs, by ~1%.
 GEMV_KERNEL_MAX_M = 4        # above this the tiled kernel with BLOCK_M=16 streams B as well
 CUBLAS_MIN_FLOPS = 2 ** 35
 
@@ -94,9 +98,12 @@ def default_config(meta: dict, interpret: bool, sms: int = 132, tma: bool = Fals
             if P == 1:
                 return {**base, "TMA": 1, "BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "FLATTEN": 1,
                         "num_warps": 8, "num_stages": 3}
-            pair = P == 2 and bool((meta.get("tma") or {}).get("pair"))
+            lay = meta.get("tma") or {}
+            if P == 2 and lay.get("pair"):
+                return {**base, "TMA": 1, "BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8,
+                        "num_stages": 3, "FLATTEN": int(K <= 2048 or bool(lay.get("stores"))), "GROUP_M": 16}
             return {**base, "TMA": 1, "BLOCK_M": 128, "BLOCK_N": 128 if P == 2 else 64, "BLOCK_K": 64,
-                    "FLATTEN": int(pair and K <= 2048), "num_warps": 8, "num_stages": 3 if pair else 4}
+                    "FLATTEN": 0, "num_warps": 8, "num_stages": 4}
         return {**base, "ATEN": 1, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4}
     if M <= 16:
         bm, bn, bk, w, st = 16, 128 // P, 128 if itemsize == 2 else 64, 4, 4

@@ -151,12 +151,14 @@ def load_matmul(k: Kernel) -> None:
             call({**EPILOGUE_CFG, "GEMV": 0}, 2, 1, [*ins, *outs, *prods])
 
     def run_tma(cfg, ins, outs) -> bool:
-        """The persistent TMA kernel (one segment): descriptors over A and each B as stored. False
-        (nothing launched) when an operand's address is not 16-byte aligned, as TMA needs."""
+        """The persistent TMA kernel (one segment): descriptors over A and each B as stored, and
+        over the outputs it stores whole tiles of (``stores``). False (nothing launched) when one
+        of those tensors' address is not 16-byte aligned, as TMA needs."""
         from triton.tools.tensor_descriptor import TensorDescriptor
         lay, seg = meta["tma"], segs[0]
         a, bs = ins[meta["a"]], [ins[b] for b in seg["b"]]
-        if any(t.data_ptr() % 16 for t in (a, *bs)):
+        stored = [outs[j] for j in lay.get("stores", [])]
+        if any(t.data_ptr() % 16 for t in (a, *bs, *stored)):
             return False
         bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
         descs = [TensorDescriptor(a, [M, K], [lay["a_stride"], 1], [bm, bk])]
@@ -167,6 +169,7 @@ def load_matmul(k: Kernel) -> None:
             for b, bl in zip(bs, lay["b"]):
                 descs.append(TensorDescriptor(b, [seg["n"], K], [bl["stride"], 1], [bn, bk]) if bl["kmajor"] else
                              TensorDescriptor(b, [K, seg["n"]], [bl["stride"], 1], [bk, bn]))
+        descs += [TensorDescriptor(o, [M, seg["n"]], [seg["n"], 1], [bm, bn]) for o in stored]
         g = (min(sms, _cdiv(M, bm) * _cdiv(seg["n"], bn)),)
         fns[2][g](*ins, *outs, *([ins[0]] * n_ws), *descs, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
                   GROUP_M=cfg["GROUP_M"], NUM_SMS=g[0], FLATTEN=bool(cfg.get("FLATTEN", 1)),

@@ -225,7 +225,18 @@ def test_tma_kernel(name, data, monkeypatch, descriptors):
     tol = 2e-3 if dt == torch.float16 else 1e-4
     monkeypatch.setattr(matmul_launch, "torch", _SmallGrid(monkeypatch))
     run(fn, *args, cfg=TMA, monkeypatch=monkeypatch, rtol=tol, atol=tol)
-    assert len(descriptors) >= 2
+    # A, B (both weights of the pair through one view), and the output: a dense [40, 24] tile
+    # store (rows of 48 or 96 bytes)
+    assert len(descriptors) == 3 and list(descriptors[-1].shape) == [40, 24]
+
+
+def test_tma_kernel_keeps_masked_stores_for_unaligned_rows(data, monkeypatch, descriptors):
+    """An output whose rows a TMA store cannot take (22 fp32: 88 bytes, not a multiple of 16)
+    keeps the masked stores; A and B still come through descriptors."""
+    monkeypatch.setattr(matmul_launch, "torch", _SmallGrid(monkeypatch))
+    run(lambda x, w, r: F.linear(x, w) + r, data["x"], data["w"][:22], data["r"][:, :22], cfg=TMA,
+        monkeypatch=monkeypatch)
+    assert [list(d.shape) for d in descriptors] == [[40, 48], [22, 48]]
 
 
 def test_tma_kernel_that_does_not_fit_runs_the_tile_kernel(data, monkeypatch):
@@ -274,7 +285,7 @@ def test_tma_kernel_reads_a_weight_pair_as_one_view(order, data, monkeypatch, de
     lo, hi = buf[:24 * 48].view(24, 48), buf[24 * 48 + 16:].view(24, 48)
     g, u = (hi, lo) if order == "up_below" else (lo, hi)
     run(lambda x, g, u: F.silu(F.linear(x, g)) * F.linear(x, u), x, g, u, cfg=TMA, monkeypatch=monkeypatch)
-    assert sorted(len(d.shape) for d in descriptors) == [2, 3]
+    assert sorted(len(d.shape) for d in descriptors) == [2, 2, 3]     # A, the output, both weights
 
 
 def test_tma_kernel_falls_back_on_an_unaligned_input(data, monkeypatch, descriptors):
@@ -297,10 +308,11 @@ def test_default_config_fuses_a_large_epilogue_with_tma():
     cfg = default_config(meta, interpret=False, tma=True)
     assert cfg["TMA"] == 1 and cfg["FLATTEN"] == 0 and cfg["num_stages"] == 4     # two descriptors
     # the pair view (two K-major weights alike): its measured best, the tile loop flattened
-    # where K is short
+    # where K is short or the outputs leave through TMA descriptors
     pair = {**meta, "tma": {"pair": True}}
-    assert [(c["FLATTEN"], c["num_stages"]) for c in (default_config(m, interpret=False, tma=True)
-                                                      for m in (pair, {**pair, "K": 4096}))] == [(1, 3), (0, 3)]
+    stored = {**meta, "K": 4096, "tma": {"pair": True, "stores": [0]}}
+    assert [(c["FLATTEN"], c["num_stages"], c["GROUP_M"]) for c in (default_config(m, interpret=False, tma=True)
+            for m in (pair, {**pair, "K": 4096}, stored))] == [(1, 3, 16), (0, 3, 16), (1, 3, 16)]
     assert default_config(meta, interpret=False, tma=False)["ATEN"] == 1
     assert default_config({**meta, "identity": True}, interpret=False, tma=True)["ATEN"] == 1
     assert default_config({**meta, "dtype": "float32"}, interpret=False, tma=True).get("TMA", 0) == 0
@@ -328,5 +340,6 @@ def test_tma_kernel_in_a_training_step(data, monkeypatch, descriptors):
                  (lin1.bias.grad, ref1.bias.grad)]:
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     # the forward's product with its bias and GELU, the backward's input gradient with GELU's
-    # derivative (B N-major there); the plain products stay ATen calls
-    assert len(descriptors) == 4
+    # derivative (B N-major there); the plain products stay ATen calls. Each kernel: A and B in,
+    # its dense outputs out (the forward's two: the product the backward saves, GELU's output)
+    assert [list(d.shape) for d in descriptors] == [[40, 48], [32, 48], [40, 32], [40, 32], [40, 32], [32, 48], [40, 48]]
