@@ -9,7 +9,7 @@ import tempfile
 
 from kiln.ir import Node
 from .kernel import Kernel
-from .lower import lower
+from .lower import lower, memory_order
 
 
 def source_path(cache_dir: str, source: str, target: str) -> str:
@@ -26,7 +26,7 @@ def source_path(cache_dir: str, source: str, target: str) -> str:
 
 
 def build(node: Node, target: str, cache_dir: str, autotune: bool = False) -> Kernel:
-    lk = lower(node)
+    lk = memory_order(lower(node))
     if target == "cuda":
         from .cuda_gen import render
         target_used = "cuda"

@@ -102,6 +102,28 @@ def rows_of(lk: LoopKernel) -> LoopKernel:
                    stmts=[replace(st, space="x" if st.var in row else "xr") for st in lk.stmts])
 
 
+def memory_order(lk: LoopKernel) -> LoopKernel:
+    """A pointwise kernel walked in its first output's memory order instead of the logical one.
+    An output stored permuted (eager keeps an input's layout through pointwise ops: Llama's q
+    after its rotary embedding is [B, H, S, D] over [B, S, H, D] memory) was walked in D-long
+    runs a row of S apart; walked by its strides, it and every input laid out alike stream
+    contiguously. Dims that become adjacent in every access merge again. Returned as is when
+    the output already runs in the logical order."""
+    if lk.kind != "pointwise" or not lk.stores or len(lk.xsizes) < 2:
+        return lk
+    st = lk.stores[0].xstrides
+    order = sorted(range(len(st)), key=lambda d: -st[d])        # stable: equal strides keep their order
+    if order == list(range(len(st))):
+        return lk
+    sizes = [lk.xsizes[d] for d in order]
+    accesses = [[a.xstrides[d] for d in order] for a in (*lk.loads, *lk.stores)]
+    xs, _, strides = _collapse(sizes, set(), accesses)
+    moved = lambda a, s: replace(a, xstrides=s)  # noqa: E731
+    n = len(lk.loads)
+    return replace(lk, xsizes=xs, loads=[moved(a, s) for a, s in zip(lk.loads, strides[:n])],
+                   stores=[moved(a, s) for a, s in zip(lk.stores, strides[n:])])
+
+
 # statements computed from a row's values alone (not constants, not the loads) that make a row
 # layout worth it. On an H200: cross-entropy's gradient (13 of them, bf16) 0.395 -> 0.310 ms;
 # a row's scale and shift (none) 0.0332 flat, 0.0346 in rows; seven (an exp, a division) 0.0499
