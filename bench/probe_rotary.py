@@ -89,7 +89,7 @@ def main(B=8, S=1024, H=32, D=64):
                 assert err < 0.02 * ref.abs().max().item(), (order, loads, err)
     nbytes = 2 * qm.numel() * qm.element_size()
     for k, v in rows.items():
-        print(f"{k:28s} {v:.4f} ms  {nbytes / v / 1e9:.0f} GB/s  {copy_ms / v:.2f} of copy")
+        print(f"{k:28s} {v:.4f} ms  {nbytes / v / 1e6:.0f} GB/s  {copy_ms / v:.2f} of copy")
     if len(sys.argv) > 1:
         json.dump(rows, open(sys.argv[1], "w"), indent=1)
 
