@@ -7,6 +7,7 @@
 #                                               add "/.gpu/" to .git/info/exclude once)
 #   bash bench/gpu_ab.sh run [STEP ...]         on the device (carry ".gpu" and ".whl"), steps:
 #       tests        REF's GPU tests (not the timing ones), 8 workers
+#       timing       REF's timing-marked GPU tests (the CUDA graph ones), alone
 #       suite:CASES  bench/suite.py --cases CASES (comma-separated), REF then this tree
 #       profile:CASES  bench/gpu_kernel_profile.py CASES, REF, this tree, REF again
 # Logs go to $OUT (or /tmp/kiln-gpu-ab); each tree has a Triton/kiln cache of its own.
@@ -32,10 +33,11 @@ t() {       # name, seconds, dir, command...
     grep -v "DEBUG\|Warning\|warn(" "$OUT/$name.log" | grep "${PAT:-.}" | tail -"${TAIL:-20}"
 }
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(tests suite:llama_layer profile:llama_layer)
+[ ${#steps[@]} -eq 0 ] && steps=(tests timing suite:llama_layer profile:llama_layer)
 for step in "${steps[@]}"; do
     case $step in
         tests) TAIL=6 t tests_B 240 "$B" python3 -m pytest -m "gpu and not timing" tests -rf -n 8 -q -p no:cacheprovider ;;
+        timing) TAIL=6 t timing_B 150 "$B" python3 -m pytest -m "gpu and timing" tests -rf -q -p no:cacheprovider ;;
         suite:*) c=${step#suite:}; c=${c//,/ }
                  PAT=" ms" t suite_B 200 "$B" python3 bench/suite.py --cases $c --json "$OUT/suite_B.json"
                  PAT=" ms" t suite_A 200 "$HERE" python3 bench/suite.py --cases $c --json "$OUT/suite_A.json" ;;
