@@ -59,6 +59,33 @@ def bench(fn, reps=30, rounds=5):
     return sorted(ts)[len(ts) // 2]
 
 
+def trial(runs: dict, cfg: dict, f, out, ref, width=160) -> None:
+    """Run ``f`` once into ``out``: its relative error against ``ref`` joins ``cfg`` and it joins
+    ``runs`` (json(cfg) -> (cfg, f)), or the error (a config that does not compile or fit) is
+    printed instead."""
+    import json
+    try:
+        out.zero_()
+        f()
+        if out.is_cuda:
+            torch.cuda.synchronize()
+        cfg["err"] = round(((out.float() - ref).norm() / ref.norm()).item(), 5)
+        runs[json.dumps(cfg)] = (cfg, f)
+    except Exception as e:
+        cfg["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:width] if str(e) else ''}"
+        print(json.dumps(cfg), flush=True)
+
+
+def round_robin(runs: dict, reps: int, turns: int = 3) -> dict:
+    """Each run's times over ``turns`` passes through all of them (a clock or neighbour change
+    hits all alike): name -> list of ms."""
+    times = {k: [] for k in runs}
+    for _ in range(turns):
+        for k, (_, f) in runs.items():
+            times[k].append(bench(f, reps=reps, rounds=5))
+    return times
+
+
 def main(M=8192, K=2048, N=5632):
     torch.manual_seed(0)
     sms = torch.cuda.get_device_properties(0).multi_processor_count

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from probe_dual_dot import _tile, bench  # noqa: E402  (the probes' tile order and timing loop)
+from probe_dual_dot import _tile, round_robin  # noqa: E402  (the probes' tile order and timing)
 
 
 @triton.jit
@@ -118,10 +118,7 @@ def main(M, K, N, dev, dt, layouts=("2NK",)):
                 except Exception as e:
                     cfg["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
                     print(json.dumps(cfg), flush=True)
-    times = {k: [] for k in runs}
-    for _ in range(3 if dev == "cuda" else 0):     # round robin: a clock or neighbour change hits all alike
-        for k, (_, f) in runs.items():
-            times[k].append(bench(f, reps=60, rounds=5))
+    times = round_robin(runs, reps=60, turns=3 if dev == "cuda" else 0)
     for k, (cfg, _) in runs.items():
         print(json.dumps({"M": M, "K": K, "N": N, **(cfg or {"case": k}),
                           **({"ms": round(min(times[k]), 4)} if times[k] else {})}), flush=True)

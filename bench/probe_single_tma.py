@@ -12,7 +12,7 @@ import torch, triton, triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from probe_dual_dot import _tile, bench  # noqa: E402  (the probes' tile order and timing loop)
+from probe_dual_dot import _tile, round_robin, trial  # noqa: E402  (the probes' tile order, trial, timing)
 
 
 @triton.jit
@@ -69,19 +69,8 @@ def main(M, K, N):
         f = (lambda g=g, a_d=a_d, b_d=b_d, o_d=o_d, BM=BM, BN=BN, BK=BK, wp=wp, st=st, gm=gm, fl=fl, store=store:
              single[g](a_d, b_d, x, out, o_d, M, N, K, BM=BM, BN=BN, BK=BK, GROUP_M=gm, NUM_SMS=g[0], FLATTEN=fl,
                        STORE=store, num_warps=wp, num_stages=st))
-        try:
-            out.zero_()
-            f()
-            torch.cuda.synchronize()
-            cfg["err"] = round(((out.float() - ref).norm() / ref.norm()).item(), 5)
-            runs[json.dumps(cfg)] = (cfg, f)
-        except Exception as e:
-            cfg["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
-            print(json.dumps(cfg), flush=True)
-    times = {k: [] for k in runs}
-    for _ in range(3):      # round robin: a clock or neighbour change hits all alike
-        for k, (_, f) in runs.items():
-            times[k].append(bench(f, reps=40, rounds=5))
+        trial(runs, cfg, f, out, ref)
+    times = round_robin(runs, reps=40)
     base = min(times["cublas_mm"])
     for k, (cfg, _) in sorted(runs.items(), key=lambda kv: min(times[kv[0]])):
         t = min(times[k])

@@ -13,7 +13,7 @@ import torch, triton, triton.language as tl
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from probe_dual_dot import _tile, bench  # noqa: E402  (the probes' tile order and timing loop)
+from probe_dual_dot import _tile, round_robin, trial  # noqa: E402  (the probes' tile order, trial, timing)
 from probe_pair_rows import swiglu, view  # noqa: E402  (kiln's kernel, as probed before)
 
 
@@ -96,22 +96,11 @@ def main(M, K, N):
         f = (lambda g=g, w=w, st=st, gm=gm, ws=ws, persistent=persistent, flatten=flatten, bh=bh: swiglu_dev[g](
             x, lo, out, M, N, K, dist, BM=128, BH=bh, BK=64, GROUP_M=gm, NUM_SMS=g[0], SWAP=swap,
             PERSISTENT=persistent, WS=ws, FLATTEN=flatten, num_warps=w, num_stages=st))
-        try:
-            out.zero_()
-            f()
-            torch.cuda.synchronize()
-            cfg["err"] = round(((out.float() - ref).norm() / ref.norm()).item(), 5)
-            runs[json.dumps(cfg)] = (cfg, f)
-        except Exception as e:
-            cfg["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-            print(json.dumps(cfg), flush=True)
+        trial(runs, cfg, f, out, ref, width=200)
     out.zero_()
     runs["kiln_host"][1]()
     runs["kiln_host"][0]["err"] = round(((out.float() - ref).norm() / ref.norm()).item(), 5)
-    times = {k: [] for k in runs}
-    for _ in range(3):      # round robin: a clock or neighbour change hits all alike
-        for k, (_, f) in runs.items():
-            times[k].append(bench(f, reps=40, rounds=5))
+    times = round_robin(runs, reps=40)
     base = min(times["cublas_two_mm"])
     for k, (cfg, _) in sorted(runs.items(), key=lambda kv: min(times[kv[0]])):
         t = min(times[k])
