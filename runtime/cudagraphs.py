@@ -15,10 +15,12 @@ caller may hold the last call's result while the next one runs. A capture replay
 views it handed out two calls ago are let go (their storages' use counts back to the runner's
 own); a call that finds them held runs without replay, and after SPARE_MISSES such calls the
 graph is captured once more and its outputs cloned from then on (the caller keeps the buffers
-it holds). (A Llama layer's output is 32 MiB: its clone reads and writes 64 MiB
-each call, ~0.015 ms at an H200's copy bandwidth.) Only graphs with an arena plan: their
-temporaries live in the arena, made before either capture, so the second capture adds only its
-outputs.
+it holds). (A Llama layer's output is 32 MiB: its clone reads and writes 64 MiB each call,
+~0.015 ms at an H200's copy bandwidth.) With an arena plan the graph's temporaries live in the
+arena, made before either capture, and the second capture adds only its outputs; with a dynamic
+plan they come from each capture's own pool, so the second capture holds the plan's whole peak
+again: it is made only while that is under SPARE_SHARE of the device's free memory (a Llama
+layer's 152 MiB on a 141 GB GPU), else the outputs are cloned.
 
 Training graphs replay too. A forward's outputs the backward alone reads (what it saved) are
 handed out uncloned, as fresh views of the graph's static buffers, and the backward reads them
@@ -59,6 +61,9 @@ TRAIN_HOLD_BYTES = 256 << 20
 # calls that found a capture's handed-out outputs still held before an inference graph goes back
 # to cloning its outputs (the caller keeps results longer than a call)
 SPARE_MISSES = 2
+# a dynamic plan's second capture holds its whole peak again: made only under this share of the
+# device's free memory
+SPARE_SHARE = 0.25
 
 
 def should_replay(host_ms: float, gpu_ms: float, copy_ms: float) -> bool:
@@ -151,9 +156,8 @@ class CudaGraphRunner:
         # not held: a reference would keep the other graph's views alive, and it from replaying
         self.static_in = [None if p else x for x, p in zip(self.static_in, self.pooled)]
         self.spare, self.turn = None, 0
-        plan = getattr(self.compiled, "plan", None)
-        if getattr(plan, "mode", "arena") != "arena":
-            self.clone = True           # its temporaries come from the graph's pool: a second capture doubles them
+        if not self.clone and not self._spare_fits():
+            self.clone = True
         self.out_watch = [] if self.clone else self._out_watch(self.static_out)
         if self.saved_from is not None:
             # the storages replay writes (not the stable inputs': a saved weight is the caller's)
@@ -184,11 +188,22 @@ class CudaGraphRunner:
             stores[st.data_ptr()] = st
         return [(st, _use_count(st)) for st in stores.values()]
 
+    def _spare_fits(self) -> bool:
+        """May a second capture be held (module docstring)? Always with an arena plan; with a
+        dynamic one while its peak is under SPARE_SHARE of the free device memory; never for a
+        graph whose weights move between memory tiers."""
+        plan = getattr(self.compiled, "plan", None)
+        if plan is None or getattr(self.compiled, "_tiers", None) is not None:
+            return False
+        if plan.mode == "arena":
+            return True
+        free, _ = torch.cuda.mem_get_info()
+        return max(plan.device_bytes, plan.peak_bytes) <= SPARE_SHARE * free
+
     def _capture_spare(self) -> None:
         """The second capture, in a memory pool of its own: in the first one's, its outputs could
         be placed where the first capture keeps a temporary, which the first's next replay would
-        write while the caller holds them. Its intermediates are the arena's, made before either
-        capture (only arena plans hand outputs out uncloned), so what it adds is its outputs."""
+        write while the caller holds them."""
         cg = torch.cuda.CUDAGraph()
         with torch.cuda.graph(cg):
             out = self.compiled(*self.static_in)
