@@ -311,6 +311,10 @@ def _bias(seg: dict, node: Node, nodes: dict, full: bool = False) -> list[tuple[
     arg_of = {v.name: i for i, v in enumerate(node.args)}
     wide = (pt.dtype, torch.float32, torch.float64)
     tag: dict[str, object] = {p.out.name: ("P", j) for j, p in enumerate(prods)}    # outer names
+    for n in node.body.nodes:       # order-keeping views between a product and its groups
+        if n.op in ORDER_VIEWS and n.out.name in seg["lin"] and isinstance(n.args[0], Value) \
+                and n.args[0].name in tag:
+            tag[n.out.name] = tag[n.args[0].name]
     for gname in seg["groups"]:
         grp = nodes[gname]
         if grp.op != "kiln.fused" or grp.body is None:

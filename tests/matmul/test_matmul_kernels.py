@@ -357,17 +357,19 @@ def _residual_dies_inside(y, w):
     return torch.cumsum(_residual_dies(y, w), -1)
 
 
-@pytest.mark.parametrize("mode", ["arena", "dynamic"])
+@pytest.mark.parametrize("mode", ["arena", "dynamic", "dynamic-3d"])
 @pytest.mark.parametrize("cfg", ["tile", "cublas"])
 def test_epilogue_output_over_a_dying_residual(mode, cfg, data, monkeypatch):
     """The product's output is written over a residual that dies at it (passes/inplace.py: the
     arena plan's aliases for an intermediate; dynamic mode, where the graph's own output may
     take the residual's tensor). The tile kernel loads each element of it before storing there;
     the cuBLAS path adds it as C in C += A @ B, in place (addmm over the output, no epilogue pass
-    and no copy). Checked against eager and by the plan's validator."""
+    and no copy). Checked against eager and by the plan's validator. "dynamic-3d": a [B, S, K]
+    input, whose product capture writes as view, mm, view (a Llama layer's down projection)."""
     import kiln.passes.memory as memory
     from kiln.aot import compile_ahead
     from kiln.passes.validate import validate_plan
+    mode, d3 = mode.removesuffix("-3d"), mode.endswith("-3d")
     if mode == "dynamic":
         monkeypatch.setattr(memory, "DYNAMIC_DEVICES", ("cuda", "cpu"))
         monkeypatch.setattr(memory, "DYNAMIC_MARGIN", (-(1 << 30), -1.0))
@@ -383,7 +385,7 @@ def test_epilogue_output_over_a_dying_residual(mode, cfg, data, monkeypatch):
             calls.append(out is c)
             return torch.addmm(c, a, b, out=out)
     monkeypatch.setattr(matmul_launch, "torch", Torch())
-    y, w = torch.randn(40, 24), torch.randn(24, 24) / 5
+    y, w = torch.randn(*((2, 20) if d3 else (40,)), 24), torch.randn(24, 24) / 5
     base = matmul_launch.default_config
     extra = {"GEMV": 0} if cfg == "tile" else {"ATEN": 1}
     monkeypatch.setattr(matmul_launch, "default_config",
