@@ -293,14 +293,16 @@ def _inplace(seg: dict, node: Node, nodes: dict) -> bool:
 CASTS = {"aten._to_copy.default", "prims.convert_element_type.default"}
 
 
-def _bias(seg: dict, node: Node, nodes: dict) -> list[tuple[int, int]] | None:
+def _bias(seg: dict, node: Node, nodes: dict, full: bool = False) -> list[tuple[int, int]] | None:
     """Per product of the segment, (the kiln.matmul argument holding its bias, its output) when
     the segment's whole epilogue is ``product + bias`` for each product (a [n] vector in the
     product's dtype; casts to wider floats, views and scalings by 1 around either, as capture's
     addmm decomposition spells it, over one or more groups), each stored densely in the
     product's order and dtype. The cuBLAS path then runs ``addmm``, whose bias epilogue adds it
     as the product is written, where mm plus the epilogue pass would read and write the product
-    once more (eager's addmm does the same, with one rounding instead of two)."""
+    once more (eager's addmm does the same, with one rounding instead of two). ``full``: the
+    addend is instead a dense tensor of the product's size (a residual), which cuBLAS adds as
+    C in C += A @ B where the output is written over it (matmul_launch)."""
     prods = [nodes[a] for a in seg["acc"]]
     if not seg["groups"] or len(seg["stores"]) != len(prods) or any(p.op != "aten.mm.default" for p in prods) \
             or not all(name in seg["lin"] for name in seg["stores"]):
@@ -309,6 +311,10 @@ def _bias(seg: dict, node: Node, nodes: dict) -> list[tuple[int, int]] | None:
     arg_of = {v.name: i for i, v in enumerate(node.args)}
     wide = (pt.dtype, torch.float32, torch.float64)
     tag: dict[str, object] = {p.out.name: ("P", j) for j, p in enumerate(prods)}    # outer names
+    for n in node.body.nodes:       # order-keeping views between a product and its groups
+        if n.op in ORDER_VIEWS and n.out.name in seg["lin"] and isinstance(n.args[0], Value) \
+                and n.args[0].name in tag:
+            tag[n.out.name] = tag[n.args[0].name]
     for gname in seg["groups"]:
         grp = nodes[gname]
         if grp.op != "kiln.fused" or grp.body is None:
@@ -317,8 +323,10 @@ def _bias(seg: dict, node: Node, nodes: dict) -> list[tuple[int, int]] | None:
         for iv, ov in zip(grp.body.inputs, grp.args):
             if ov.name in tag:
                 inner[iv.name] = tag[ov.name]
-            elif ov.name in arg_of and ov.type.shape in ((seg["n"],), (1, seg["n"])) and ov.type.dtype == pt.dtype:
-                inner[iv.name] = arg_of[ov.name]            # a bias candidate
+            elif ov.name in arg_of and ov.type.dtype == pt.dtype and (
+                    ov.type.numel == pt.numel and ov.type.is_contiguous if full
+                    else ov.type.shape in ((seg["n"],), (1, seg["n"]))):
+                inner[iv.name] = arg_of[ov.name]            # a bias (or residual) candidate
             else:
                 return None
         for n in grp.body.nodes:
@@ -357,7 +365,8 @@ def build(node: Node, target: str, cache_dir: str, autotune: bool = False) -> Ke
     nodes = {o.name: n for n in body.nodes for o in n.outputs}
     segs = [{"n": s["n"], "b": s["b"], "P": len(s["acc"]), "out": s["outputs"][0] if s["outputs"] else None,
              "direct": len(s["acc"]) == 1 and not s["groups"] and s["stores"] == s["acc"],
-             "inplace": _inplace(s, node, nodes), "bias": _bias(s, node, nodes) if plan["batch"] == 1 else None}
+             "inplace": _inplace(s, node, nodes), "bias": _bias(s, node, nodes) if plan["batch"] == 1 else None,
+             "residual": _bias(s, node, nodes, full=True) if plan["batch"] == 1 and len(s["acc"]) == 1 else None}
             for s in plan["segments"]]
     if not all(s["direct"] or s["bias"] is not None for s in segs):
         for s in segs:          # the epilogue pass runs over every segment's product: all or none

@@ -1,7 +1,8 @@
-"""In-place reuse: a fused kernel writes an output over an input whose last use it is, so the two
-share one buffer. Legal only where every element of the input is read before the same element
-of the output is written and never read after; decided here from the kernel's loop plan and
-recorded in the MemoryPlan (``aliases``: output -> buffer, ``overwrites``: output -> input).
+"""In-place reuse: a fused kernel (or a matmul's epilogue) writes an output over an input whose
+last use it is, so the two share one buffer. Legal only where every element of the input is read
+before the same element of the output is written and never read after; decided here from the
+kernel's loop plan and recorded in the MemoryPlan (``aliases``: output -> buffer, ``overwrites``:
+output -> input).
 
 What the renderers guarantee, and this pass relies on: a pointwise kernel loads a block, computes
 and stores it (each element handled by one program); a Triton reduction kernel stores its
@@ -70,6 +71,28 @@ def elementwise_safe(n: Node, out, inp, target: str = "cpu") -> bool:
     return reads > 0
 
 
+def matmul_elementwise_safe(n: Node, out, inp) -> bool:
+    """Can output ``out`` of a kiln.matmul overwrite input ``inp``? When one epilogue group of it
+    alone reads ``inp``, and reads it where it writes ``out`` (elementwise_safe on that group):
+    every mode of the kernel (tiles, split-K's last pass, the GEMV, the TMA kernel, the pass
+    after cuBLAS's product) loads a tile's elements in its epilogue before it stores them. A
+    residual that dies at the product is then the output's buffer, and cuBLAS can add it as C
+    in C += A @ B (codegen/matmul_launch.py)."""
+    if n.op != "kiln.matmul" or n.body is None:
+        return False
+    inner = {b.name for b, a in zip(n.body.inputs, n.args) if getattr(a, "name", None) == inp.name}
+    res = [b for b in n.body.inputs if b.name in inner]
+    outs = [b for b, o in zip(n.body.outputs, n.outputs) if o.name == out.name]
+    readers = [m for m in n.body.nodes if any(v.name in inner for v in m.inputs())]
+    if len(res) != 1 or len(outs) != 1 or len(readers) != 1 or readers[0].op != "kiln.fused":
+        return False
+    grp = readers[0]
+    pro = n.attrs.get("plan", {}).get("prologue")
+    if (pro and pro.get("group") == grp.outputs[0].name) or not any(o.name == outs[0].name for o in grp.outputs):
+        return False
+    return elementwise_safe(grp, outs[0], res[0], "triton")
+
+
 def reuse_in_place(g: Graph, bufs: dict, roots: dict[str, set[str]], target: str = "cpu"
                    ) -> tuple[dict[str, str], dict[str, str]]:
     """Merge each kernel output into the buffer of an input that dies at that kernel, where
@@ -79,8 +102,9 @@ def reuse_in_place(g: Graph, bufs: dict, roots: dict[str, set[str]], target: str
     overwrites: dict[str, str] = {}
     home = lambda name: aliases.get(name, name)  # noqa: E731
     for i, n in enumerate(g.nodes):
-        if n.op != "kiln.fused":
+        if n.op not in ("kiln.fused", "kiln.matmul"):
             continue
+        safe = elementwise_safe if n.op == "kiln.fused" else lambda n, v, u, t: matmul_elementwise_safe(n, v, u)
         taken: set[str] = set()
         ins = n.inputs()
         for v in n.outputs:
@@ -93,7 +117,7 @@ def reuse_in_place(g: Graph, bufs: dict, roots: dict[str, set[str]], target: str
                     continue
                 if any(w is not u and r in {home(x) for x in roots.get(w.name, ())} for w in ins):
                     continue            # the kernel also reads this storage through another value
-                if not elementwise_safe(n, v, u, target):
+                if not safe(n, v, u, target):
                     continue
                 bufs[r].end = bufs.pop(v.name).end
                 aliases[v.name], overwrites[v.name] = r, u.name
@@ -114,10 +138,11 @@ INPLACE_ATEN = {"aten.index_put.default": "aten.index_put_.default",
 
 def dynamic_overwrites(g: Graph, overwrites: dict[str, str], target: str = "cpu") -> dict[str, str]:
     """``overwrites`` (the arena plan's) plus what dynamic mode, where every value is a tensor of
-    its own, may also write in place: a kernel output over any input that is the whole of a
-    tensor this graph made and dies at the kernel (elementwise_safe), not only over arena
-    buffers; and an INPLACE_ATEN op's output over its first argument under the same conditions
-    and of the same type (the runtime calls the in-place form). An embedding's gradient was its
+    its own, may also write in place: a kernel output (the graph's outputs too) over any input
+    that is the whole of a tensor this graph made and dies at the kernel (elementwise_safe; a
+    matmul's epilogue: matmul_elementwise_safe), not only over arena buffers; and an
+    INPLACE_ATEN op's output over its first argument under the same conditions and of the same
+    type (the runtime calls the in-place form). An embedding's gradient was its
     zero fill, the scattered copy of it, and their sum with the tied projection's gradient:
     three vocabulary-sized tensors live at once, now one."""
     from .memory import storage_lifetimes
@@ -131,11 +156,12 @@ def dynamic_overwrites(g: Graph, overwrites: dict[str, str], target: str = "cpu"
             and not any(u.name in roots.get(w.name, ()) for w in n.inputs() if w is not u)
 
     for i, n in enumerate(g.nodes):
-        if n.op == "kiln.fused":
+        if n.op in ("kiln.fused", "kiln.matmul"):
+            safe = elementwise_safe if n.op == "kiln.fused" else lambda n, v, u, t: matmul_elementwise_safe(n, v, u)
             for v in n.outputs:
                 if v.name in out:
                     continue
-                u = next((u for u in n.inputs() if dies_here(u, i, n) and elementwise_safe(n, v, u, target)), None)
+                u = next((u for u in n.inputs() if dies_here(u, i, n) and safe(n, v, u, target)), None)
                 if u is not None:
                     out[v.name] = u.name
                     taken.add(u.name)

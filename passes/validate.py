@@ -33,8 +33,9 @@ def _may_alias(n) -> bool:
 
 def _in_place_ok(g: Graph, i: int, old: str, new: str, types) -> bool:
     """A fused kernel whose output ``new`` has the layout of its input ``old``, covers the whole
-    loop domain, and whose body reads ``old`` only through pointwise ops of that same shape; or
-    an ATen op with an in-place form (``index_put_``) whose first argument is ``old``."""
+    loop domain, and whose body reads ``old`` only through pointwise ops of that same shape (a
+    matmul's epilogue group too); or an ATen op with an in-place form (``index_put_``) whose
+    first argument is ``old``."""
     n = g.nodes[i]
     if n.op.startswith("aten.") and n.op.count(".") == 2:     # run as its in-place form, which
         ns, name, overload = n.op.split(".")                    # must exist and write argument 0
@@ -45,11 +46,21 @@ def _in_place_ok(g: Graph, i: int, old: str, new: str, types) -> bool:
         a, b = types[old], types[new]
         return bool(n.args) and getattr(n.args[0], "name", None) == old and len(n.outputs) == 1 \
             and (a.shape, a.strides, a.dtype) == (b.shape, b.strides, b.dtype)
+    if n.op == "kiln.matmul" and n.body is not None and old in {v.name for v in n.inputs()}:
+        # a matmul's epilogue: the one body node reading ``old`` is a fused group that writes
+        # ``new`` (each tile's epilogue loads its elements before it stores them), checked as above
+        inner = {b.name for b, a in zip(n.body.inputs, n.args) if getattr(a, "name", None) == old}
+        readers = [m for m in n.body.nodes if inner & {v.name for v in m.inputs()}]
+        if len(readers) != 1 or readers[0].op != "kiln.fused" or new not in {v.name for v in readers[0].outputs}:
+            return False
+        return len(inner) == 1 and _fused_in_place(readers[0], next(iter(inner)), new, types[old], types[new])
+    return n.op == "kiln.fused" and _fused_in_place(n, old, new, types[old], types[new])
+
+
+def _fused_in_place(n, old: str, new: str, a, b) -> bool:
     plan = n.attrs.get("plan") or {}
-    if n.op != "kiln.fused" or plan.get("kind") not in ("pointwise", "reduction") \
-            or old not in {v.name for v in n.inputs()}:
+    if plan.get("kind") not in ("pointwise", "reduction") or old not in {v.name for v in n.inputs()}:
         return False
-    a, b = types[old], types[new]
     if (a.shape, a.strides, a.dtype) != (b.shape, b.strides, b.dtype):
         return False
     domain = 1

@@ -103,3 +103,51 @@ def test_call_inside_the_callers_own_capture(policy):
         g.replay()
         torch.cuda.synchronize()
         torch.testing.assert_close(out, model(x), rtol=1e-4, atol=1e-4)
+
+
+@needs_cuda
+def test_outputs_handed_out_from_two_captures_in_turn():
+    """An inference graph's outputs are not cloned: two captures replay in turn, so the result of
+    the last call stays intact while the next call runs; a capture's buffers come back once the
+    caller lets its result go (the third call reuses the first's)."""
+    torch._dynamo.reset()
+    before = _runners()
+    torch.manual_seed(0)
+    model = Small().cuda().eval()
+    f = kiln.compile(model, target="triton", cudagraphs=True)
+    xs = [torch.randn(8, 64, device="cuda") for _ in range(8)]
+    with torch.no_grad():
+        for x in xs[:4]:                        # warm-up calls, then the first capture replays
+            f(x)
+        r = _new_runner(before)
+        assert r.cg is not None and not r.clone
+        prev = f(xs[4])
+        ptrs = [prev.data_ptr()]
+        for x, last in zip(xs[5:], xs[4:]):
+            out = f(x)                          # the previous result is still held here
+            torch.testing.assert_close(prev, model(last), rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(out, model(x), rtol=1e-4, atol=1e-4)
+            ptrs.append(out.data_ptr())
+            prev = out
+    assert ptrs[0] != ptrs[1] and ptrs[0] == ptrs[2] and ptrs[1] == ptrs[3]
+    assert r.spare is not None and r.unreplayed == 0 and "two captures" in r.describe()
+
+
+@needs_cuda
+def test_results_kept_longer_than_a_call_stay_intact():
+    """A caller that keeps every result: a capture whose earlier result is still held does not
+    replay over it; after SPARE_MISSES such calls the graph is captured again and its outputs
+    cloned (as before), and every kept result still matches eager."""
+    from kiln.runtime.cudagraphs import SPARE_MISSES
+    torch._dynamo.reset()
+    before = _runners()
+    torch.manual_seed(0)
+    model = Small().cuda().eval()
+    f = kiln.compile(model, target="triton", cudagraphs=True)
+    xs = [torch.randn(8, 64, device="cuda") for _ in range(10)]
+    with torch.no_grad():
+        kept = [f(x) for x in xs]
+        for x, out in zip(xs, kept):
+            torch.testing.assert_close(out, model(x), rtol=1e-4, atol=1e-4)
+    r = _new_runner(before)
+    assert r.clone and r.unreplayed == SPARE_MISSES and r.captures == 2 and "outputs cloned" in r.describe()

@@ -342,3 +342,65 @@ def test_tma_kernel_in_a_training_step(data, monkeypatch, descriptors):
     # the forward's product with its bias and GELU, the backward's input gradient with GELU's
     # derivative (B N-major there); the plain products stay ATen calls
     assert [list(d.shape) for d in descriptors] == [[40, 48], [32, 48], [40, 32], [32, 48]]
+
+
+def _residual_dies(y, w):
+    """A pre-norm block's tail: h = 2y, then down(rms(h)) + h. h (the norm kernel's second output)
+    dies at the product's epilogue, which cannot join the norm's kernel (it reads the product)."""
+    h = y * 2
+    n = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+    return n @ w.t() + h
+
+
+def _residual_dies_inside(y, w):
+    """... and the product's output an intermediate (the arena holds both) read by an ATen op."""
+    return torch.cumsum(_residual_dies(y, w), -1)
+
+
+@pytest.mark.parametrize("mode", ["arena", "dynamic", "dynamic-3d"])
+@pytest.mark.parametrize("cfg", ["tile", "cublas"])
+def test_epilogue_output_over_a_dying_residual(mode, cfg, data, monkeypatch):
+    """The product's output is written over a residual that dies at it (passes/inplace.py: the
+    arena plan's aliases for an intermediate; dynamic mode, where the graph's own output may
+    take the residual's tensor). The tile kernel loads each element of it before storing there;
+    the cuBLAS path adds it as C in C += A @ B, in place (addmm over the output, no epilogue pass
+    and no copy). Checked against eager and by the plan's validator. "dynamic-3d": a [B, S, K]
+    input, whose product capture writes as view, mm, view (a Llama layer's down projection)."""
+    import kiln.passes.memory as memory
+    from kiln.aot import compile_ahead
+    from kiln.passes.validate import validate_plan
+    mode, d3 = mode.removesuffix("-3d"), mode.endswith("-3d")
+    if mode == "dynamic":
+        monkeypatch.setattr(memory, "DYNAMIC_DEVICES", ("cuda", "cpu"))
+        monkeypatch.setattr(memory, "DYNAMIC_MARGIN", (-(1 << 30), -1.0))
+    fn = _residual_dies if mode == "dynamic" else _residual_dies_inside
+    calls = []
+
+    class Torch:
+        def __getattr__(self, attr):
+            return getattr(torch, attr)
+
+        @staticmethod
+        def addmm(c, a, b, out=None):
+            calls.append(out is c)
+            return torch.addmm(c, a, b, out=out)
+    monkeypatch.setattr(matmul_launch, "torch", Torch())
+    y, w = torch.randn(*((2, 20) if d3 else (40,)), 24), torch.randn(24, 24) / 5
+    base = matmul_launch.default_config
+    extra = {"GEMV": 0} if cfg == "tile" else {"ATEN": 1}
+    monkeypatch.setattr(matmul_launch, "default_config",
+                        lambda meta, interp, sms=132, tma=False: {**base(meta, interp, sms, tma), **extra})
+    compiled, _ = compile_ahead(fn, (y, w), {"target": "triton"})
+    g = compiled.graph
+    plan = g.meta["memory_plan"]
+    [mm] = [n for n in g.nodes if n.op == "kiln.matmul"]
+    [norm] = [n for n in g.nodes if n.op == "kiln.fused" and n.attrs["kind"] == "reduction"]
+    assert plan.mode == mode and plan.overwrites.get(mm.outputs[0].name) in {v.name for v in norm.outputs}, \
+        plan.overwrites
+    assert validate_plan(g, plan) == []
+    with torch.no_grad():
+        for _ in range(2):
+            torch.testing.assert_close(compiled(y, w)[0], fn(y, w), rtol=1e-4, atol=1e-4)
+    # the first call writes aside (runtime/executor.py _launch_aside: a first launch may tune and
+    # re-run): the output is not on the residual then, and the product takes mm and the pass
+    assert calls == ([True] if cfg == "cublas" else []), calls

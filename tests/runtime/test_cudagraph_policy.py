@@ -46,3 +46,26 @@ def test_gpu_bound_decision_skips_the_per_call_work():
     assert r(marker) == "ran" and seen == [(marker,)] and r.key is None    # no per-call key taken
     r.launch_bound, r.calls = False, 1  # still warming up: the decision may change
     assert r(marker) == "ran" and r.key == (marker,)
+
+
+def test_second_capture_only_where_memory_allows(monkeypatch):
+    """Inference outputs come from two captures in turn (no clone) when the second capture's
+    memory is affordable: always with an arena plan (it adds only its outputs), with a dynamic
+    plan while its peak is under SPARE_SHARE of the free device memory, never with memory tiers."""
+    import types
+    from kiln.runtime import cudagraphs
+    from kiln.runtime.cudagraphs import SPARE_SHARE, CudaGraphRunner
+
+    def runner(mode, peak, tiers=None):
+        plan = types.SimpleNamespace(mode=mode, device_bytes=peak, peak_bytes=0)
+        return CudaGraphRunner(compiled=types.SimpleNamespace(plan=plan, _tiers=tiers), policy="always")
+
+    free = 100 << 30
+    fake_cuda = types.SimpleNamespace(**{k: getattr(torch.cuda, k) for k in ("CUDAGraph", "graph", "Stream")},
+                                      mem_get_info=lambda: (free, 141 << 30), is_available=lambda: False)
+    monkeypatch.setattr(cudagraphs.torch, "cuda", fake_cuda)
+    assert runner("arena", 1 << 40)._spare_fits()
+    assert runner("dynamic", 152 << 20)._spare_fits()                  # a Llama layer
+    assert not runner("dynamic", int(SPARE_SHARE * free) + 1)._spare_fits()
+    assert not runner("arena", 0, tiers=object())._spare_fits()
+    assert not CudaGraphRunner(compiled=None)._spare_fits()
