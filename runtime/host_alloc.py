@@ -81,13 +81,15 @@ class OutputPool:
         self.stores: list = []          # UntypedStorage, oldest first
         self.lock = threading.Lock()    # two threads calling graphs must not take the same one
 
-    def take(self, nbytes: int):
-        """An idle storage of exactly ``nbytes`` (moved to the back: most recently used), else None."""
+    def take(self, nbytes: int, shape, strides, dtype) -> torch.Tensor | None:
+        """A tensor over an idle storage of exactly ``nbytes`` (moved to the back: most recently
+        used), else None. Made under the lock: until the tensor holds it, another thread would
+        see the storage idle too."""
         with self.lock:
             for i, st in enumerate(self.stores):
                 if st.nbytes() == nbytes and _use_count(st) == 1:
                     self.stores.append(self.stores.pop(i))
-                    return st
+                    return torch.empty(0, dtype=dtype).set_(st, 0, shape, strides)
         return None
 
     def add(self, st) -> None:
@@ -118,9 +120,9 @@ def empty_strided(shape, strides, dtype, device, pool: OutputPool | None = POOL)
         return torch.empty_strided(shape, strides, dtype=dtype, device=dev)
     nbytes = _nbytes(shape, strides, dtype)
     if nbytes >= MIN_BYTES and pool is not None:
-        st = pool.take(nbytes)
-        if st is not None:
-            return torch.empty(0, dtype=dtype).set_(st, 0, shape, strides)
+        t = pool.take(nbytes, shape, strides, dtype)
+        if t is not None:
+            return t
     t = torch.empty_strided(shape, strides, dtype=dtype, device=dev)
     if nbytes >= MIN_BYTES:
         advise_huge(t)
