@@ -34,6 +34,12 @@ t() {       # name, seconds, dir, command...
 }
 steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(tests timing suite:llama_layer profile:llama_layer)
+for step in "${steps[@]}"; do   # all checked before any runs: device time is scarce
+    case $step in
+        tests|timing|suite:?*|profile:?*) ;;
+        *) echo "unknown step $step (tests, timing, suite:CASES, profile:CASES)"; exit 2 ;;
+    esac
+done
 for step in "${steps[@]}"; do
     case $step in
         tests) TAIL=6 t tests_B 240 "$B" python3 -m pytest -m "gpu and not timing" tests -rf -n 8 -q -p no:cacheprovider ;;
