@@ -311,7 +311,7 @@ def render(lk: LoopKernel) -> tuple[str, dict]:
     src = ENV.get_template("numba_kernel.py.j2").render(
         kind=lk.kind, ops=list(dict.fromkeys(lk.ops)), imports=imports, math_hash=SOURCE_HASH,
         params=params, body=L, entry=ENTRY, rows=rows, min_rows=min_rows, fastmath=FASTMATH,
-        variants=variants, unpack=unpack)
+        variants=variants, unpack=unpack, variant_names=[f"_rows_out{j}_in{i}" for j, i, _ in variants])
     return src, {"entry": ENTRY, "rows": rows, "min_rows": min_rows, "pointers": bool(unpack)}
 
 

@@ -32,11 +32,12 @@ import time
 
 import numpy as np
 
-# kiln's own threads unless KILN_CPU_POOL says omp or auto: those run Python callbacks on
-# libgomp's threads, and one full-suite run of four crashed (SIGSEGV in a later eager ATen op of
-# the same process) with only the OpenMP team in use; until kernels enter the team as native
-# code (a numba cfunc), the faster team on a quiet machine is opt-in.
-DEFAULT_POOL = "threads"
+# The adaptive choice unless KILN_CPU_POOL says otherwise. The OpenMP team runs a kernel's native
+# entry (a numba cfunc over one int64 argument block: no Python, no GIL on libgomp's threads);
+# a kernel without one (buffers passed as numpy arrays) stays on kiln's threads under "auto".
+# Python callbacks on libgomp's threads ("omp" for such a kernel) are what crashed one
+# full-suite run of four (SIGSEGV in a later eager ATen op of the same process).
+DEFAULT_POOL = "auto"
 POOLS = ("threads", "omp", "auto")
 
 
@@ -97,6 +98,8 @@ _torch = None
 
 
 _omp = None                       # libgomp's GOMP_parallel, False when not usable
+_omp_raw = None                   # the same, taking a native function's address
+_natives: dict = {}               # a kernel's Python-level native entry -> its compiled cfunc
 _omp_jobs: dict[int, tuple] = {}
 _omp_keys = itertools.count(1)
 
@@ -124,10 +127,15 @@ def _openmp():
                 with open("/proc/self/maps") as f:
                     loaded = path in f.read()
                 if loaded:
+                    global _omp_raw
                     lib = ctypes.CDLL(path)
-                    lib.GOMP_parallel.argtypes = [type(_OMP_BODY), ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
-                    lib.GOMP_parallel.restype = None
-                    _omp = lib.GOMP_parallel
+                    fn = lib["GOMP_parallel"]           # (indexing makes a new function object)
+                    fn.argtypes = [type(_OMP_BODY), ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
+                    fn.restype = None
+                    raw = lib["GOMP_parallel"]
+                    raw.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
+                    raw.restype = None
+                    _omp, _omp_raw = fn, raw
         except (OSError, AttributeError):
             _omp = False
     return _omp
@@ -170,6 +178,30 @@ def _run_omp(omp, kernel, n, job) -> None:
         del _omp_jobs[key]
     if errors:
         raise errors[0]
+
+
+def _native(entry):
+    """The kernel's native entry compiled (numba's disk cache keeps it), once per process."""
+    cf = _natives.get(entry)
+    if cf is None:
+        import numba
+        enabled = gc.isenabled()
+        gc.disable()                    # as _first_call: numba's compiler and torch's object count
+        try:
+            cf = _natives[entry] = numba.cfunc(numba.types.void(numba.types.voidptr), nopython=True,
+                                               cache=True)(entry)
+        finally:
+            if enabled:
+                gc.enable()
+    return cf
+
+
+def _run_native(entry, n, job) -> None:
+    """libgomp's team runs the kernel's native entry over the launch's arguments as one int64
+    block (the chunk counter's address first); ctypes releases the GIL for the whole launch."""
+    ctr, rest = job[0], job[1:]
+    block = np.array([ctr.ctypes.data, *rest], np.int64)
+    _omp_raw(_native(entry).address, block.ctypes.data, n, 0)
 
 
 def _run_own(kernel, n, job, rows, chunk) -> None:
@@ -245,7 +277,7 @@ class PoolChoice:
 _choices: dict = {}
 
 
-def parallel_for(kernel, rows: int, min_rows: int, *args) -> None:
+def parallel_for(kernel, rows: int, min_rows: int, *args, native=None) -> None:
     """Run ``kernel`` over rows ``[0, rows)`` on up to ``threads()`` threads, each taking chunks of
     at least ``min_rows`` rows (about CHUNKS_PER_THREAD per thread) until none is left; return
     when every chunk is done. The team is PyTorch's OpenMP team or kiln's own pool, chosen per
@@ -262,11 +294,12 @@ def parallel_for(kernel, rows: int, min_rows: int, *args) -> None:
     job = (ctr, chunk, rows, *args)
     pool = pool_setting()
     omp = _openmp() if pool != "threads" else False
-    if not omp:
+    native = native if omp and all(type(a) is int for a in args) else None
+    if not omp or (pool == "auto" and native is None):
         _run_own(kernel, n, job, rows, chunk)
         return
     if pool == "omp":
-        _run_omp(omp, kernel, n, job)
+        _run_native(native, n, job) if native is not None else _run_omp(omp, kernel, n, job)
         return
     choice = _choices.get(kernel)
     if choice is None:
@@ -274,7 +307,7 @@ def parallel_for(kernel, rows: int, min_rows: int, *args) -> None:
     team = choice.pick()
     t0 = time.perf_counter()
     if team == "omp":
-        _run_omp(omp, kernel, n, job)
+        _run_native(native, n, job)
     else:
         _run_own(kernel, n, job, rows, chunk)
     choice.record(team, time.perf_counter() - t0)
