@@ -32,8 +32,8 @@ def test_choice_follows_the_faster_team_and_keeps_trying_the_other():
 
 @pytest.mark.parametrize("pool", ["auto", "omp", "threads"])
 def test_multithreaded_launch_matches_eager(pool, monkeypatch):
-    """The OpenMP team (opt-in: see numba_runtime.DEFAULT_POOL) runs in a child process, so a
-    crash it might cause stays there and fails this test alone."""
+    """The OpenMP team and the adaptive choice (the default: see numba_runtime.DEFAULT_POOL) run
+    in a child process, so a crash they might cause stays there and fails this test alone."""
     if numba_runtime.threads() < 2:
         pytest.skip("one CPU: launches run on the caller alone")
     if pool != "threads":
@@ -59,6 +59,25 @@ def _launch_matches_eager():
         got = compiled(x, b)
         for g, w in zip(got, want):
             torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)     # gelu: erf32 is 4e-7 absolute
+
+
+def test_openmp_team_runs_native_entries(monkeypatch):
+    """On PyTorch's OpenMP team a kernel runs its native entry (a numba cfunc over an int64
+    argument block), never a Python callback on libgomp's threads; eager's result."""
+    if numba_runtime.threads() < 2:
+        pytest.skip("one CPU: launches run on the caller alone")
+    monkeypatch.setenv("KILN_CPU_POOL", "omp")
+    if not numba_runtime._openmp():
+        pytest.skip("ATen's parallel backend is not OpenMP")
+
+    def callback(*a):
+        raise AssertionError("a Python callback ran on the OpenMP team")
+    native = []
+    run_native = numba_runtime._run_native
+    monkeypatch.setattr(numba_runtime, "_run_omp", callback)
+    monkeypatch.setattr(numba_runtime, "_run_native", lambda *a: native.append(a[0]) or run_native(*a))
+    _launch_matches_eager()
+    assert native and all(n.__name__.startswith("_native_rows") for n in native)
 
 
 def test_unknown_pool_is_rejected(monkeypatch):
