@@ -12,8 +12,9 @@ arguments as one int64 block, so no Python runs on libgomp's threads): after an 
 threads spin waiting for more work (for tens of ms on the benchmark VM's Xeon), so they start
 at once, where a separate kiln thread shares a core with a spinning one (a 4096x2048 softmax
 right after an eager one: 6.0 ms on kiln's threads, 4.2 on the team, 3.9 either way alone);
-but GOMP_parallel ends in a barrier, so when other processes hold the cores a launch waits for a descheduled team thread (measured on 2 shared cores: medians of
-8-12 ms, fp32 4096x2048 softmax/RMSNorm/GELU, as eager's and Inductor's own stalls). Or kiln's
+but GOMP_parallel ends in a barrier, so when other processes hold the cores a launch waits
+for a descheduled team thread (measured on 2 shared cores: medians of 8-12 ms, fp32 4096x2048
+softmax/RMSNorm/GELU, as eager's and Inductor's own stalls). Or kiln's
 own daemon threads, waiting on plain locks (a futex each way, no Future or queue per launch),
 where the launcher waits for finished chunks, never for a thread that has not started (2.4-5 ms
 medians under the same load). PoolChoice picks per kernel by measured launch time.
