@@ -3,7 +3,7 @@
 
     python bench/probe_dual_dot.py     (an sm90+ GPU)
 """
-import json, sys
+import json
 import torch, triton, triton.language as tl
 import torch.nn.functional as F
 from triton.tools.tensor_descriptor import TensorDescriptor
@@ -84,6 +84,14 @@ def round_robin(runs: dict, reps: int, turns: int = 3) -> dict:
         for k, (_, f) in runs.items():
             times[k].append(bench(f, reps=reps, rounds=5))
     return times
+
+
+def report(runs: dict, times: dict, dims: dict, base: str, key: str) -> None:
+    """One JSON line per run, fastest first: its config, best time and ratio to run ``base``."""
+    ref = min(times[base])
+    for k, (cfg, _) in sorted(runs.items(), key=lambda kv: min(times[kv[0]])):
+        t = min(times[k])
+        print(json.dumps({**dims, **(cfg or {"case": k}), "ms": round(t, 4), key: round(t / ref, 3)}), flush=True)
 
 
 def main(M=8192, K=2048, N=5632):

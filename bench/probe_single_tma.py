@@ -7,12 +7,12 @@ Timed round robin in one process.
 
     python bench/probe_single_tma.py     (an sm90+ GPU)
 """
-import json, os, sys
+import os, sys
 import torch, triton, triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from probe_dual_dot import _tile, round_robin, trial  # noqa: E402  (the probes' tile order, trial, timing)
+from probe_dual_dot import _tile, report, round_robin, trial  # noqa: E402  (the probes' tile order, trial, timing)
 
 
 @triton.jit
@@ -71,11 +71,7 @@ def main(M, K, N):
                        STORE=store, num_warps=wp, num_stages=st))
         trial(runs, cfg, f, out, ref)
     times = round_robin(runs, reps=40)
-    base = min(times["cublas_mm"])
-    for k, (cfg, _) in sorted(runs.items(), key=lambda kv: min(times[kv[0]])):
-        t = min(times[k])
-        print(json.dumps({"M": M, "K": K, "N": N, **(cfg or {"case": k}), "ms": round(t, 4),
-                          "of_cublas_mm": round(t / base, 3)}), flush=True)
+    report(runs, times, {"M": M, "K": K, "N": N}, "cublas_mm", "of_cublas_mm")
 
 
 if __name__ == "__main__":

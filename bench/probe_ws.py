@@ -8,12 +8,12 @@ MLP's (8192x4096 -> 11008) shapes.
 
     python bench/probe_ws.py      (an sm90+ GPU)
 """
-import json, os, sys
+import os, sys
 import torch, triton, triton.language as tl
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from probe_dual_dot import _tile, round_robin, trial  # noqa: E402  (the probes' tile order, trial, timing)
+from probe_dual_dot import _tile, report, round_robin, trial  # noqa: E402  (the probes' tile order, trial, timing)
 from probe_pair_rows import swiglu, view  # noqa: E402  (kiln's kernel, as probed before)
 
 
@@ -101,11 +101,7 @@ def main(M, K, N):
     runs["kiln_host"][1]()
     runs["kiln_host"][0]["err"] = round(((out.float() - ref).norm() / ref.norm()).item(), 5)
     times = round_robin(runs, reps=40)
-    base = min(times["cublas_two_mm"])
-    for k, (cfg, _) in sorted(runs.items(), key=lambda kv: min(times[kv[0]])):
-        t = min(times[k])
-        print(json.dumps({"M": M, "K": K, "N": N, **(cfg or {"case": k}), "ms": round(t, 4),
-                          "of_cublas": round(t / base, 3)}), flush=True)
+    report(runs, times, {"M": M, "K": K, "N": N}, "cublas_two_mm", "of_cublas")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ Nothing here is compiled into a kernel, so changing it never invalidates numba's
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import itertools
@@ -153,17 +154,24 @@ def threads() -> int:
     return max(1, min(_torch.get_num_threads(), _CPUS))
 
 
-def _first_call(kernel, args) -> None:
-    """Compile (or load from numba's disk cache) with the cyclic GC paused: numba's compiler
-    allocates many small objects, and with torch loaded every collection it triggers walks
-    hundreds of thousands of objects (measured: ~20% of a kernel's compile time)."""
+@contextlib.contextmanager
+def _gc_paused():
+    """Numba compiles with the cyclic GC paused: its compiler allocates many small objects, and
+    with torch loaded every collection it triggers walks hundreds of thousands of objects
+    (measured: ~20% of a kernel's compile time)."""
     enabled = gc.isenabled()
     gc.disable()
     try:
-        kernel(np.zeros(2, np.int64), 1, 0, *args)
+        yield
     finally:
         if enabled:
             gc.enable()
+
+
+def _first_call(kernel, args) -> None:
+    """Compile (or load from numba's disk cache) with the cyclic GC paused."""
+    with _gc_paused():
+        kernel(np.zeros(2, np.int64), 1, 0, *args)
 
 
 def same_memory(a, b) -> bool:
@@ -189,14 +197,9 @@ def _native(entry):
     cf = _natives.get(entry)
     if cf is None:
         import numba
-        enabled = gc.isenabled()
-        gc.disable()                    # as _first_call: numba's compiler and torch's object count
-        try:
+        with _gc_paused():
             cf = _natives[entry] = numba.cfunc(numba.types.void(numba.types.voidptr), nopython=True,
                                                cache=True)(entry)
-        finally:
-            if enabled:
-                gc.enable()
     return cf
 
 

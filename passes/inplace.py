@@ -93,6 +93,11 @@ def matmul_elementwise_safe(n: Node, out, inp) -> bool:
     return elementwise_safe(grp, outs[0], res[0], "triton")
 
 
+def writes_in_place(n: Node, out, inp, target: str) -> bool:
+    """elementwise_safe for a fused kernel, matmul_elementwise_safe for a matmul's epilogue."""
+    return elementwise_safe(n, out, inp, target) if n.op == "kiln.fused" else matmul_elementwise_safe(n, out, inp)
+
+
 def reuse_in_place(g: Graph, bufs: dict, roots: dict[str, set[str]], target: str = "cpu"
                    ) -> tuple[dict[str, str], dict[str, str]]:
     """Merge each kernel output into the buffer of an input that dies at that kernel, where
@@ -104,7 +109,6 @@ def reuse_in_place(g: Graph, bufs: dict, roots: dict[str, set[str]], target: str
     for i, n in enumerate(g.nodes):
         if n.op not in ("kiln.fused", "kiln.matmul"):
             continue
-        safe = elementwise_safe if n.op == "kiln.fused" else lambda n, v, u, t: matmul_elementwise_safe(n, v, u)
         taken: set[str] = set()
         ins = n.inputs()
         for v in n.outputs:
@@ -117,7 +121,7 @@ def reuse_in_place(g: Graph, bufs: dict, roots: dict[str, set[str]], target: str
                     continue
                 if any(w is not u and r in {home(x) for x in roots.get(w.name, ())} for w in ins):
                     continue            # the kernel also reads this storage through another value
-                if not safe(n, v, u, target):
+                if not writes_in_place(n, v, u, target):
                     continue
                 bufs[r].end = bufs.pop(v.name).end
                 aliases[v.name], overwrites[v.name] = r, u.name
@@ -157,11 +161,10 @@ def dynamic_overwrites(g: Graph, overwrites: dict[str, str], target: str = "cpu"
 
     for i, n in enumerate(g.nodes):
         if n.op in ("kiln.fused", "kiln.matmul"):
-            safe = elementwise_safe if n.op == "kiln.fused" else lambda n, v, u, t: matmul_elementwise_safe(n, v, u)
             for v in n.outputs:
                 if v.name in out:
                     continue
-                u = next((u for u in n.inputs() if dies_here(u, i, n) and safe(n, v, u, target)), None)
+                u = next((u for u in n.inputs() if dies_here(u, i, n) and writes_in_place(n, v, u, target)), None)
                 if u is not None:
                     out[v.name] = u.name
                     taken.add(u.name)

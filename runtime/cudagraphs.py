@@ -36,6 +36,8 @@ import weakref
 
 import torch
 
+from .host_alloc import _use_count
+
 MAX_CAPTURES = 4
 # "auto" replays when issuing the graph took the host at least this fraction of the GPU's time
 # between a call's start and end events (the least of each over the timed warm-up calls), plus
@@ -75,11 +77,6 @@ def should_replay(host_ms: float, gpu_ms: float, copy_ms: float) -> bool:
 
 
 _LIVE: "weakref.WeakSet[CudaGraphRunner]" = weakref.WeakSet()
-
-
-def _use_count(storage) -> int:
-    """How many tensors hold this storage."""
-    return torch._C._storage_Use_Count(storage._cdata)
 
 
 def _handed(but=None) -> frozenset:

@@ -70,6 +70,7 @@ POOL_ENTRIES = 64              # storages tracked at most (held or idle); beyond
 
 
 def _use_count(st) -> int:
+    """How many tensors (and storage objects) hold this storage."""
     return torch._C._storage_Use_Count(st._cdata)
 
 
