@@ -284,7 +284,11 @@ def test_tma_kernel_reads_a_weight_pair_as_one_view(order, data, monkeypatch, de
     buf = torch.randn(2 * 24 * 48 + 16)
     lo, hi = buf[:24 * 48].view(24, 48), buf[24 * 48 + 16:].view(24, 48)
     g, u = (hi, lo) if order == "up_below" else (lo, hi)
-    run(lambda x, g, u: F.silu(F.linear(x, g)) * F.linear(x, u), x, g, u, cfg=TMA, monkeypatch=monkeypatch)
+    # outputs reach ~1e2 (fp32 sums of 48 products of unit normals, multiplied): an element where
+    # silu(gate) cancels to ~1e-2 differed by 1.4e-5 from eager in one test order (numpy's summation
+    # order in the interpreter), so the absolute tolerance is 1e-5 of the outputs' scale
+    run(lambda x, g, u: F.silu(F.linear(x, g)) * F.linear(x, u), x, g, u, cfg=TMA, monkeypatch=monkeypatch,
+        atol=1e-3)
     assert sorted(len(d.shape) for d in descriptors) == [2, 2, 3]     # A, the output, both weights
 
 
