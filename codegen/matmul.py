@@ -364,7 +364,7 @@ def build(node: Node, target: str, cache_dir: str, autotune: bool = False) -> Ke
     body = node.body
     nodes = {o.name: n for n in body.nodes for o in n.outputs}
     segs = [{"n": s["n"], "b": s["b"], "P": len(s["acc"]), "out": s["outputs"][0] if s["outputs"] else None,
-             "direct": len(s["acc"]) == 1 and not s["groups"] and s["stores"] == s["acc"],
+             "outs": s["outputs"], "direct": not s["groups"] and s["stores"] == s["acc"],
              "inplace": _inplace(s, node, nodes), "bias": _bias(s, node, nodes) if plan["batch"] == 1 else None,
              "residual": _bias(s, node, nodes, full=True) if plan["batch"] == 1 and len(s["acc"]) == 1 else None}
             for s in plan["segments"]]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 
 from kiln.autotune.space import Config, Estimate, Problem, Space, cdiv, next_pow2, register_space
+from kiln.passes.matmul import CUBLAS_MIN_FLOPS, CUBLAS_MIN_M
 
 # Measured on an H100 (bench/matmul.py --sweep, device time, bf16): for 1x4096 . 4096->11008 the
 # GEMV kernel with DEFER+PREFETCH, BLOCK_N=16, BLOCK_K=512, 4 warps ran 0.0335 ms (90% of the copy
@@ -44,8 +45,13 @@ from kiln.autotune.space import Config, Estimate, Problem, Space, cdiv, next_pow
 # process, against cuBLAS's two products): at K = 2048 1.065x (flattened; 1.110x with pointer
 # stores and GROUP_M 8), at K = 4096 0.993-0.995x flattened (1.013x before); GROUP_M 16 beat 8
 # in 7 of 8 pairs, by ~1%.
+# PAIR_NOTE. Two plain products of one weight shape (GQA's k and v, passes/matmul._plain_units)
+# at Llama's 8192x2048 -> 256 each (bench/probe_kv_pair.py, H200, round robin): cuBLAS's two
+# products 0.0288 ms, the TMA kernel over the pair view 0.0253 (128x128x64, 8 warps, 3 stages,
+# flattened; 4 stages not flattened 0.0255), one cuBLAS product over the weights concatenated
+# 0.0250. At Llama-3-8B's 8192x4096 -> 1024 each the same kernel took 1.005x cuBLAS's: a pair
+# whose products are large enough alone stays on cuBLAS.
 GEMV_KERNEL_MAX_M = 4        # above this the tiled kernel with BLOCK_M=16 streams B as well
-CUBLAS_MIN_FLOPS = 2 ** 35
 
 
 def _tf32() -> bool:
@@ -92,13 +98,20 @@ def default_config(meta: dict, interpret: bool, sms: int = 132, tma: bool = Fals
         # templates, replayed in 1.43 ms on an H200 against eager's 1.15 ms; this is the suspect,
         # not yet measured on its own.)
         return {**base, "ATEN": 1, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4}
-    if M >= 1024 and flops >= CUBLAS_MIN_FLOPS and not meta["prologue"]:
+    lay = meta.get("tma") or {}
+    if meta.get("identity") and P == 2 and M >= CUBLAS_MIN_M and not meta["prologue"]:
+        # two plain products (passes/matmul._plain_units): one launch over both where the device
+        # has TMA and they are too small to fill it alone (PAIR_NOTE); else cuBLAS's two products
+        if tma and itemsize == 2 and lay.get("pair") and flops < 2 * CUBLAS_MIN_FLOPS:
+            return {**base, "TMA": 1, "BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8,
+                    "num_stages": 3, "FLATTEN": 1}
+        return {**base, "ATEN": 1, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4}
+    if M >= CUBLAS_MIN_M and flops >= CUBLAS_MIN_FLOPS and not meta["prologue"]:
         if tma and itemsize == 2 and not meta["identity"]:
             # an epilogue cuBLAS cannot run: the persistent TMA kernel fuses it (see TMA_NOTE)
             if P == 1:
                 return {**base, "TMA": 1, "BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "FLATTEN": 1,
                         "num_warps": 8, "num_stages": 3}
-            lay = meta.get("tma") or {}
             if P == 2 and lay.get("pair"):
                 return {**base, "TMA": 1, "BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8,
                         "num_stages": 3, "FLATTEN": int(K <= 2048 or bool(lay.get("stores"))), "GROUP_M": 16}

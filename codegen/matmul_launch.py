@@ -137,8 +137,8 @@ def load_matmul(k: Kernel) -> None:
             o = outs[s["out"]] if s["out"] is not None else None
             inplace = not s["direct"] and s.get("inplace") and apart(o, ins)
             for j, b in enumerate(s["b"]):
-                if s["direct"]:
-                    p = mm(a, ins[b], out=o)
+                if s["direct"]:                     # each product is an output as it is
+                    p = mm(a, ins[b], out=outs[s["outs"][j]])
                 elif s.get("bias") is not None:     # product + bias: cuBLAS's bias epilogue
                     bias, oi = s["bias"][j]
                     p = torch.addmm(ins[bias], a, ins[b], out=outs[oi].view(*a.shape[:-1], s["n"]))

@@ -9,7 +9,9 @@ does the work that would otherwise re-read its output or its input.
 - Horizontal: matmuls reading the same A with weights (graph inputs or constants, possibly
   permuted views) run as one launch; each is a segment of the N tiles (Q/K/V). Matmuls whose
   products meet in one epilogue group (SwiGLU's silu(gate) * up) share a segment with one
-  accumulator each, so the [M, 2N] intermediate never exists.
+  accumulator each, so the [M, 2N] intermediate never exists. At cuBLAS's sizes, plain products
+  (no epilogue) are split instead: each stays with cuBLAS, and two of one weight shape (GQA's k
+  and v) run as one launch.
 
 Values "in the linear order" of a segment are those whose row-major element ``x`` is the
 product's element ``x``: the product, its reshapes, and outputs of absorbed groups that walk
@@ -32,6 +34,11 @@ LEAF_VIEWS = ORDER_VIEWS | {"aten.permute.default", "aten.t.default", "aten.tran
                             "aten.expand.default"}
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 GEMV_MAX_M = 16
+# Products at least this tall and this large run on cuBLAS unless their epilogue needs kiln's
+# kernel (codegen/matmul_config.py measures the line); plain products sharing A are then split
+# into their own launches here, so each can take the faster of the two.
+CUBLAS_MIN_M = 1024
+CUBLAS_MIN_FLOPS = 2 ** 35
 PROLOGUE_MAX_OPS = 8
 
 
@@ -183,22 +190,25 @@ class _Analysis:
         return []
 
 
-def _segments(an: _Analysis, group: list[Node]) -> list[list[Node]]:
+def _reach(an: _Analysis, m: Node) -> set[int]:
+    """The pointwise groups product ``m`` reaches through order-keeping views and pointwise
+    groups (up to 8): where an epilogue could come from."""
+    seen, frontier, groups = set(), [m.out.name], set()
+    while frontier and len(groups) < 8:
+        for u in an.users.get(frontier.pop(), []):
+            if (u.op in ORDER_VIEWS or _pointwise_group(u)) and id(u) not in seen:
+                seen.add(id(u))
+                frontier.extend(o.name for o in u.outputs)
+                if _pointwise_group(u):
+                    groups.add(id(u))
+    return groups
+
+
+def _segments(an: _Analysis, group: list[Node], reach: dict[int, set[int]]) -> list[list[Node]]:
     """Split matmuls sharing A into segments: those whose products meet in a pointwise group
     (directly, or through a chain of pointwise groups: fusion may split silu(gate) * up when
     the merged group would hold the gate product in memory) share a segment if their B shapes
     are equal; the others are one segment each."""
-    reach: dict[int, set[int]] = {}
-    for m in group:
-        seen, frontier, groups = set(), [m.out.name], set()
-        while frontier and len(groups) < 8:
-            for u in an.users.get(frontier.pop(), []):
-                if (u.op in ORDER_VIEWS or _pointwise_group(u)) and id(u) not in seen:
-                    seen.add(id(u))
-                    frontier.extend(o.name for o in u.outputs)
-                    if _pointwise_group(u):
-                        groups.add(id(u))
-        reach[id(m)] = groups
     segs: list[list[Node]] = []
     for m in group:
         home = next((s for s in segs if reach[id(m)] & reach[id(s[0])]
@@ -208,6 +218,30 @@ def _segments(an: _Analysis, group: list[Node]) -> list[list[Node]]:
         else:
             home.append(m)
     return segs
+
+
+def _plain_units(group: list[Node]) -> list[list[list[Node]]]:
+    """Plain products (no epilogue) sharing A at cuBLAS's sizes, each its own launch, except
+    that two of one weight shape share one (GQA's k and v: 8192x2048 -> 256 each leave most of an
+    H200 idle on cuBLAS, 0.0288 ms for both, where one launch over the pair took 0.0253,
+    bench/probe_kv_pair.py). A single plain product stays an ATen call (matmul_fusion)."""
+    units: list[list[list[Node]]] = []
+    waiting: dict[tuple, list[Node]] = {}
+    for m in group:
+        key = tuple(m.args[1].type.shape)
+        mate = waiting.pop(key, None)
+        if mate is not None:
+            mate.append(m)
+        else:
+            waiting[key] = [m]
+            units.append([waiting[key]])
+    return units
+
+
+def _cublas_sized(group: list[Node]) -> bool:
+    M, K = group[0].args[0].type.shape[-2:]
+    n = sum(m.out.type.shape[-1] for m in group)
+    return all(m.op == "aten.mm.default" for m in group) and M >= CUBLAS_MIN_M and 2 * M * K * n >= CUBLAS_MIN_FLOPS
 
 
 def matmul_fusion(g: Graph, options=None) -> Graph:
@@ -224,7 +258,14 @@ def matmul_fusion(g: Graph, options=None) -> Graph:
     taken: set[int] = set()
     units: list[tuple[list[Node], Node, set[int]]] = []
     for group in by_a.values():
-        for attempt in ([_segments(an, group)] if len(group) > 1 else []) + [[[m]] for m in group]:
+        attempts = [[[m]] for m in group]
+        if len(group) > 1:
+            reach = {id(m): _reach(an, m) for m in group}
+            if _cublas_sized(group) and not any(reach.values()):
+                attempts = _plain_units(group) + attempts
+            else:
+                attempts = [_segments(an, group, reach)] + attempts
+        for attempt in attempts:
             if any(id(m) in taken for seg in attempt for m in seg):
                 continue
             built = _build(an, attempt, taken, g, autotune)

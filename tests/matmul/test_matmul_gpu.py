@@ -122,3 +122,16 @@ def test_tma_kernel_falls_back_on_an_unaligned_input(descriptors):
     x = torch.randn(M, N, device="cuda", dtype=BF)
     _check(lambda h, d, x: F.linear(h, d) + x, h, d, x)
     assert not descriptors
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+                    reason="needs a GPU with TMA (sm90+)")
+def test_gqa_projections_run_k_and_v_as_one_tma_launch(descriptors):
+    """Plain q, k, v projections at cuBLAS's sizes (Llama's GQA: k and v a quarter of q's width
+    here): q stays with cuBLAS, k and v run as one TMA launch over both weights; bf16 against eager."""
+    torch.manual_seed(0)
+    M, E, NQ, NKV = 4096, 2048, 2048, 256
+    x = torch.randn(M, E, device="cuda", dtype=BF)
+    q, k, v = (torch.randn(n, E, device="cuda", dtype=BF) / E ** 0.5 for n in (NQ, NKV, NKV))
+    _check(lambda x, q, k, v: (F.linear(x, q), F.linear(x, k), F.linear(x, v)), x, q, k, v)
+    assert sorted(len(d.shape) for d in descriptors[:4]) == [2, 2, 2, 3], [d.shape for d in descriptors]  # a call

@@ -292,6 +292,37 @@ def test_tma_kernel_reads_a_weight_pair_as_one_view(order, data, monkeypatch, de
     assert sorted(len(d.shape) for d in descriptors) == [2, 2, 3]     # A, the output, both weights
 
 
+@pytest.mark.parametrize("mode", ["tile", "cublas", "tma"])
+def test_plain_weight_pair_stores_both_products(mode, data, monkeypatch, descriptors):
+    """GQA's k and v at cuBLAS's sizes (thresholds lowered here): one launch over both weights
+    whose products are both outputs, against eager in the tile kernel, through cuBLAS (each
+    product written straight out) and in the TMA kernel (the pair view in, two descriptors out)."""
+    from kiln.passes import matmul as mm_pass
+    monkeypatch.setattr(mm_pass, "CUBLAS_MIN_M", 40)
+    monkeypatch.setattr(mm_pass, "CUBLAS_MIN_FLOPS", 1)
+    x, wk, wv = data["x"], torch.randn(16, 48), torch.randn(16, 48)
+    cfg = {"tile": {"GEMV": 0}, "cublas": {"ATEN": 1}, "tma": TMA}[mode]
+    if mode == "tma":
+        monkeypatch.setattr(matmul_launch, "torch", _SmallGrid(monkeypatch))
+    run(lambda x, k, v: (F.linear(x, k), F.linear(x, v)), x, wk, wv, cfg=cfg, monkeypatch=monkeypatch,
+        atol=1e-4)
+    if mode == "tma":
+        assert sorted(len(d.shape) for d in descriptors) == [2, 2, 2, 3]   # A, k, v, both weights
+
+
+def test_default_config_runs_a_small_plain_pair_with_tma():
+    """Two plain products (the pass's split) too small to fill the GPU alone run as one TMA launch
+    (PAIR_NOTE); larger ones, or without TMA, stay cuBLAS's two products."""
+    from kiln.codegen.matmul_config import default_config
+    meta = {"M": 8192, "K": 2048, "batch": 1, "segments": [{"n": 256, "P": 2}], "gemv": False,
+            "prologue": False, "dtype": "bfloat16", "identity": True, "tma": {"pair": True, "stores": [0, 1]}}
+    cfg = default_config(meta, interpret=False, tma=True)
+    assert (cfg["TMA"], cfg["BLOCK_N"], cfg["FLATTEN"], cfg["num_stages"]) == (1, 128, 1, 3)
+    assert default_config({**meta, "K": 4096, "segments": [{"n": 1024, "P": 2}]}, interpret=False, tma=True)["ATEN"] == 1
+    assert default_config(meta, interpret=False, tma=False)["ATEN"] == 1
+    assert default_config({**meta, "tma": {"pair": False}}, interpret=False, tma=True)["ATEN"] == 1
+
+
 def test_tma_kernel_falls_back_on_an_unaligned_input(data, monkeypatch, descriptors):
     """TMA needs 16-byte-aligned addresses: an input one element off runs the same tile without it."""
     fn = lambda x, w, r: x @ w.t() + r       # noqa: E731

@@ -83,6 +83,32 @@ def test_horizontal_segments_and_pairs():
     assert len(seg["acc"]) == 2 and len(n.outputs) == 1 and n.outputs[0].type.shape == (40, 32)
 
 
+def test_plain_products_at_cublas_sizes_split_and_pair(monkeypatch):
+    """At cuBLAS's sizes (thresholds lowered here), plain products sharing A are split: q stays an
+    ATen call and GQA's k and v, one weight shape, share one launch with an accumulator each;
+    three of one shape pair the first two. Below those sizes all stay one launch."""
+    from kiln.passes import matmul as mm_pass
+    wq, wk, wv = torch.randn(32, 48), torch.randn(16, 48), torch.randn(16, 48)
+    qkv = lambda x, q, k, v: (F.linear(x, q), F.linear(x, k), F.linear(x, v))  # noqa: E731
+    g = compile_graph(qkv, X, wq, wk, wv)
+    assert [len(s["acc"]) for s in matmuls(g)[0].attrs["plan"]["segments"]] == [1, 1, 1]
+    monkeypatch.setattr(mm_pass, "CUBLAS_MIN_M", 40)
+    monkeypatch.setattr(mm_pass, "CUBLAS_MIN_FLOPS", 2 * 40 * 48 * 48)
+    torch._dynamo.reset()
+    g = compile_graph(qkv, X, wq, wk, wv)
+    [n] = matmuls(g)
+    [seg] = n.attrs["plan"]["segments"]
+    assert len(seg["acc"]) == 2 and seg["stores"] == seg["acc"] and not seg["groups"] and len(n.outputs) == 2
+    assert ops_of(g).count("aten.mm.default") == 1                  # q
+    torch._dynamo.reset()
+    g = compile_graph(qkv, X, wk, wv, torch.randn(16, 48))
+    assert [len(s["acc"]) for n in matmuls(g) for s in n.attrs["plan"]["segments"]] == [2]
+    assert ops_of(g).count("aten.mm.default") == 1
+    torch._dynamo.reset()                                           # an epilogue: one launch as before
+    g = compile_graph(lambda x, q, k, v: (F.linear(x, q), torch.relu(F.linear(x, k)), F.linear(x, v)), X, wq, wk, wv)
+    assert [len(s["acc"]) for s in matmuls(g)[0].attrs["plan"]["segments"]] == [1, 1, 1]
+
+
 def test_computed_b_is_not_stacked():
     def fn(x, w):
         w2 = w * 2                                  # computed at run time: not a weight
