@@ -255,7 +255,8 @@ def lower(node: Node) -> LoopKernel:
         a.xstrides, a.rstrides = st[:nx_], st[nx_:]
     stores = [Access(i, st[:nx_], st[nx_:], v.type.dtype, var_of[v.name])
               for i, (v, st) in enumerate(zip(body.outputs, strides[len(load_list):]))]
-    stmts = exact_divisions(fold_erfc(stmts, {a.var for a in stores}))
+    stored = {a.var for a in stores}
+    stmts = exact_divisions(fold_tanh(fold_erfc(stmts, stored), stored))
     return LoopKernel(node.attrs["name"], plan["kind"], xs, rs, load_list, stores, stmts, ops,
                       len(body.inputs), len(body.outputs),
                       [list(v.type.strides) for v in body.inputs], [list(v.type.strides) for v in body.outputs])
@@ -300,6 +301,35 @@ def fold_erfc(stmts: list[Stmt], stored: set[str]) -> list[Stmt]:
                 x = src.expr.args[0]
                 arg = E("neg", (x,), x.dtype) if e.op == "add" else x
                 new = Stmt(st.var, E("erfc", (arg,), e.dtype), st.dtype, st.space)
+                dropped.add(u.name)
+        out.append(new or st)
+    return [st for st in out if st.var not in dropped]
+
+
+def fold_tanh(stmts: list[Stmt], stored: set[str]) -> list[Stmt]:
+    """Where nothing else reads the tanh, ``tanh(y) + 1`` (the tanh GELU as GPT-2 writes it,
+    0.5 * x * (1 + tanh(...))) becomes ``2 * sigmoid(2 * y)``, the same value: for y < 0 the sum
+    cancels where the sigmoid keeps its digits, and it is cheaper (one exp and one reciprocal
+    where tanh takes a series, an exp and a division, both sides of a select, on a GPU)."""
+    uses: dict[str, int] = {}
+    for st in stmts:
+        for r in refs(st.expr):
+            uses[r] = uses.get(r, 0) + 1
+    by_var = {st.var: st for st in stmts}
+    dropped: set[str] = set()
+    out = []
+    for st in stmts:
+        e = st.expr
+        new = None
+        if isinstance(e, E) and e.op == "add" and compute_dtype(e.dtype) == torch.float32:
+            a, b = e.args
+            u = a if _one(b) else b if _one(a) else None
+            src = by_var.get(u.name) if isinstance(u, Ref) else None
+            if (src is not None and isinstance(src.expr, E) and src.expr.op == "tanh" and uses[u.name] == 1
+                    and u.name not in stored and compute_dtype(src.expr.dtype) == torch.float32):
+                y, dt = src.expr.args[0], e.dtype
+                sig = E("sigmoid", (E("mul", (y, Const(2.0, dt)), dt),), dt)
+                new = Stmt(st.var, E("mul", (sig, Const(2.0, dt)), dt), st.dtype, st.space)
                 dropped.add(u.name)
         out.append(new or st)
     return [st for st in out if st.var not in dropped]

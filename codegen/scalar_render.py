@@ -173,7 +173,11 @@ class TritonRenderer(Renderer):
         return f"_erfc({a})"
     def op_exp2(self, a, **k): return f"tl.exp2({a})"
     def op_log2(self, a, **k): return f"tl.log2({a})"
-    def op_sigmoid(self, a, **k): return f"tl.sigmoid({a})"
+    def op_sigmoid(self, a, e=None, **k):
+        if e is not None and e.dtype != torch.float64:
+            self.helpers.add("libdevice")
+            return f"_sigmoid({a})"
+        return f"tl.sigmoid({a})"
     def op_floor(self, a, **k): return f"tl.floor({a})"
     def op_ceil(self, a, **k): return f"tl.ceil({a})"
     def op_trunc(self, a, **k): return f"tl.where({a} < 0, tl.ceil({a}), tl.floor({a}))"

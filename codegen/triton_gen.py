@@ -98,6 +98,20 @@ def _log1p(x):
 
 
 @triton.jit
+def _sigmoid(x):
+    # fp32 1 / (1 + 2^(-x log2(e))) through ex2.approx.ftz and rcp.approx.ftz (about 2 ulp): five
+    # instructions an element where tl.sigmoid's exp and IEEE-style division take twelve; a
+    # matmul epilogue (SwiGLU's silu) runs on each tile while its tensor cores wait (bench/
+    # probe_pingpong.py). Interpreted (no inline PTX there): tl.sigmoid
+    if _INTERPRETED:
+        return tl.sigmoid(x)
+    else:
+        d = 1.0 + tl.math.exp2(x.to(tl.float32) * -1.4426950408889634)
+        return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [d], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+
+
+@triton.jit
 def _tanh(x):
     # 1 - 2 / (exp(2x) + 1) cancels for small |x| (1e-2 relative error at 1e-5). fp32: below 0.25
     # the odd series to x^11 (truncation under 1e-8 relative), above it the cancellation costs

@@ -38,7 +38,7 @@ _PTX = textwrap.dedent('''
         out.append({"loads": len(loads), "predicated": sum(l.startswith("@") for l in loads),
                     "vector": sum(".v4." in l for l in loads),
                     **{op: sum(op in l for l in ptx.splitlines()) for op in
-                       ("div.full.f32", "div.rn.f32", "sqrt.approx", "sqrt.rn.f32")}})
+                       ("div.full.f32", "div.rn.f32", "sqrt.approx", "sqrt.rn.f32", "rcp.approx.ftz.f32")}})
     print(json.dumps(out))
 ''')
 
@@ -117,3 +117,12 @@ def test_fp32_division_rounds_as_eager_where_a_rounding_op_reads_it():
     assert sum(r["div.rn.f32"] for r in res) >= 2 and sum(r["sqrt.rn.f32"] for r in res) >= 1, res
     assert not any(r["div.full.f32"] or r["sqrt.approx"] for r in res), res
     assert all(r["div.full.f32"] and not r["div.rn.f32"] for r in compiled(fast)), compiled(fast)
+
+
+def test_sigmoid_is_an_exp2_and_a_reciprocal():
+    """An fp32 sigmoid (silu's, and the tanh GELU's after lower.fold_tanh) compiles to ex2.approx and
+    rcp.approx.ftz, with no division: the SwiGLU epilogue of a matmul runs it on every tile."""
+    def model(x):
+        return F.silu(x), 0.5 * x * (1.0 + torch.tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)))
+    res = _ptx(_model_jobs(model, torch.randn(64, 256)))
+    assert all(r["rcp.approx.ftz.f32"] and not r["div.full.f32"] and not r["div.rn.f32"] for r in res), res
