@@ -99,10 +99,11 @@ def _log1p(x):
 
 @triton.jit
 def _sigmoid(x):
-    # fp32 1 / (1 + 2^(-x log2(e))) through ex2.approx.ftz and rcp.approx.ftz (about 2 ulp): five
-    # instructions an element where tl.sigmoid's exp and IEEE-style division take twelve; a
-    # matmul epilogue (SwiGLU's silu) runs on each tile while its tensor cores wait (bench/
-    # probe_pingpong.py). Interpreted (no inline PTX there): tl.sigmoid
+    # fp32 1 / (1 + 2^(-x log2(e))) through ex2.approx.ftz and rcp.approx.ftz: five instructions
+    # an element where tl.sigmoid's range-checked exp and div.full take twelve, with the same error
+    # (the exp argument's rounding: 1.7e-6 relative at |x| = 30). A matmul epilogue (SwiGLU's
+    # silu) runs on each tile while its tensor cores wait (bench/RESULTS.md, nineteenth session).
+    # Interpreted (no inline PTX there): tl.sigmoid
     if _INTERPRETED:
         return tl.sigmoid(x)
     else:
