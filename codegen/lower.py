@@ -277,11 +277,10 @@ def _one(e) -> bool:
     return isinstance(e, Const) and not isinstance(e.value, bool) and float(e.value) == 1.0
 
 
-def fold_erfc(stmts: list[Stmt], stored: set[str]) -> list[Stmt]:
-    """Where nothing else reads the erf, ``erf(x) + 1`` (GELU's CDF, forward and gelu_backward)
-    becomes ``erfc(-x)`` and ``1 - erf(x)`` becomes ``erfc(x)``. For x < 0 the sum cancels to a
-    few ulp of 1 (GELU's negative tail came out 0) where erfc keeps it, and erfc has a cheaper
-    GPU form than erf (codegen/triton_gen.py's ``_erfc``)."""
+def _fold_one_plus(stmts: list[Stmt], stored: set[str], fn: str, ops: tuple, rewrite) -> list[Stmt]:
+    """Statements ``f(x) + 1`` or ``1 + f(x)`` (and ``1 - f(x)`` where ``ops`` has "sub"), with
+    ``f`` the op ``fn`` in fp32 and its value read nowhere else, become ``rewrite(op, x, dtype)``;
+    the ``f`` statement goes."""
     uses: dict[str, int] = {}
     for st in stmts:
         for r in refs(st.expr):
@@ -292,18 +291,25 @@ def fold_erfc(stmts: list[Stmt], stored: set[str]) -> list[Stmt]:
     for st in stmts:
         e = st.expr
         new = None
-        if isinstance(e, E) and e.op in ("add", "sub") and compute_dtype(e.dtype) == torch.float32:
+        if isinstance(e, E) and e.op in ops and compute_dtype(e.dtype) == torch.float32:
             a, b = e.args
             u = a if e.op == "add" and _one(b) else b if _one(a) else None
             src = by_var.get(u.name) if isinstance(u, Ref) else None
-            if (src is not None and isinstance(src.expr, E) and src.expr.op == "erf" and uses[u.name] == 1
+            if (src is not None and isinstance(src.expr, E) and src.expr.op == fn and uses[u.name] == 1
                     and u.name not in stored and compute_dtype(src.expr.dtype) == torch.float32):
-                x = src.expr.args[0]
-                arg = E("neg", (x,), x.dtype) if e.op == "add" else x
-                new = Stmt(st.var, E("erfc", (arg,), e.dtype), st.dtype, st.space)
+                new = Stmt(st.var, rewrite(e.op, src.expr.args[0], e.dtype), st.dtype, st.space)
                 dropped.add(u.name)
         out.append(new or st)
     return [st for st in out if st.var not in dropped]
+
+
+def fold_erfc(stmts: list[Stmt], stored: set[str]) -> list[Stmt]:
+    """Where nothing else reads the erf, ``erf(x) + 1`` (GELU's CDF, forward and gelu_backward)
+    becomes ``erfc(-x)`` and ``1 - erf(x)`` becomes ``erfc(x)``. For x < 0 the sum cancels to a
+    few ulp of 1 (GELU's negative tail came out 0) where erfc keeps it, and erfc has a cheaper
+    GPU form than erf (codegen/triton_gen.py's ``_erfc``)."""
+    return _fold_one_plus(stmts, stored, "erf", ("add", "sub"), lambda op, x, dt: E(
+        "erfc", (E("neg", (x,), x.dtype) if op == "add" else x,), dt))
 
 
 def fold_tanh(stmts: list[Stmt], stored: set[str]) -> list[Stmt]:
@@ -311,28 +317,10 @@ def fold_tanh(stmts: list[Stmt], stored: set[str]) -> list[Stmt]:
     0.5 * x * (1 + tanh(...))) becomes ``2 * sigmoid(2 * y)``, the same value: for y < 0 the sum
     cancels where the sigmoid keeps its digits, and it is cheaper (one exp and one reciprocal
     where tanh takes a series, an exp and a division, both sides of a select, on a GPU)."""
-    uses: dict[str, int] = {}
-    for st in stmts:
-        for r in refs(st.expr):
-            uses[r] = uses.get(r, 0) + 1
-    by_var = {st.var: st for st in stmts}
-    dropped: set[str] = set()
-    out = []
-    for st in stmts:
-        e = st.expr
-        new = None
-        if isinstance(e, E) and e.op == "add" and compute_dtype(e.dtype) == torch.float32:
-            a, b = e.args
-            u = a if _one(b) else b if _one(a) else None
-            src = by_var.get(u.name) if isinstance(u, Ref) else None
-            if (src is not None and isinstance(src.expr, E) and src.expr.op == "tanh" and uses[u.name] == 1
-                    and u.name not in stored and compute_dtype(src.expr.dtype) == torch.float32):
-                y, dt = src.expr.args[0], e.dtype
-                sig = E("sigmoid", (E("mul", (y, Const(2.0, dt)), dt),), dt)
-                new = Stmt(st.var, E("mul", (sig, Const(2.0, dt)), dt), st.dtype, st.space)
-                dropped.add(u.name)
-        out.append(new or st)
-    return [st for st in out if st.var not in dropped]
+    def rewrite(op, y, dt):
+        two = Const(2.0, dt)
+        return E("mul", (E("sigmoid", (E("mul", (y, two), dt),), dt), two), dt)
+    return _fold_one_plus(stmts, stored, "tanh", ("add",), rewrite)
 
 
 # ops whose result jumps where their operand crosses a threshold: an ulp there can move it a whole step
