@@ -60,6 +60,24 @@ def swiglu(a_desc, w_desc, out, out_desc, M, N, K, BM: tl.constexpr, BH: tl.cons
                      mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
+@triton.jit
+def pair_products(a_desc, w_desc, pid_m, pid_n, K, BM: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
+                  SWAP: tl.constexpr):
+    """One [BM, BH] tile of both products through the [2, N, K] view (``view``'s layout 0): one
+    load and one dot of twice the width a K step. Returns (first weight's, second's)."""
+    acc = tl.zeros((BM, 2 * BH), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        a = a_desc.load([pid_m * BM, k0])
+        b = tl.reshape(w_desc.load([0, pid_n * BH, k0]), (2 * BH, BK))
+        acc = tl.dot(a, b.T, acc)
+    lo, hi = tl.split(tl.permute(tl.reshape(acc, (BM, 2, BH)), (0, 2, 1)))
+    if SWAP:
+        first, second = hi, lo
+    else:
+        first, second = lo, hi
+    return first, second
+
+
 def view(wg, wu, layout, bh, bk):
     """(descriptor, swap) over the two weights as they lie in memory (layout 2: an interleaved copy)."""
     n, k = wg.shape

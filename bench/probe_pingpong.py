@@ -14,7 +14,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from probe_dual_dot import _tile, round_robin, trial  # noqa: E402
-from probe_pair_rows import view  # noqa: E402
+from probe_pair_rows import pair_products, view  # noqa: E402
 
 
 @triton.jit
@@ -32,16 +32,7 @@ def swiglu(a_desc, w_desc, out_desc, M, N, K, BM: tl.constexpr, BH: tl.constexpr
     npg = GROUP_M * num_pid_n
     for tile in tl.range(tl.program_id(0), num_pid_m * num_pid_n, NUM_PROGS, flatten=FLATTEN):
         pid_m, pid_n = _tile(tile, npg, num_pid_m, GROUP_M)
-        acc = tl.zeros((BM, 2 * BH), dtype=tl.float32)
-        for k0 in range(0, K, BK):
-            a = a_desc.load([pid_m * BM, k0])
-            b = tl.reshape(w_desc.load([0, pid_n * BH, k0]), (2 * BH, BK))
-            acc = tl.dot(a, b.T, acc)
-        lo, hi = tl.split(tl.permute(tl.reshape(acc, (BM, 2, BH)), (0, 2, 1)))
-        if SWAP:
-            g, u = hi, lo
-        else:
-            g, u = lo, hi
+        g, u = pair_products(a_desc, w_desc, pid_m, pid_n, K, BM, BH, BK, SWAP)
         g = g.to(out_desc.dtype).to(tl.float32)
         u = u.to(out_desc.dtype).to(tl.float32)
         if EPI == 0:
