@@ -105,17 +105,22 @@ def test_call_inside_the_callers_own_capture(policy):
         torch.testing.assert_close(out, model(x), rtol=1e-4, atol=1e-4)
 
 
-@needs_cuda
-def test_outputs_handed_out_from_two_captures_in_turn():
-    """An inference graph's outputs are not cloned: two captures replay in turn, so the result of
-    the last call stays intact while the next call runs; a capture's buffers come back once the
-    caller lets its result go (the third call reuses the first's)."""
+def _replayed_small(n: int):
+    """Small on the GPU compiled with replay on, ``n`` inputs for it, and the runners alive before."""
     torch._dynamo.reset()
     before = _runners()
     torch.manual_seed(0)
     model = Small().cuda().eval()
     f = kiln.compile(model, target="triton", cudagraphs=True)
-    xs = [torch.randn(8, 64, device="cuda") for _ in range(8)]
+    return model, f, [torch.randn(8, 64, device="cuda") for _ in range(n)], before
+
+
+@needs_cuda
+def test_outputs_handed_out_from_two_captures_in_turn():
+    """An inference graph's outputs are not cloned: two captures replay in turn, so the result of
+    the last call stays intact while the next call runs; a capture's buffers come back once the
+    caller lets its result go (the third call reuses the first's)."""
+    model, f, xs, before = _replayed_small(8)
     with torch.no_grad():
         for x in xs[:4]:                        # warm-up calls, then the first capture replays
             f(x)
@@ -139,12 +144,7 @@ def test_results_kept_longer_than_a_call_stay_intact():
     replay over it; after SPARE_MISSES such calls the graph is captured again and its outputs
     cloned (as before), and every kept result still matches eager."""
     from kiln.runtime.cudagraphs import SPARE_MISSES
-    torch._dynamo.reset()
-    before = _runners()
-    torch.manual_seed(0)
-    model = Small().cuda().eval()
-    f = kiln.compile(model, target="triton", cudagraphs=True)
-    xs = [torch.randn(8, 64, device="cuda") for _ in range(10)]
+    model, f, xs, before = _replayed_small(10)
     with torch.no_grad():
         kept = [f(x) for x in xs]
         for x, out in zip(xs, kept):
